@@ -1,0 +1,105 @@
+"""Capture a prefix's KV state from a model, and resume decoding from a captured state.
+
+The plan's cache-introspection utilities:
+
+- ``capture_state(model, prompt_ids, position)`` runs the prefix ``prompt_ids[:, :position]``
+  through a fresh dense cache and copies its K/V to the host.
+- ``resume_from_state(model, state, continuation_ids)`` writes a snapshot into a fresh cache and
+  runs ``continuation_ids`` from its end: no re-prefill of the prefix. Its logits equal those of
+  a no-cache forward over ``prefix ++ continuation`` to float tolerance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from easydel.caching import TransformerCache
+
+from kvstore.dense_cache import cache_from_states, extract_state, forward_chunk, kv_layout
+from kvstore.fingerprint import policy_fingerprint
+from kvstore.state import CachedState
+
+
+class StalePolicyError(ValueError):
+    """A snapshot was made by another policy than the model asked to consume it."""
+
+
+def _token_matrix(ids: Any, name: str, vocab_size: int) -> np.ndarray:
+    """``ids`` as an int32 ``[batch, n]`` matrix of valid token ids, or a clear error."""
+    arr = np.asarray(jax.device_get(ids))
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be [batch, length], got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    if arr.min() < 0 or arr.max() >= vocab_size:
+        raise ValueError(f"{name} has ids outside the vocabulary [0, {vocab_size}): min {arr.min()}, max {arr.max()}")
+    return arr.astype(np.int32)
+
+
+def check_fingerprint(state: CachedState, model: Any) -> None:
+    """Raises `StalePolicyError` unless ``state`` was made by ``model``'s current weights."""
+    current = policy_fingerprint(model)
+    if state.fingerprint != current:
+        raise StalePolicyError(
+            f"snapshot fingerprint {state.fingerprint} != model fingerprint {current}: "
+            "the snapshot was made by another policy (weights or architecture changed)"
+        )
+
+
+def capture_state(model: Any, prompt_ids: Any, position: int) -> CachedState:
+    """K/V of positions ``[0, position)`` of ``prompt_ids`` ``[batch, T]`` (T >= position), on host.
+
+    Returns a `CachedState` of ``batch`` rows with the layout and fingerprint of ``model``.
+    """
+    ids = _token_matrix(prompt_ids, "prompt_ids", kv_layout(model).vocab_size)
+    if isinstance(position, bool) or not isinstance(position, int | np.integer):
+        raise TypeError(f"position must be an int, got {type(position).__name__}")
+    if not 1 <= position <= ids.shape[1]:
+        raise ValueError(f"position {position} outside [1, {ids.shape[1]}] (the prompt has {ids.shape[1]} tokens)")
+    cache = model.init_cache(batch_size=ids.shape[0], max_length=int(position))
+    _, cache = forward_chunk(model, cache, ids[:, :position])
+    return extract_state(model, cache, ids, int(position))
+
+
+def resume_from_state(
+    model: Any,
+    cached_state: CachedState,
+    continuation_ids: Any,
+    *,
+    max_length: int | None = None,
+    check_policy: bool = False,
+) -> tuple[jax.Array, TransformerCache]:
+    """Resumes from a snapshot and runs ``continuation_ids`` ``[batch, n]`` (n >= 1) after it.
+
+    Args:
+      model: an EasyDeL causal LM whose layout matches the snapshot's.
+      cached_state: snapshot of ``[0, t)``; a batch-1 snapshot is broadcast to ``batch`` rows.
+      continuation_ids: tokens at positions ``[t, t + n)``.
+      max_length: capacity of the fresh cache (default ``t + n``); room beyond ``t + n`` is
+        for further decoding.
+      check_policy: raise `StalePolicyError` unless the snapshot's fingerprint is the model's.
+
+    Returns:
+      ``(logits [batch, n, vocab], cache)`` with every row's cache positioned at ``t + n``.
+    """
+    if not isinstance(cached_state, CachedState):
+        raise TypeError(f"cached_state must be a CachedState, got {type(cached_state).__name__}")
+    layout = kv_layout(model)
+    cached_state.layout.check_compatible(layout)
+    if check_policy:
+        check_fingerprint(cached_state, model)
+    ids = _token_matrix(continuation_ids, "continuation_ids", layout.vocab_size)
+    batch, n = ids.shape
+    if cached_state.batch not in (1, batch):
+        raise ValueError(f"snapshot has {cached_state.batch} rows but continuation_ids has {batch}")
+    needed = cached_state.position + n
+    max_length = needed if max_length is None else max_length
+    if max_length < needed:
+        raise ValueError(f"max_length {max_length} < snapshot position {cached_state.position} + {n} new tokens")
+    repeats = batch // cached_state.batch
+    cache = cache_from_states(model, [cached_state], max_length=max_length, repeats=repeats)
+    return forward_chunk(model, cache, ids)

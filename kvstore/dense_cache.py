@@ -1,0 +1,185 @@
+"""EasyDeL dense KV cache (`TransformerCache`) <-> host snapshots, and chunked forward passes.
+
+The dense cache holds, per layer, ``key``/``value`` of shape ``[batch, max_length, kv_heads,
+head_dim]`` and ``indexs`` ``[batch]``, the number of filled positions of each row. Rows may
+sit at different positions: `forward_chunk` writes each row's chunk at its own ``indexs`` and
+masks attention per row, so a ragged batch (snapshots of different lengths, right-padded
+prompts) decodes in one call.
+
+`forward_chunk` builds the attention mask for the chunk itself (query ``i`` of row ``b`` sees
+keys ``j <= indexs[b] + i``) and marks it causal-baked: with EasyDeL 0.3.0, appending a chunk
+of several tokens to a non-empty cache without such a mask gives wrong logits, because the
+kernel applies its own causal mask as if the chunk began at position 0.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from easydel.caching import TransformerCache
+from ejkernel.types import MaskInfo
+from flax import nnx
+
+from kvstore.state import CachedState, KVLayout
+
+
+def kv_layout(model: Any) -> KVLayout:
+    """The `KVLayout` of the dense cache ``model`` decodes with."""
+    config = model.config.get_text_config()
+    num_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return KVLayout(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        dtype=str(np.dtype(config.kvdtype)),
+        vocab_size=config.vocab_size,
+        model_type=config.model_type,
+    )
+
+
+def _chunk_mask(indexs: jax.Array, chunk_len: int, max_length: int) -> MaskInfo:
+    """Causal mask ``[batch, 1, chunk_len, max_length]`` for a chunk starting at ``indexs``."""
+    query_pos = indexs[:, None] + jnp.arange(chunk_len, dtype=jnp.int32)[None, :]
+    allowed = jnp.arange(max_length, dtype=jnp.int32)[None, None, :] <= query_pos[:, :, None]
+    mask = MaskInfo.from_attention_mask(allowed[:, None])
+    # Tells EasyDeL's attention not to apply its own (chunk-relative) causal mask on top.
+    object.__setattr__(mask, "_causal_baked", True)
+    return mask
+
+
+def _cache_indexs(cache: TransformerCache) -> jax.Array:
+    return cache.views[0].indexs
+
+
+def forward_split(graphdef, graphstate, graphother, cache, input_ids):
+    """Pure, jittable `forward_chunk` over a model split by ``model.split_module()``."""
+    model = nnx.merge(graphdef, graphstate, graphother)
+    indexs = _cache_indexs(cache)
+    chunk_len = input_ids.shape[1]
+    positions = indexs[:, None] + jnp.arange(chunk_len, dtype=jnp.int32)[None, :]
+    mask = _chunk_mask(indexs, chunk_len, cache.views[0].key.shape[1])
+    out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, mask_info=mask)
+    return out.logits, out.past_key_values
+
+
+@functools.cache
+def _jitted_forward():
+    donate = () if jax.default_backend() == "cpu" else (3,)
+    return jax.jit(forward_split, static_argnums=(0,), donate_argnums=donate)
+
+
+def forward_chunk(model: Any, cache: TransformerCache, input_ids: Any) -> tuple[jax.Array, TransformerCache]:
+    """Runs ``input_ids`` ``[batch, n]`` through ``model`` from each row's cache position.
+
+    Returns the logits ``[batch, n, vocab]`` and the cache advanced by ``n`` positions. The
+    input cache must not be used afterwards (its buffers may be donated).
+    """
+    _check_dense(cache)
+    input_ids = jnp.asarray(input_ids, dtype=jnp.int32)
+    graphdef, graphstate, graphother = model.split_module()
+    with model.mesh:
+        return _jitted_forward()(graphdef, graphstate, graphother, cache, input_ids)
+
+
+def _check_dense(cache: Any) -> None:
+    if not isinstance(cache, TransformerCache):
+        raise TypeError(f"expected EasyDeL's dense TransformerCache, got {type(cache).__name__}")
+    max_length = cache.views[0].key.shape[1]
+    for view in cache.views:
+        if view.key.shape[1] != max_length:
+            raise ValueError("sliding-window cache views (shorter than max_length) are not supported")
+
+
+def extract_state(
+    model: Any,
+    cache: TransformerCache,
+    token_ids: Any,
+    position: int,
+    rows: Sequence[int] | None = None,
+    fingerprint: str | None = None,
+) -> CachedState:
+    """Copies positions ``[0, position)`` of the chosen rows of a live cache to the host.
+
+    Args:
+      model: the model that filled ``cache``.
+      cache: a dense cache whose chosen rows hold at least ``position`` positions.
+      token_ids: ``[batch, >= position]`` tokens of the cache's rows.
+      position: prefix length ``t`` to copy.
+      rows: batch rows to keep (default: all).
+      fingerprint: the model's `policy_fingerprint`, when the caller already has it.
+
+    Returns:
+      A `CachedState` with ``batch = len(rows)``.
+    """
+    from kvstore.fingerprint import policy_fingerprint
+
+    _check_dense(cache)
+    token_ids = np.asarray(token_ids)
+    batch = cache.views[0].key.shape[0]
+    rows = np.arange(batch) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.size == 0 or rows.min() < 0 or rows.max() >= batch:
+        raise ValueError(f"rows {rows.tolist()} outside the cache's batch of {batch}")
+    filled = np.asarray(jax.device_get(_cache_indexs(cache)))[rows]
+    if not 1 <= position <= int(filled.min()):
+        raise ValueError(f"position {position} outside [1, {int(filled.min())}] filled in rows {rows.tolist()}")
+    if token_ids.ndim != 2 or token_ids.shape[0] != batch or token_ids.shape[1] < position:
+        raise ValueError(f"token_ids shape {token_ids.shape} must be [{batch}, >= {position}]")
+    picked = jax.device_get([(v.key[rows, :position], v.value[rows, :position]) for v in cache.views])
+    return CachedState(
+        keys=np.stack([k for k, _ in picked]),
+        values=np.stack([v for _, v in picked]),
+        token_ids=token_ids[rows, :position].astype(np.int32),
+        layout=kv_layout(model),
+        fingerprint=fingerprint or policy_fingerprint(model),
+    )
+
+
+def cache_from_states(
+    model: Any, states: Sequence[CachedState], max_length: int, repeats: int = 1
+) -> TransformerCache:
+    """A fresh dense cache holding the given snapshots, each row repeated ``repeats`` times.
+
+    Row order: for each state, for each of its rows, ``repeats`` consecutive copies (K
+    branches of one snapshot sit side by side). Row ``r`` has ``indexs[r]`` = its snapshot's
+    position; snapshots of different lengths may share the cache. K/V are cast to the cache
+    dtype.
+
+    Raises:
+      ValueError: a snapshot's layout does not match ``model``, or ``max_length`` is shorter
+        than a snapshot.
+    """
+    if not states:
+        raise ValueError("no snapshots given")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    layout = kv_layout(model)
+    for state in states:
+        state.layout.check_compatible(layout)
+    longest = max(state.position for state in states)
+    if max_length < longest:
+        raise ValueError(f"max_length {max_length} is shorter than the longest snapshot ({longest} positions)")
+    lengths = np.repeat(np.concatenate([np.full(s.batch, s.position) for s in states]), repeats).astype(np.int32)
+    batch = lengths.size
+    cache = model.init_cache(batch_size=batch, max_length=max_length)
+    _check_dense(cache)
+    dtype = np.dtype(cache.views[0].key.dtype)
+    for layer, view in enumerate(cache.views):
+        host = {}
+        for name in ("key", "value"):
+            buf = np.zeros((batch, max_length, layout.num_kv_heads, layout.head_dim), dtype=dtype)
+            row = 0
+            for state in states:
+                data = (state.keys if name == "key" else state.values)[layer]
+                buf[row : row + state.batch * repeats, : state.position] = np.repeat(data, repeats, axis=0)
+                row += state.batch * repeats
+            host[name] = jax.device_put(buf, getattr(view, name).sharding)
+        cache.views[layer] = view.replace(
+            key=host["key"], value=host["value"], indexs=jax.device_put(lengths, view.indexs.sharding)
+        )
+    return cache

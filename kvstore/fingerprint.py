@@ -1,0 +1,81 @@
+"""Policy fingerprint: a cheap, stable identity of a model's architecture and weights.
+
+``fingerprint = blake2b(arch_config, [(path, shape, dtype, sample(leaf)) for leaf in params])``
+where ``sample(leaf)`` gathers ``SAMPLES_PER_LEAF`` elements at fixed, path-seeded flat
+indices. Cost is O(number of leaves), not O(number of weights): no pass over a 7B model's
+weights. Equal weights give equal fingerprints in any process; an optimizer step, which moves
+essentially every weight, changes it. A change confined to elements outside the samples (say
+one embedding row) is not seen: the fingerprint guards against stale snapshots, it is not a
+checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+SAMPLES_PER_LEAF = 64
+
+# Config fields that define what the network computes. Runtime fields (attention kernel,
+# sharding, kv dtype, block sizes) are left out: they change how, not what.
+ARCH_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_parameters",
+    "rope_scaling",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+    "sliding_window",
+    "use_sliding_window",
+    "layer_types",
+)
+
+
+def arch_config(model: Any) -> dict[str, Any]:
+    """The architecture-defining subset of ``model.config`` as JSON-able values."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    fields = config.to_dict()
+    return {name: fields[name] for name in ARCH_FIELDS if name in fields}
+
+
+def _sample_indices(path: str, size: int) -> np.ndarray:
+    """Fixed flat indices into a leaf of ``size`` elements, seeded by its path (process-stable)."""
+    count = min(SAMPLES_PER_LEAF, size)
+    rng = np.random.default_rng(zlib.crc32(path.encode()))
+    return np.sort(rng.choice(size, size=count, replace=False)) if size > count else np.arange(size)
+
+
+def policy_fingerprint(model: Any) -> str:
+    """Returns a 32-hex-digit fingerprint of ``model``'s architecture config and parameters."""
+    params = nnx.state(model, nnx.Param)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(arch_config(model), sort_keys=True, default=str).encode())
+    gathered = []
+    for key_path, leaf in leaves:
+        value = leaf.value if hasattr(leaf, "value") else leaf
+        path = jax.tree_util.keystr(key_path)
+        flat_idx = _sample_indices(path, int(np.prod(value.shape)))
+        coords = np.unravel_index(flat_idx, value.shape) if value.ndim else ()
+        gathered.append((path, value.shape, str(value.dtype), value[coords]))
+    samples = jax.device_get([g[3] for g in gathered])
+    for (path, shape, dtype, _), sample in zip(gathered, samples, strict=True):
+        digest.update(f"{path}|{tuple(shape)}|{dtype}|".encode())
+        digest.update(np.ascontiguousarray(sample).tobytes())
+    return digest.hexdigest()

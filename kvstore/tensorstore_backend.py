@@ -1,0 +1,1 @@
+"""TensorStore/Zarr v3 backend of the snapshot store: filled by the kvstore issue (#3)."""

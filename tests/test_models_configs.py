@@ -1,0 +1,55 @@
+"""Built-in tokenizer, config validation, and the demo job end to end."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from configs import CONFIG_DIR, DemoConfig, load
+from vinekv.cli import main
+from vinekv.demo import run_demo, snapshot_positions
+from vinekv.models import ModelShape, build_model
+
+
+def test_tokenizer_is_byte_level_and_loads_from_disk(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = "2+2=4\nwörld"
+    enc = tok(text, return_offsets_mapping=True)
+    assert enc["input_ids"] == list(text.encode())
+    # the two bytes of 'ö' both map back to its one character
+    assert enc["offset_mapping"][7:10] == [(7, 8), (7, 8), (8, 9)]
+    assert tok.decode(enc["input_ids"]) == text
+    assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (256, 257, 258)
+
+
+def test_demo_toml_is_the_builtin_default():
+    assert load(DemoConfig, CONFIG_DIR / "demo.toml") == DemoConfig()
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('family = "llama"\nrespons_tokens = 3\n')
+    with pytest.raises(ValueError, match=r"unknown DemoConfig fields \['respons_tokens'\]"):
+        load(DemoConfig, bad)
+    with pytest.raises(ValueError, match="family must be one of"):
+        DemoConfig(family="gpt2")
+    with pytest.raises(ValueError, match=r"snapshot_fractions must lie in \(0, 1\)"):
+        DemoConfig(snapshot_fractions=(0.5, 1.5))
+    with pytest.raises(ValueError, match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
+        ModelShape(num_key_value_heads=3)
+    with pytest.raises(ValueError, match="unknown model family 'gpt2'"):
+        build_model("gpt2")
+    assert main(["demo", "--config", str(bad)]) == 2
+
+
+def test_snapshot_positions():
+    assert snapshot_positions(10, 40, (0.25, 0.5, 0.75)) == [10, 20, 30, 40]
+    assert snapshot_positions(5, 2, (0.5, 0.9)) == [5]  # nothing inside a 2-token response but its start
+
+
+def test_demo_resumes_exactly():
+    report = run_demo(DemoConfig(prompts=("Q: 1+1?\nA:", "Q: 7*6?\nA:"), response_tokens=12))
+    assert report.all_agree
+    assert [c.position for c in report.checks if c.row == 0] == [10, 13, 16, 19]
+    assert max(c.max_logit_diff for c in report.checks) < 1e-5
+    assert all(c.tokens_compared == 10 + 12 - c.position - 1 for c in report.checks if c.row == 0)

@@ -1,0 +1,41 @@
+"""Process-wide JAX settings shared by the CLI, tests and benchmarks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = ".jax_cache"
+
+
+def silence_xla_logs() -> None:
+    """Hides XLA's C++ log lines unless the user set TF_CPP_MIN_LOG_LEVEL.
+
+    Call before jax is imported. Loading cached CPU programs makes XLA print a screenful of
+    "Target machine feature +prefer-no-gather is not supported" per program: tuning flags of
+    the compile host, harmless when the cache was written on this machine.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def enable_compilation_cache(path: str | Path | None = None) -> Path:
+    """Turns on JAX's persistent compilation cache in a project-local folder.
+
+    The folder is ``path``, else ``$VINEKV_JAX_CACHE``, else ``./.jax_cache``. Every compiled
+    program is kept, so a second run of the same shapes skips compilation.
+    """
+    import jax
+
+    folder = Path(path or os.environ.get("VINEKV_JAX_CACHE") or DEFAULT_CACHE_DIR).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
+def quiet_logs() -> None:
+    """Silences EasyDeL/absl chatter below WARNING so progress output stays readable."""
+    for name in ("easydel", "eformer", "ejkernel", "absl", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
