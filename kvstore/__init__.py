@@ -1,4 +1,4 @@
-"""vinekv's KV snapshot layer: capture/resume on EasyDeL dense caches, and (next) the disk store.
+"""vinekv's KV snapshot layer: capture/resume on EasyDeL dense caches, and the disk store.
 
 Public API:
   capture_state, resume_from_state   the plan's snapshot/resume utilities
@@ -7,23 +7,48 @@ Public API:
   CachedState, KVLayout              the snapshot container and its layout descriptor
   policy_fingerprint                 cheap stable identity of a model's weights
   StalePolicyError                   a snapshot from another policy
+  SnapshotStore                      the TensorStore/Zarr v3 snapshot store
+  get_codec                          KV codecs ("int8", "lossless")
+
+Names load lazily: the store and codecs work without importing EasyDeL or JAX.
 """
 
-from kvstore.capture import StalePolicyError, capture_state, check_fingerprint, resume_from_state
-from kvstore.dense_cache import cache_from_states, extract_state, forward_chunk, kv_layout
-from kvstore.fingerprint import policy_fingerprint
-from kvstore.state import CachedState, KVLayout
+from __future__ import annotations
 
-__all__ = [
-    "CachedState",
-    "KVLayout",
-    "StalePolicyError",
-    "cache_from_states",
-    "capture_state",
-    "check_fingerprint",
-    "extract_state",
-    "forward_chunk",
-    "kv_layout",
-    "policy_fingerprint",
-    "resume_from_state",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CachedState": "kvstore.state",
+    "KVLayout": "kvstore.state",
+    "StalePolicyError": "kvstore.capture",
+    "capture_state": "kvstore.capture",
+    "check_fingerprint": "kvstore.capture",
+    "resume_from_state": "kvstore.capture",
+    "cache_from_states": "kvstore.dense_cache",
+    "extract_state": "kvstore.dense_cache",
+    "forward_chunk": "kvstore.dense_cache",
+    "kv_layout": "kvstore.dense_cache",
+    "policy_fingerprint": "kvstore.fingerprint",
+    "SnapshotStore": "kvstore.store",
+    "StoreError": "kvstore.store",
+    "StoreFormatError": "kvstore.store",
+    "MissingEntryError": "kvstore.store",
+    "CorruptChunkError": "kvstore.store",
+    "StoreSize": "kvstore.store",
+    "get_codec": "kvstore.codecs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

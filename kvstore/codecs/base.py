@@ -1,0 +1,70 @@
+"""The codec interface and the zarr v3 codec chain every stored chunk goes through."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+KV_DIMS = ("layer", "kv", "token", "kv_head", "head_dim")
+
+
+def zarr_chunk_codecs(zstd_level: int) -> list[dict[str, Any]]:
+    """Inner-chunk codecs: little-endian bytes -> zstd -> crc32c (corruption is detected)."""
+    return [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        {"name": "zstd", "configuration": {"level": zstd_level, "checksum": False}},
+        {"name": "crc32c"},
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """One array a codec stores: its data (token axis 2) and the dimension names."""
+
+    data: np.ndarray
+    dims: tuple[str, ...]
+
+
+class KVCodec(abc.ABC):
+    """Encodes ``[layers, 2, tokens, kv_heads, head_dim]`` KV blocks into token-chunkable arrays."""
+
+    name: str
+    zstd_level: int
+
+    @abc.abstractmethod
+    def encode(self, kv: np.ndarray) -> dict[str, StoredArray]:
+        """Arrays to store for ``kv`` (any float dtype); every array has the token axis at 2."""
+
+    @abc.abstractmethod
+    def decode(self, arrays: dict[str, np.ndarray], raw_dtype: str, out_dtype: Any) -> np.ndarray:
+        """KV block ``[layers, 2, t, kv_heads, head_dim]`` in ``out_dtype`` from stored arrays.
+
+        ``raw_dtype`` is the dtype the KV had when it was spilled.
+        """
+
+    @abc.abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """JSON spec: ``name``, parameters, and a ``decode`` sentence for third-party readers."""
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> KVCodec:
+        return cls(**spec)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KVCodec) and self.spec() == other.spec()
+
+    def __hash__(self) -> int:
+        return hash(str(sorted(self.spec().items())))
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.spec().items() if k not in ("name", "decode"))
+        return f"{type(self).__name__}({params})"
+
+
+def check_zstd_level(level: int) -> int:
+    if not isinstance(level, int) or not 1 <= level <= 22:
+        raise ValueError(f"zstd_level must be an int in [1, 22], got {level!r}")
+    return level

@@ -1,0 +1,39 @@
+"""Lossless codec: KV in its cache dtype, zstd-compressed; decoding is bit-exact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from kvstore.codecs.base import KV_DIMS, KVCodec, StoredArray, check_zstd_level
+
+# zarr-python 3 cannot read bfloat16 arrays, so bfloat16 is stored as its uint16 bit pattern.
+_BITS = {"bfloat16": np.uint16}
+
+
+class LosslessCodec(KVCodec):
+    name = "lossless"
+
+    def __init__(self, zstd_level: int = 3):
+        self.zstd_level = check_zstd_level(zstd_level)
+
+    def encode(self, kv: np.ndarray) -> dict[str, StoredArray]:
+        bits = _BITS.get(str(kv.dtype))
+        data = kv.view(bits) if bits is not None else kv
+        return {"kv": StoredArray(np.ascontiguousarray(data), KV_DIMS)}
+
+    def decode(self, arrays: dict[str, np.ndarray], raw_dtype: str, out_dtype: Any) -> np.ndarray:
+        data = arrays["kv"]
+        if raw_dtype in _BITS:
+            data = data.view(ml_dtypes.bfloat16)
+        return data.astype(out_dtype, copy=False)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "zstd_level": self.zstd_level,
+            "decode": "kv = array 'kv' as stored; where the store's layout dtype is bfloat16 the uint16 "
+            "values are the bfloat16 bit patterns (reinterpret, do not convert)",
+        }

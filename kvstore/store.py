@@ -1,0 +1,575 @@
+"""`SnapshotStore`: per-trajectory KV on disk, any prefix readable as a `CachedState`.
+
+Layout (Zarr v3, see docs/store-format.md)::
+
+    /                                   attrs.vinekv: format, format_version, codec, layout
+    runs/<run>/                         attrs.vinekv: kind = "run"
+    runs/<run>/prompts/<prompt_key>/    prompt KV, stored once per (prompt tokens, fingerprint)
+    runs/<run>/trajectories/<id>/       response KV + attrs: token ids, prompt ref, fields
+
+A snapshot at token ``t`` is positions ``[0, t)`` of the prompt KV followed by the response KV.
+Writes go through a background thread with a bounded number of bytes in flight; each node is
+committed atomically (see `tensorstore_backend`), so a crash leaves every committed trajectory
+intact and nothing half-written visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvstore.codecs import KVCodec, get_codec
+from kvstore.state import CachedState, KVLayout
+from kvstore.tensorstore_backend import TensorStoreBackend, group_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "vinekv.kvstore"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_TOKENS = 64
+DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class StoreFormatError(StoreError):
+    """The path is not a vinekv store, or one of a format version this code cannot read."""
+
+
+class MissingEntryError(StoreError, KeyError):
+    """A run or trajectory that is not in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CorruptChunkError(StoreError):
+    """Stored bytes failed their checksum (or could not be decoded)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSize:
+    """Bytes of a run: ``raw`` as the KV would take uncompressed in its cache dtype, ``stored`` on disk."""
+
+    raw: int
+    stored: int
+
+    @property
+    def ratio(self) -> float:
+        return self.raw / self.stored if self.stored else float("nan")
+
+
+def _check_name(kind: str, name: Any) -> str:
+    name = str(name)
+    if not _NAME.match(name):
+        raise ValueError(f"{kind} {name!r} must match {_NAME.pattern} (letters, digits, '_', '.', '-')")
+    return name
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with numpy scalars/arrays turned into JSON values; TypeError if impossible."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, np.generic):
+            return value.item()
+        raise TypeError(f"field value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+    return json.loads(json.dumps(fields, default=convert))
+
+
+def prompt_key(token_ids: np.ndarray, fingerprint: str) -> str:
+    """Name of the shared prompt node for these prompt tokens under this policy."""
+    digest = hashlib.blake2b(np.asarray(token_ids, np.int32).tobytes(), digest_size=10, key=fingerprint.encode()[:64])
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class _Spill:
+    run: str
+    trajectory_id: str
+    state: CachedState
+    prompt_len: int
+    fields: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes
+
+
+class SnapshotStore:
+    """A disk-backed store of per-trajectory KV snapshots. Open with `SnapshotStore.open`."""
+
+    def __init__(self, backend: TensorStoreBackend, root_attrs: dict[str, Any], mode: str, max_inflight_bytes: int):
+        self._backend = backend
+        self._meta = root_attrs
+        self.mode = mode
+        self.codec: KVCodec = get_codec(root_attrs["codec"])
+        self.chunk_tokens: int = root_attrs["chunk_tokens"]
+        self.max_inflight_bytes = max_inflight_bytes
+        self._attrs_cache: dict[str, dict[str, Any]] = {}
+        self._arrays: dict[str, Any] = {}
+        self._cond = threading.Condition()
+        self._queue: deque[_Spill] = deque()
+        self._pending: set[tuple[str, str]] = set()
+        self._inflight = 0
+        self._errors: list[BaseException] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._layout_on_disk = root_attrs.get("layout") is not None
+        self.stats = {"spilled": 0, "raw_bytes": 0, "write_seconds": 0.0}
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path_or_spec: str | Path | dict[str, Any],
+        mode: str = "a",
+        codec: str | dict[str, Any] | KVCodec = "int8",
+        *,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    ) -> SnapshotStore:
+        """Opens (or creates) a store.
+
+        Args:
+          path_or_spec: local path, TensorStore kvstore URL (``memory://name/``) or JSON spec.
+          mode: ``"r"`` read only; ``"r+"`` read/write, must exist; ``"a"`` read/write, created
+            if missing; ``"w-"`` create, must not exist.
+          codec: codec of new trajectories in a new store (``"int8"``, ``"lossless"``, a spec or
+            a `KVCodec`); an existing store keeps the codec it was created with.
+          chunk_tokens: tokens per stored chunk (the unit a prefix read fetches) of a new store.
+          max_inflight_bytes: raw KV bytes queued for writing before `spill` blocks.
+        """
+        if mode not in ("r", "r+", "a", "w-"):
+            raise ValueError(f"mode must be 'r', 'r+', 'a' or 'w-', got {mode!r}")
+        if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+        if max_inflight_bytes < 1:
+            raise ValueError(f"max_inflight_bytes must be positive, got {max_inflight_bytes}")
+        codec = get_codec(codec)
+        _check_local_path(path_or_spec, mode)
+        backend = TensorStoreBackend(path_or_spec)
+        root = backend.read_json("zarr.json")
+        if root is None:
+            if mode in ("r", "r+"):
+                raise StoreFormatError(f"no vinekv store at {backend.description} (mode {mode!r} needs one)")
+            attrs = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "codec": codec.spec(),
+                "chunk_tokens": chunk_tokens,
+                "layout": None,
+                "about": "KV snapshots of rollouts written by vinekv; see docs/store-format.md",
+            }
+            backend.write_bytes("runs/zarr.json", group_json({"vinekv": {"kind": "runs"}}))
+            backend.write_bytes("zarr.json", group_json({"vinekv": attrs}))
+        else:
+            if mode == "w-":
+                raise FileExistsError(f"a store already exists at {backend.description} (mode 'w-')")
+            attrs = _check_root(root, backend.description)
+        store = cls(backend, attrs, mode, max_inflight_bytes)
+        if mode != "r":
+            backend.lock_for_writing()
+        return store
+
+    @property
+    def layout(self) -> KVLayout | None:
+        """The KV layout every snapshot in this store has (set by the first spill)."""
+        layout = self._meta.get("layout")
+        return KVLayout.from_dict(layout) if layout else None
+
+    def __repr__(self) -> str:
+        return f"SnapshotStore({self._backend.description}, mode={self.mode!r}, codec={self.codec!r})"
+
+    def __enter__(self) -> SnapshotStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------------------
+    def spill(self, run: str, trajectory_id: str | int, state: CachedState, prompt_len: int, **fields: Any) -> None:
+        """Queues one trajectory's KV for writing and returns (blocks only when the queue is full).
+
+        Args:
+          run: the run (rollout batch / iteration) the trajectory belongs to.
+          trajectory_id: unique within the run.
+          state: `CachedState` of batch 1 covering the whole trajectory, prompt and response.
+          prompt_len: number of prompt tokens at the start of ``state`` (1 <= prompt_len <= T).
+          **fields: JSON-able per-trajectory metadata (reward, step boundaries, gold answer...).
+
+        Raises:
+          the error of an earlier failed write, if any; ValueError/TypeError for bad input.
+        """
+        self._raise_write_errors()
+        if self.mode == "r":
+            raise PermissionError("store is open read-only (mode 'r')")
+        if self._closed:
+            raise RuntimeError("store is closed")
+        run = _check_name("run", run)
+        tid = _check_name("trajectory_id", trajectory_id)
+        if not isinstance(state, CachedState):
+            raise TypeError(f"state must be a CachedState, got {type(state).__name__}")
+        if state.batch != 1:
+            raise ValueError(f"spill takes one trajectory (batch 1), got a state of batch {state.batch}")
+        if isinstance(prompt_len, bool) or not 1 <= int(prompt_len) <= state.position:
+            raise ValueError(f"prompt_len {prompt_len} outside [1, {state.position}] (the trajectory's length)")
+        fields = _jsonable(fields)
+        layout = self.layout
+        if layout is None:
+            self._meta["layout"] = state.layout.to_dict()
+        elif layout != state.layout:
+            diffs = {k: (v, layout.to_dict()[k]) for k, v in state.layout.to_dict().items() if layout.to_dict()[k] != v}
+            raise ValueError(f"snapshot layout does not match the store's: (snapshot, store) = {diffs}")
+        with self._cond:
+            key = (run, tid)
+            if key in self._pending or self._backend.exists(_traj_prefix(run, tid) + "zarr.json"):
+                raise FileExistsError(f"trajectory {tid!r} of run {run!r} is already in the store")
+            while self._inflight and self._inflight + state.nbytes > self.max_inflight_bytes:
+                self._cond.wait()
+                if self._errors:
+                    break
+            self._pending.add(key)
+            self._queue.append(_Spill(run, tid, state, int(prompt_len), fields))
+            self._inflight += state.nbytes
+            self._ensure_writer()
+            self._cond.notify_all()
+        self._raise_write_errors()
+
+    def flush(self) -> None:
+        """Waits until every queued trajectory is committed; raises the first write error."""
+        with self._cond:
+            while self._queue or self._inflight:
+                self._cond.wait()
+        self._raise_write_errors()
+
+    def close(self) -> None:
+        """Flushes, stops the writer and releases the store's write lock."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            if self._thread is not None:
+                self._thread.join()
+            self._backend.unlock()
+
+    def _ensure_writer(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._writer_loop, name="vinekv-spill", daemon=True)
+            self._thread.start()
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                item = self._queue[0]
+            start = time.perf_counter()
+            try:
+                self._write_trajectory(item)
+            except BaseException as err:  # surfaced on the next spill/flush/close
+                logger.error("spill of %s/%s failed: %s", item.run, item.trajectory_id, err)
+                with self._cond:
+                    self._errors.append(err)
+            with self._cond:
+                self._queue.popleft()
+                self._pending.discard((item.run, item.trajectory_id))
+                self._inflight -= item.nbytes
+                self.stats["spilled"] += 1
+                self.stats["raw_bytes"] += item.nbytes
+                self.stats["write_seconds"] += time.perf_counter() - start
+                self._cond.notify_all()
+
+    def _raise_write_errors(self) -> None:
+        with self._cond:
+            errors, self._errors = self._errors, []
+        if errors:
+            more = f" (and {len(errors) - 1} more failed writes)" if len(errors) > 1 else ""
+            raise StoreError(f"a background write failed: {errors[0]}{more}") from errors[0]
+
+    def _write_trajectory(self, item: _Spill) -> None:
+        state, plen = item.state, item.prompt_len
+        self._ensure_root_layout()
+        if not self._backend.exists(f"runs/{item.run}/zarr.json"):
+            for sub in ("prompts", "trajectories"):
+                self._ensure_group(f"runs/{item.run}/{sub}/", {"kind": sub})
+            self._ensure_group(f"runs/{item.run}/", {"kind": "run", "created": time.time()})
+        tokens = state.token_ids[0]
+        pkey = prompt_key(tokens[:plen], state.fingerprint)
+        kv = np.stack([state.keys[:, 0], state.values[:, 0]], axis=1)  # [L, 2, T, H, D]
+        common = {"fingerprint": state.fingerprint, "layout": state.layout.to_dict(), "codec": self.codec.spec()}
+        prompt_prefix = f"runs/{item.run}/prompts/{pkey}/"
+        if not self._backend.exists(prompt_prefix + "zarr.json"):
+            attrs = {"kind": "prompt", "length": plen, "token_ids": tokens[:plen].tolist(), **common}
+            self._write_node(prompt_prefix, kv[:, :, :plen], attrs)
+        attrs = {
+            "kind": "trajectory",
+            "format_version": FORMAT_VERSION,
+            "prompt": pkey,
+            "prompt_len": plen,
+            "length": state.position,
+            "response_token_ids": tokens[plen:].tolist(),
+            "fields": item.fields,
+            **common,
+        }
+        self._write_node(_traj_prefix(item.run, item.trajectory_id), kv[:, :, plen:], attrs)
+
+    def _write_node(self, final_prefix: str, kv: np.ndarray, attrs: dict[str, Any]) -> None:
+        staging = self._backend.staging_prefix(final_prefix)
+        try:
+            if kv.shape[2]:
+                futures = [
+                    self._backend.write_array(
+                        staging + name,
+                        stored.data,
+                        stored.dims,
+                        self.chunk_tokens,
+                        self.codec.zstd_level,
+                        {"vinekv": {"codec": self.codec.spec(), "array": name}},
+                    )
+                    for name, stored in self.codec.encode(kv).items()
+                ]
+                for future in futures:
+                    future.result()
+            self._backend.commit(staging, final_prefix, {"vinekv": attrs})
+        except BaseException:
+            self._backend.discard(staging)
+            raise
+
+    def _ensure_group(self, prefix: str, attrs: dict[str, Any]) -> None:
+        if not self._backend.exists(prefix + "zarr.json"):
+            self._backend.write_bytes(prefix + "zarr.json", group_json({"vinekv": attrs}))
+
+    def _ensure_root_layout(self) -> None:
+        if not self._layout_on_disk:
+            self._backend.write_bytes("zarr.json", group_json({"vinekv": self._meta}))
+            self._layout_on_disk = True
+
+    # -- reading ---------------------------------------------------------------------------
+    def runs(self) -> list[str]:
+        return self._backend.children("runs/")
+
+    def trajectories(self, run: str) -> list[str]:
+        """Committed trajectory ids of ``run``, sorted."""
+        self._require_run(run)
+        return self._backend.children(f"runs/{run}/trajectories/")
+
+    def trajectory_info(self, run: str, trajectory_id: str | int) -> dict[str, Any]:
+        """The trajectory's attributes: token ids, prompt_len, length, fields, fingerprint, ..."""
+        tid = str(trajectory_id)
+        key = _traj_prefix(run, tid)
+        if key not in self._attrs_cache:
+            node = self._backend.read_json(key + "zarr.json")
+            if node is None:
+                self._require_run(run)
+                raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
+            self._attrs_cache[key] = node["attributes"]["vinekv"]
+        return self._attrs_cache[key]
+
+    def read_prefix(
+        self, run: str, trajectory_id: str | int, t: int, model: Any = None, allow_stale: bool = False
+    ) -> CachedState:
+        """The snapshot of positions ``[0, t)`` of a stored trajectory.
+
+        Args:
+          run, trajectory_id: which trajectory.
+          t: prefix length, 1 <= t <= the trajectory's length.
+          model: when given, the KV is decoded to its kv dtype, its layout is checked, and the
+            snapshot's policy fingerprint must equal the model's unless ``allow_stale``.
+          allow_stale: accept snapshots made by another policy.
+
+        Returns:
+          a `CachedState` of batch 1, ready for `resume_from_state`.
+        """
+        return self.read_prefixes([(run, trajectory_id, t)], model=model, allow_stale=allow_stale)[0]
+
+    def read_prefixes(
+        self, requests: Iterable[tuple[str, str | int, int]], model: Any = None, allow_stale: bool = False
+    ) -> list[CachedState]:
+        """`read_prefix` for many ``(run, trajectory_id, t)`` at once; all reads are issued
+        asynchronously before any is awaited, so I/O and decompression overlap."""
+        requests = [(r, str(tid), t) for r, tid, t in requests]
+        out_dtype, fingerprint = self._consumer(model)
+        plans = [self._plan_read(run, tid, t) for run, tid, t in requests]
+        for plan in plans:
+            for part in plan["parts"]:
+                part["futures"] = {name: arr[:, :, : part["stop"]].read() for name, arr in part["arrays"].items()}
+        states = []
+        for (run, tid, t), plan in zip(requests, plans, strict=True):
+            info = plan["info"]
+            if fingerprint is not None and not allow_stale and info["fingerprint"] != fingerprint:
+                from kvstore.capture import StalePolicyError
+
+                raise StalePolicyError(
+                    f"trajectory {tid!r} of run {run!r} was made by policy {info['fingerprint']}, "
+                    f"the model is {fingerprint}; pass allow_stale=True to read it anyway"
+                )
+            layout = KVLayout.from_dict(info["layout"])
+            blocks = [self._decode_part(run, tid, part, layout.dtype, out_dtype or layout.dtype) for part in plan["parts"]]
+            kv = np.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
+            tokens = np.asarray(plan["token_ids"][:t], dtype=np.int32)[None]
+            out_layout = dataclasses.replace(layout, dtype=str(kv.dtype))
+            states.append(CachedState(kv[:, 0][:, None], kv[:, 1][:, None], tokens, out_layout, info["fingerprint"]))
+        return states
+
+    def _consumer(self, model: Any) -> tuple[Any, str | None]:
+        """(kv dtype, fingerprint) of the model that will consume reads; checks its layout."""
+        if model is None:
+            return None, None
+        from kvstore.dense_cache import kv_layout
+        from kvstore.fingerprint import policy_fingerprint
+
+        model_layout = kv_layout(model)
+        if self.layout is not None:
+            self.layout.check_compatible(model_layout, what="store")
+        return np.dtype(model_layout.dtype), policy_fingerprint(model)
+
+    def _plan_read(self, run: str, tid: str, t: int) -> dict[str, Any]:
+        info = self.trajectory_info(run, tid)
+        length, plen = info["length"], info["prompt_len"]
+        if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 1 <= t <= length:
+            raise ValueError(f"t={t!r} outside [1, {length}] for trajectory {tid!r} of run {run!r} ({length} tokens)")
+        prompt = f"runs/{run}/prompts/{info['prompt']}/"
+        prompt_info = self._node_attrs(prompt)
+        parts = [{"prefix": prompt, "offset": 0, "stop": min(t, plen)}]
+        if t > plen:
+            parts.append({"prefix": _traj_prefix(run, tid), "offset": plen, "stop": t - plen})
+        for part in parts:
+            part["arrays"] = {name: self._array(part["prefix"] + name) for name in self._array_names(part["prefix"])}
+        return {"info": info, "parts": parts, "token_ids": prompt_info["token_ids"] + info["response_token_ids"]}
+
+    def _node_attrs(self, prefix: str) -> dict[str, Any]:
+        if prefix not in self._attrs_cache:
+            node = self._backend.read_json(prefix + "zarr.json")
+            if node is None:
+                raise CorruptChunkError(f"missing node {prefix} referenced by a trajectory")
+            self._attrs_cache[prefix] = node["attributes"]["vinekv"]
+        return self._attrs_cache[prefix]
+
+    def _array_names(self, prefix: str) -> list[str]:
+        codec = get_codec(self._node_attrs(prefix)["codec"])
+        return ["kv"] if codec.name == "lossless" else ["q", "scale"]
+
+    def _array(self, path: str) -> Any:
+        if path not in self._arrays:
+            self._arrays[path] = self._backend.open_array(path)
+        return self._arrays[path]
+
+    def _decode_part(self, run: str, tid: str, part: dict[str, Any], raw_dtype: str, out_dtype: Any) -> np.ndarray:
+        arrays = {}
+        for name, future in part["futures"].items():
+            try:
+                arrays[name] = future.result()
+            except ValueError as err:
+                lo, hi = part["offset"], part["offset"] + part["stop"]
+                bad = self._locate_corruption(part["arrays"][name], part["stop"])
+                where = ", ".join(f"[{part['offset'] + a}, {part['offset'] + b})" for a, b in bad) or f"[{lo}, {hi})"
+                raise CorruptChunkError(
+                    f"run {run!r} trajectory {tid!r}: stored array {part['prefix']}{name} is corrupt at "
+                    f"positions {where} (read of [{lo}, {hi})): {err}"
+                ) from err
+        codec = get_codec(self._node_attrs(part["prefix"])["codec"])
+        return codec.decode(arrays, raw_dtype, out_dtype)
+
+    def _locate_corruption(self, array: Any, stop: int) -> list[tuple[int, int]]:
+        bad = []
+        for lo in range(0, stop, self.chunk_tokens):
+            hi = min(lo + self.chunk_tokens, stop)
+            try:
+                array[:, :, lo:hi].read().result()
+            except ValueError:
+                bad.append((lo, hi))
+        return bad
+
+    def _require_run(self, run: str) -> None:
+        if not self._backend.exists(f"runs/{run}/zarr.json"):
+            raise MissingEntryError(f"no run {run!r} in the store (runs: {self.runs()})")
+
+    # -- accounting and deletion -------------------------------------------------------------
+    def size(self, run: str) -> StoreSize:
+        """Raw (uncompressed cache dtype) vs stored bytes of a run, prompts counted once."""
+        self._require_run(run)
+        raw = 0
+        prefixes = [_traj_prefix(run, tid) for tid in self.trajectories(run)]
+        prefixes += [f"runs/{run}/prompts/{p}/" for p in self._backend.children(f"runs/{run}/prompts/")]
+        for prefix in prefixes:
+            info = self._node_attrs(prefix)
+            layout = KVLayout.from_dict(info["layout"])
+            tokens = info["length"] - info.get("prompt_len", 0) if info["kind"] == "trajectory" else info["length"]
+            per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
+            raw += tokens * per_token
+        return StoreSize(raw=raw, stored=self._backend.stored_bytes(f"runs/{run}/"))
+
+    def delete_run(self, run: str) -> None:
+        """Removes a run and everything in it."""
+        if self.mode == "r":
+            raise PermissionError("store is open read-only (mode 'r')")
+        self._require_run(run)
+        self.flush()
+        self._backend.delete_prefix(f"runs/{run}/")
+        self._attrs_cache = {k: v for k, v in self._attrs_cache.items() if not k.startswith(f"runs/{run}/")}
+        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"runs/{run}/")}
+
+
+def _traj_prefix(run: str, tid: str) -> str:
+    return f"runs/{run}/trajectories/{tid}/"
+
+
+def _check_root(root: dict[str, Any], where: str) -> dict[str, Any]:
+    attrs = root.get("attributes", {}).get("vinekv")
+    if root.get("node_type") != "group" or not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        raise StoreFormatError(f"{where} holds a Zarr node that is not a vinekv store (no attributes.vinekv.format)")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreFormatError(
+            f"store {where} has format version {version!r}; this vinekv reads version {FORMAT_VERSION}"
+        )
+    return attrs
+
+
+def _check_local_path(path_or_spec: Any, mode: str) -> None:
+    """Clear errors for local paths that cannot be a store, before TensorStore sees them."""
+    if isinstance(path_or_spec, dict) or "://" in str(path_or_spec):
+        return
+    path = Path(path_or_spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise StoreFormatError(f"{path} is a file, not a vinekv store directory")
+    if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
+        raise StoreFormatError(f"{path} is a non-empty directory without zarr.json: not a vinekv store")
+    if mode != "r":
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise PermissionError(f"cannot write the store at {path}: {existing} is not writable")
+
+
+__all__ = [
+    "CorruptChunkError",
+    "MissingEntryError",
+    "SnapshotStore",
+    "StoreError",
+    "StoreFormatError",
+    "StoreSize",
+]
