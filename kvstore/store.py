@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -560,9 +559,10 @@ def _check_local_path(path_or_spec: Any, mode: str) -> None:
     if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
         raise StoreFormatError(f"{path} is a non-empty directory without zarr.json: not a vinekv store")
     if mode != "r":
-        existing = next(p for p in [path, *path.parents] if p.exists())
-        if not os.access(existing, os.W_OK):
-            raise PermissionError(f"cannot write the store at {path}: {existing} is not writable")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create the store at {path}: {err.strerror}") from err
 
 
 __all__ = [

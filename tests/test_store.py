@@ -1,0 +1,344 @@
+"""SnapshotStore: round trips through a real model, zarr-python readability, crash safety, integrity."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from _store_worker import PROMPT_LEN, synthetic_state
+from conftest import no_cache_logits
+
+from kvstore import (
+    CachedState,
+    CorruptChunkError,
+    MissingEntryError,
+    SnapshotStore,
+    StalePolicyError,
+    StoreError,
+    StoreFormatError,
+    capture_state,
+    resume_from_state,
+)
+from kvstore.codecs.int8 import QMAX
+from vinekv.models import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+PLEN = 20  # prompt tokens of the model trajectories
+T = 36  # trajectory length (prompt + response); token_seq has 4 more tokens to resume with
+
+
+@pytest.fixture(scope="module")
+def trajectories(tiny_model, token_seq):
+    """Two full trajectories of the tiny model sharing one prompt, plus one with another prompt."""
+    seqs = np.stack([token_seq[0], np.concatenate([token_seq[0, :PLEN], token_seq[1, PLEN:]]), token_seq[1]])
+    return seqs, [capture_state(tiny_model, seqs[i : i + 1, :T], T) for i in range(3)]
+
+
+def _spill_all(store, states, run="r0"):
+    for i, state in enumerate(states):
+        store.spill(run, f"t{i}", state, PLEN, reward=float(i), steps=[PLEN, PLEN + 7], gold=np.int64(42))
+    store.flush()
+
+
+@pytest.mark.parametrize("where", ["disk", "memory"])
+def test_lossless_round_trip_resumes_exactly(tiny_model, trajectories, tmp_path, where):
+    seqs, states = trajectories
+    location = tmp_path / "store" if where == "disk" else f"memory://{tmp_path.name}/"
+    with SnapshotStore.open(location, codec="lossless") as store:
+        _spill_all(store, states)
+        assert store.trajectories("r0") == ["t0", "t1", "t2"]
+        info = store.trajectory_info("r0", "t1")
+        assert info["fields"] == {"reward": 1.0, "steps": [PLEN, PLEN + 7], "gold": 42}
+        for i in range(3):
+            for t in (7, PLEN, PLEN + 9, T):  # inside the prompt, its end, inside the response, all
+                state = store.read_prefix("r0", f"t{i}", t, model=tiny_model)
+                np.testing.assert_array_equal(state.keys, states[i].keys[:, :, :t])
+                np.testing.assert_array_equal(state.values, states[i].values[:, :, :t])
+                np.testing.assert_array_equal(state.token_ids, seqs[i : i + 1, :t])
+                logits, _ = resume_from_state(tiny_model, state, seqs[i : i + 1, t : t + 3], check_policy=True)
+                expected = no_cache_logits(tiny_model, seqs[i : i + 1, : t + 3])[:, t:]
+                np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+
+
+def test_int8_round_trip_within_documented_bounds(tiny_model, trajectories, tmp_path):
+    """Element error <= scale/2 + absmax * 2^-10 (float16 scale); next-token KL < 1e-5 nats."""
+    seqs, states = trajectories
+    with SnapshotStore.open(tmp_path / "s", codec="int8") as store:
+        _spill_all(store, states)
+        for i in range(3):
+            for t in (PLEN, T - 1):
+                got = store.read_prefix("r0", f"t{i}", t, model=tiny_model)
+                for exact, decoded in ((states[i].keys, got.keys), (states[i].values, got.values)):
+                    exact = exact[:, :, :t].astype(np.float32)
+                    absmax = np.abs(exact).max(-1, keepdims=True)
+                    bound = 0.5 * absmax / QMAX * (1 + 2**-10) + absmax * 2**-10
+                    assert (np.abs(decoded - exact) <= bound + 1e-12).all()
+                ref, _ = resume_from_state(tiny_model, states[i].prefix(t), seqs[i : i + 1, t : t + 1])
+                lossy, _ = resume_from_state(tiny_model, got, seqs[i : i + 1, t : t + 1])
+                p, q = jax.nn.log_softmax(ref[0, -1]), jax.nn.log_softmax(lossy[0, -1])
+                assert float((np.exp(p) * (p - q)).sum()) < 1e-5
+        size = store.size("r0")
+        assert size.raw == (2 * T - PLEN + T) * 2 * 2 * 2 * 16 * 4  # two prompts + three responses, f32
+        assert size.ratio > 1.5  # int8 vs float32; at 36 tokens JSON metadata dominates (sizes: docs/benchmarks.md)
+
+
+def test_prompt_stored_once_and_batched_reads(trajectories, tmp_path):
+    _, states = trajectories
+    with SnapshotStore.open(tmp_path / "s", codec="lossless") as store:
+        _spill_all(store, states)
+        prompts = sorted(p.name for p in (tmp_path / "s/runs/r0/prompts").iterdir() if p.is_dir())
+        assert len(prompts) == 2  # t0 and t1 share their prompt
+        requests = [("r0", "t0", 5), ("r0", "t2", T), ("r0", "t1", PLEN + 1)]
+        batched = store.read_prefixes(requests)
+        for (run, tid, t), state in zip(requests, batched, strict=True):
+            single = store.read_prefix(run, tid, t)
+            np.testing.assert_array_equal(state.keys, single.keys)
+            assert state.position == t
+
+
+ZARR_READER = r"""
+import json, sys
+import numpy as np, zarr
+g = zarr.open_group(sys.argv[1], mode="r")
+root = g.attrs["vinekv"]
+out = {}
+for run in g["runs"].group_keys():
+    for tid in g["runs"][run]["trajectories"].group_keys():
+        node = g["runs"][run]["trajectories"][tid]
+        info = node.attrs["vinekv"]
+        prompt = g["runs"][run]["prompts"][info["prompt"]]
+        parts = []
+        for part in (prompt, node):
+            if info["codec"]["name"] == "int8":  # kv = q * scale, per the codec's decode sentence
+                parts.append(part["q"][:].astype(np.float32) * part["scale"][:].astype(np.float32)[..., None])
+            else:
+                parts.append(part["kv"][:])
+        out[f"{run}/{tid}"] = np.concatenate(parts, axis=2)
+np.savez(sys.argv[2], **out)
+print(json.dumps({"format": root["format"], "keys": sorted(out)}))
+"""
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int8"])
+def test_zarr_python_reads_the_store_without_vinekv(trajectories, tmp_path, codec):
+    _, states = trajectories
+    with SnapshotStore.open(tmp_path / "s", codec=codec) as store:
+        _spill_all(store, states)
+        ours = {f"r0/t{i}": store.read_prefix("r0", f"t{i}", T) for i in range(3)}
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", ZARR_READER, str(tmp_path / "s"), str(tmp_path / "out.npz")],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary == {"format": "vinekv.kvstore", "keys": ["r0/t0", "r0/t1", "r0/t2"]}
+    theirs = np.load(tmp_path / "out.npz")
+    for key, state in ours.items():
+        np.testing.assert_array_equal(theirs[key][:, 0], state.keys[:, 0])
+        np.testing.assert_array_equal(theirs[key][:, 1], state.values[:, 0])
+
+
+def _kill_worker_mid_spill(path: Path, delay: float) -> int:
+    """Runs the spilling worker, SIGKILLs it ``delay`` s after its 4th commit; returns commits seen."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests/_store_worker.py"), str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        committed = -1
+        while committed < 3:
+            line = proc.stdout.readline()
+            assert line, "worker exited early"
+            committed = int(line.split()[1])
+        time.sleep(delay)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return committed + 1
+
+
+def test_process_killed_mid_spill_leaves_committed_trajectories_intact(tmp_path):
+    hit_mid_write = False
+    for attempt, delay in enumerate([0.012, 0.016, 0.02, 0.008, 0.024, 0.03, 0.004, 0.036, 0.044, 0.05, 0.06]):
+        path = tmp_path / f"s{attempt}"
+        committed = _kill_worker_mid_spill(path, delay)
+        half_written = [p for p in (path / ".staging").iterdir() if p.is_dir() and any(p.rglob("*"))]
+        with SnapshotStore.open(path, mode="a") as store:  # opening for writing clears stale staging data
+            ids = store.trajectories("run0")
+            assert len(ids) >= committed
+            assert ids == [f"traj{n:04d}" for n in range(len(ids))]  # no gap, nothing half-written
+            for n, tid in enumerate(ids):
+                expected = synthetic_state(n)
+                got = store.read_prefix("run0", tid, expected.position)
+                np.testing.assert_array_equal(got.keys, expected.keys)
+                np.testing.assert_array_equal(got.values, expected.values)
+                assert store.trajectory_info("run0", tid)["fields"] == {"reward": float(n)}
+        assert not [p for p in (path / ".staging").iterdir() if p.is_dir()]
+        if half_written:
+            hit_mid_write = True
+            break
+    assert hit_mid_write, "no kill landed inside a write; the test did not exercise a torn spill"
+
+
+def test_corrupt_chunk_is_reported_with_its_positions(tmp_path):
+    state = synthetic_state(1, length=400)
+    with SnapshotStore.open(tmp_path / "s", codec="lossless", chunk_tokens=64) as store:
+        store.spill("run0", "a", state, PROMPT_LEN)
+        store.flush()
+    shard = next(p for p in (tmp_path / "s/runs/run0/trajectories/a/kv/c").rglob("*") if p.is_file())
+    data = bytearray(shard.read_bytes())
+    # 384 response tokens = 6 inner chunks of 64; the shard index at the end holds (offset, nbytes)
+    # per chunk as little-endian uint64, then its crc32c.
+    index = np.frombuffer(bytes(data[-(6 * 16 + 4) : -4]), dtype="<u8").reshape(6, 2)
+    data[int(index[3, 0]) + 10] ^= 0xFF  # inside the 4th inner chunk: response tokens [192, 256)
+    shard.write_bytes(bytes(data))
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        ok = store.read_prefix("run0", "a", PROMPT_LEN + 128)  # chunks before the damage still read
+        np.testing.assert_array_equal(ok.keys, state.keys[:, :, : PROMPT_LEN + 128])
+        with pytest.raises(CorruptChunkError, match=r"run 'run0' trajectory 'a'.*positions \[2\d\d, 2\d\d\)") as err:
+            store.read_prefix("run0", "a", 400)
+        assert "[208, 272)" in str(err.value)  # response chunk 3 = trajectory positions 16+192 .. 16+256
+
+
+def test_bad_input_errors(tiny_model, trajectories, tmp_path):
+    _, states = trajectories
+    with SnapshotStore.open(tmp_path / "s", codec="lossless") as store:
+        _spill_all(store, states[:1])
+        with pytest.raises(MissingEntryError, match=r"no run 'nope' in the store \(runs: \['r0'\]\)"):
+            store.trajectories("nope")
+        with pytest.raises(MissingEntryError, match="no trajectory 'zz' in run 'r0'"):
+            store.read_prefix("r0", "zz", 3)
+        with pytest.raises(ValueError, match=r"t=37 outside \[1, 36\]"):
+            store.read_prefix("r0", "t0", T + 1)
+        with pytest.raises(ValueError, match=r"t=0 outside \[1, 36\]"):
+            store.read_prefix("r0", "t0", 0)
+        other = dataclasses.replace(
+            states[0], keys=states[0].keys[:, :, :, :1], values=states[0].values[:, :, :, :1],
+            layout=dataclasses.replace(states[0].layout, num_kv_heads=1),
+        )
+        with pytest.raises(ValueError, match=r"snapshot layout does not match the store's.*num_kv_heads': \(1, 2\)"):
+            store.spill("r0", "t9", other, PLEN)
+        with pytest.raises(FileExistsError, match="trajectory 't0' of run 'r0' is already in the store"):
+            store.spill("r0", "t0", states[0], PLEN)
+        with pytest.raises(ValueError, match=r"prompt_len 37 outside \[1, 36\]"):
+            store.spill("r0", "t5", states[0], T + 1)
+        with pytest.raises(ValueError, match="spill takes one trajectory"):
+            store.spill("r0", "t5", CachedState(*(np.concatenate([a, a], 1) for a in (states[0].keys, states[0].values)),
+                                                np.concatenate([states[0].token_ids] * 2), states[0].layout, "x"), PLEN)
+        with pytest.raises(TypeError, match="not JSON-serialisable"):
+            store.spill("r0", "t5", states[0], PLEN, reward=object())
+        with pytest.raises(ValueError, match="run '../x' must match"):
+            store.spill("../x", "t5", states[0], PLEN)
+        # a stale policy is refused unless allowed
+        stale_model = build_model("llama", seed=5)
+        with pytest.raises(StalePolicyError, match="pass allow_stale=True"):
+            store.read_prefix("r0", "t0", 5, model=stale_model)
+        assert store.read_prefix("r0", "t0", 5, model=stale_model, allow_stale=True).position == 5
+        assert store.trajectories("r0") == ["t0"]  # nothing refused above was written
+    # unknown format version; not a vinekv store; a file; an unwritable location
+    root = json.loads((tmp_path / "s/zarr.json").read_text())
+    root["attributes"]["vinekv"]["format_version"] = 99
+    (tmp_path / "s/zarr.json").write_text(json.dumps(root))
+    with pytest.raises(StoreFormatError, match="format version 99; this vinekv reads version 1"):
+        SnapshotStore.open(tmp_path / "s", mode="r")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain/data.csv").write_text("1,2\n")
+    with pytest.raises(StoreFormatError, match="non-empty directory without zarr.json"):
+        SnapshotStore.open(tmp_path / "plain")
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z/zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    with pytest.raises(StoreFormatError, match="not a vinekv store"):
+        SnapshotStore.open(tmp_path / "z")
+    with pytest.raises(StoreFormatError, match="is a file"):
+        SnapshotStore.open(tmp_path / "plain/data.csv")
+    with pytest.raises(StoreFormatError, match="no vinekv store at"):
+        SnapshotStore.open(tmp_path / "missing", mode="r")
+    with pytest.raises(OSError, match="cannot create the store"):
+        SnapshotStore.open(tmp_path / "plain/data.csv/sub")
+
+
+def test_write_error_surfaces_and_committed_data_stays(trajectories, tmp_path, monkeypatch):
+    """A failing disk (ENOSPC mid-write) is raised on flush; earlier trajectories stay readable."""
+    _, states = trajectories
+    store = SnapshotStore.open(tmp_path / "s", codec="lossless")
+    _spill_all(store, states[:2])
+    real_write = store._backend.write_array
+
+    def full_disk(path, *args, **kwargs):
+        if "/trajectories/" in path or path.startswith(".staging"):
+            raise OSError(28, "No space left on device")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(store._backend, "write_array", full_disk)
+    store.spill("r0", "t9", states[2], PLEN)
+    with pytest.raises(StoreError, match="No space left on device"):
+        store.flush()
+    store.flush()  # reported once; the store stays usable
+    monkeypatch.setattr(store._backend, "write_array", real_write)
+    store.close()
+    with SnapshotStore.open(tmp_path / "s", mode="r") as reader:
+        assert reader.trajectories("r0") == ["t0", "t1"]
+        np.testing.assert_array_equal(reader.read_prefix("r0", "t1", T).keys, states[1].keys)
+    assert not [p for p in (tmp_path / "s/.staging").iterdir() if p.is_dir()]
+
+
+def test_bounded_inflight_and_errors_on_next_spill(trajectories, tmp_path, monkeypatch):
+    _, states = trajectories
+    store = SnapshotStore.open(tmp_path / "s", codec="lossless", max_inflight_bytes=states[0].nbytes + 1)
+    real_write = store._backend.write_array
+    seen = []
+
+    def slow_write(*args, **kwargs):
+        seen.append(store._inflight)
+        time.sleep(0.05)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(store._backend, "write_array", slow_write)
+    for i in range(3):
+        store.spill("r0", f"t{i}", states[i], PLEN)
+        assert store._inflight <= store.max_inflight_bytes
+    store.flush()
+    assert max(seen) <= store.max_inflight_bytes and store.trajectories("r0") == ["t0", "t1", "t2"]
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store._backend, "write_array", broken)
+    store.spill("r1", "a", states[0], PLEN)
+    time.sleep(0.3)
+    with pytest.raises(StoreError, match="Input/output error"):
+        store.spill("r1", "b", states[1], PLEN)
+    store.close()
+
+
+def test_size_and_delete_run(trajectories, tmp_path):
+    _, states = trajectories
+    with SnapshotStore.open(tmp_path / "s", codec="int8") as store:
+        _spill_all(store, states, run="a")
+        _spill_all(store, states[:1], run="b")
+        assert store.runs() == ["a", "b"]
+        size = store.size("b")
+        assert size.raw == T * 2 * 2 * 2 * 16 * 4 and 0 < size.stored < size.raw
+        store.delete_run("a")
+        assert store.runs() == ["b"]
+        with pytest.raises(MissingEntryError):
+            store.read_prefix("a", "t0", 3)
+        assert store.read_prefix("b", "t0", T).position == T
+
+
+def test_second_writer_is_refused(tmp_path):
+    with SnapshotStore.open(tmp_path / "s"):
+        code = "import sys; from kvstore import SnapshotStore; SnapshotStore.open(sys.argv[1])"
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
+                             cwd=REPO)
+        assert out.returncode != 0 and "open for writing by another process" in out.stderr
+        with SnapshotStore.open(tmp_path / "s", mode="r") as reader:  # readers are fine
+            assert reader.runs() == []
