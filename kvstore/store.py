@@ -39,6 +39,7 @@ FORMAT = "vinekv.kvstore"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_TOKENS = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
+DEFAULT_WRITE_CONCURRENCY = 4
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -115,7 +116,14 @@ class _Spill:
 class SnapshotStore:
     """A disk-backed store of per-trajectory KV snapshots. Open with `SnapshotStore.open`."""
 
-    def __init__(self, backend: TensorStoreBackend, root_attrs: dict[str, Any], mode: str, max_inflight_bytes: int):
+    def __init__(
+        self,
+        backend: TensorStoreBackend,
+        root_attrs: dict[str, Any],
+        mode: str,
+        max_inflight_bytes: int,
+        write_concurrency: int,
+    ):
         self._backend = backend
         self._meta = root_attrs
         self.mode = mode
@@ -130,7 +138,9 @@ class SnapshotStore:
         self._inflight = 0
         self._errors: list[BaseException] = []
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._prompt_locks: dict[str, threading.Lock] = {}
+        self.write_concurrency = write_concurrency
         self._layout_on_disk = root_attrs.get("layout") is not None
         self.stats = {"spilled": 0, "raw_bytes": 0, "write_seconds": 0.0}
 
@@ -144,6 +154,7 @@ class SnapshotStore:
         *,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        write_concurrency: int = DEFAULT_WRITE_CONCURRENCY,
     ) -> SnapshotStore:
         """Opens (or creates) a store.
 
@@ -154,7 +165,9 @@ class SnapshotStore:
           codec: codec of new trajectories in a new store (``"int8"``, ``"lossless"``, a spec or
             a `KVCodec`); an existing store keeps the codec it was created with.
           chunk_tokens: tokens per stored chunk (the unit a prefix read fetches) of a new store.
-          max_inflight_bytes: raw KV bytes queued for writing before `spill` blocks.
+          max_inflight_bytes: raw KV bytes queued or being written before `spill` blocks.
+          write_concurrency: trajectories written at once by background threads (commit
+            latency, mostly fsync, overlaps; commits may land out of spill order).
         """
         if mode not in ("r", "r+", "a", "w-"):
             raise ValueError(f"mode must be 'r', 'r+', 'a' or 'w-', got {mode!r}")
@@ -162,6 +175,8 @@ class SnapshotStore:
             raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
         if max_inflight_bytes < 1:
             raise ValueError(f"max_inflight_bytes must be positive, got {max_inflight_bytes}")
+        if not isinstance(write_concurrency, int) or write_concurrency < 1:
+            raise ValueError(f"write_concurrency must be a positive int, got {write_concurrency!r}")
         codec = get_codec(codec)
         _check_local_path(path_or_spec, mode)
         backend = TensorStoreBackend(path_or_spec)
@@ -183,7 +198,7 @@ class SnapshotStore:
             if mode == "w-":
                 raise FileExistsError(f"a store already exists at {backend.description} (mode 'w-')")
             attrs = _check_root(root, backend.description)
-        store = cls(backend, attrs, mode, max_inflight_bytes)
+        store = cls(backend, attrs, mode, max_inflight_bytes, write_concurrency)
         if mode != "r":
             backend.lock_for_writing()
         return store
@@ -269,14 +284,16 @@ class SnapshotStore:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
-            if self._thread is not None:
-                self._thread.join()
+            for thread in self._threads:
+                thread.join()
             self._backend.unlock()
 
     def _ensure_writer(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._writer_loop, name="vinekv-spill", daemon=True)
-            self._thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < min(self.write_concurrency, len(self._queue) + len(self._threads)):
+            thread = threading.Thread(target=self._writer_loop, name="vinekv-spill", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def _writer_loop(self) -> None:
         while True:
@@ -285,7 +302,7 @@ class SnapshotStore:
                     self._cond.wait()
                 if not self._queue:
                     return
-                item = self._queue[0]
+                item = self._queue.popleft()
             start = time.perf_counter()
             try:
                 self._write_trajectory(item)
@@ -294,7 +311,6 @@ class SnapshotStore:
                 with self._cond:
                     self._errors.append(err)
             with self._cond:
-                self._queue.popleft()
                 self._pending.discard((item.run, item.trajectory_id))
                 self._inflight -= item.nbytes
                 self.stats["spilled"] += 1
@@ -318,12 +334,14 @@ class SnapshotStore:
             self._ensure_group(f"runs/{item.run}/", {"kind": "run", "created": time.time()})
         tokens = state.token_ids[0]
         pkey = prompt_key(tokens[:plen], state.fingerprint)
-        kv = np.stack([state.keys[:, 0], state.values[:, 0]], axis=1)  # [L, 2, T, H, D]
         common = {"fingerprint": state.fingerprint, "layout": state.layout.to_dict(), "codec": self.codec.spec()}
         prompt_prefix = f"runs/{item.run}/prompts/{pkey}/"
-        if not self._backend.exists(prompt_prefix + "zarr.json"):
-            attrs = {"kind": "prompt", "length": plen, "token_ids": tokens[:plen].tolist(), **common}
-            self._write_node(prompt_prefix, kv[:, :, :plen], attrs)
+        with self._cond:
+            prompt_lock = self._prompt_locks.setdefault(prompt_prefix, threading.Lock())
+        with prompt_lock:  # trajectories of one prompt in flight together write it once
+            if not self._backend.exists(prompt_prefix + "zarr.json"):
+                attrs = {"kind": "prompt", "length": plen, "token_ids": tokens[:plen].tolist(), **common}
+                self._write_node(prompt_prefix, state.keys[:, 0, :plen], state.values[:, 0, :plen], attrs)
         attrs = {
             "kind": "trajectory",
             "format_version": FORMAT_VERSION,
@@ -334,12 +352,14 @@ class SnapshotStore:
             "fields": item.fields,
             **common,
         }
-        self._write_node(_traj_prefix(item.run, item.trajectory_id), kv[:, :, plen:], attrs)
+        response = (state.keys[:, 0, plen:], state.values[:, 0, plen:])
+        self._write_node(_traj_prefix(item.run, item.trajectory_id), *response, attrs)
 
-    def _write_node(self, final_prefix: str, kv: np.ndarray, attrs: dict[str, Any]) -> None:
+    def _write_node(self, final_prefix: str, keys: np.ndarray, values: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Writes K/V ``[layers, tokens, kv_heads, head_dim]`` and ``attrs`` as one committed node."""
         staging = self._backend.staging_prefix(final_prefix)
         try:
-            if kv.shape[2]:
+            if keys.shape[1]:
                 futures = [
                     self._backend.write_array(
                         staging + name,
@@ -349,7 +369,7 @@ class SnapshotStore:
                         self.codec.zstd_level,
                         {"vinekv": {"codec": self.codec.spec(), "array": name}},
                     )
-                    for name, stored in self.codec.encode(kv).items()
+                    for name, stored in self.codec.encode(keys, values).items()
                 ]
                 for future in futures:
                     future.result()

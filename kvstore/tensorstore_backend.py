@@ -128,7 +128,8 @@ class TensorStoreBackend:
             "dimension_names": list(dims),
             "attributes": attributes,
         }
-        spec = {**self.array_spec(path), "metadata": metadata, "create": True, "delete_existing": True}
+        # Staging folders are fresh; in-place writes (other kvstores) replace a crashed attempt's data.
+        spec = {**self.array_spec(path), "metadata": metadata, "create": True, "delete_existing": self.local_root is None}
         array = ts.open(spec, context=self.context).result()
         return array.write(data)
 

@@ -12,12 +12,9 @@ KV_DIMS = ("layer", "kv", "token", "kv_head", "head_dim")
 
 
 def zarr_chunk_codecs(zstd_level: int) -> list[dict[str, Any]]:
-    """Inner-chunk codecs: little-endian bytes -> zstd -> crc32c (corruption is detected)."""
-    return [
-        {"name": "bytes", "configuration": {"endian": "little"}},
-        {"name": "zstd", "configuration": {"level": zstd_level, "checksum": False}},
-        {"name": "crc32c"},
-    ]
+    """Inner-chunk codecs: little-endian bytes -> zstd (level 0: none) -> crc32c (detects corruption)."""
+    zstd = [{"name": "zstd", "configuration": {"level": zstd_level, "checksum": False}}] if zstd_level else []
+    return [{"name": "bytes", "configuration": {"endian": "little"}}, *zstd, {"name": "crc32c"}]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +32,12 @@ class KVCodec(abc.ABC):
     zstd_level: int
 
     @abc.abstractmethod
-    def encode(self, kv: np.ndarray) -> dict[str, StoredArray]:
-        """Arrays to store for ``kv`` (any float dtype); every array has the token axis at 2."""
+    def encode(self, keys: np.ndarray, values: np.ndarray) -> dict[str, StoredArray]:
+        """Arrays to store for ``keys``/``values`` ``[layers, tokens, kv_heads, head_dim]``.
+
+        The KV block they describe is ``stack([keys, values], axis=1)``; every stored array has
+        the token axis at 2.
+        """
 
     @abc.abstractmethod
     def decode(self, arrays: dict[str, np.ndarray], raw_dtype: str, out_dtype: Any) -> np.ndarray:
@@ -65,6 +66,6 @@ class KVCodec(abc.ABC):
 
 
 def check_zstd_level(level: int) -> int:
-    if not isinstance(level, int) or not 1 <= level <= 22:
-        raise ValueError(f"zstd_level must be an int in [1, 22], got {level!r}")
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 22:
+        raise ValueError(f"zstd_level must be an int in [0, 22] (0 = no zstd), got {level!r}")
     return level

@@ -11,6 +11,7 @@ decodes from its own chunks alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -20,22 +21,38 @@ from kvstore.codecs.base import KV_DIMS, KVCodec, StoredArray, check_zstd_level
 QMAX = 127
 
 
+@functools.cache
+def _kernels():
+    """Jitted encode/decode: one fused pass each (numpy needs ~6 passes and is ~4x slower)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def encode(keys, values):
+        x = jnp.stack([keys, values], axis=1).astype(jnp.float32)
+        scale = (jnp.abs(x).max(axis=-1) / QMAX).astype(jnp.float16)
+        safe = jnp.where(scale > 0, scale, 1).astype(jnp.float32)[..., None]
+        return jnp.clip(jnp.rint(x / safe), -QMAX, QMAX).astype(jnp.int8), scale
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def decode(q, scale, out_dtype):
+        return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(out_dtype)
+
+    return encode, decode
+
+
 class Int8Codec(KVCodec):
     name = "int8"
 
-    def __init__(self, zstd_level: int = 3):
+    def __init__(self, zstd_level: int = 1):
         self.zstd_level = check_zstd_level(zstd_level)
 
-    def encode(self, kv: np.ndarray) -> dict[str, StoredArray]:
-        x = kv.astype(np.float32)
-        scale = (np.abs(x).max(axis=-1) / QMAX).astype(np.float16)
-        safe = np.where(scale > 0, scale, 1).astype(np.float32)[..., None]
-        q = np.clip(np.rint(x / safe), -QMAX, QMAX).astype(np.int8)
-        return {"q": StoredArray(q, KV_DIMS), "scale": StoredArray(scale, KV_DIMS[:-1])}
+    def encode(self, keys: np.ndarray, values: np.ndarray) -> dict[str, StoredArray]:
+        q, scale = _kernels()[0](keys, values)
+        return {"q": StoredArray(np.asarray(q), KV_DIMS), "scale": StoredArray(np.asarray(scale), KV_DIMS[:-1])}
 
     def decode(self, arrays: dict[str, np.ndarray], raw_dtype: str, out_dtype: Any) -> np.ndarray:
-        kv = arrays["q"].astype(np.float32) * arrays["scale"].astype(np.float32)[..., None]
-        return kv.astype(out_dtype, copy=False)
+        return np.asarray(_kernels()[1](arrays["q"], arrays["scale"], np.dtype(out_dtype)))
 
     def spec(self) -> dict[str, Any]:
         return {

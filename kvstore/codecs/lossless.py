@@ -16,13 +16,13 @@ _BITS = {"bfloat16": np.uint16}
 class LosslessCodec(KVCodec):
     name = "lossless"
 
-    def __init__(self, zstd_level: int = 3):
+    def __init__(self, zstd_level: int = 1):
         self.zstd_level = check_zstd_level(zstd_level)
 
-    def encode(self, kv: np.ndarray) -> dict[str, StoredArray]:
+    def encode(self, keys: np.ndarray, values: np.ndarray) -> dict[str, StoredArray]:
+        kv = np.stack([keys, values], axis=1)
         bits = _BITS.get(str(kv.dtype))
-        data = kv.view(bits) if bits is not None else kv
-        return {"kv": StoredArray(np.ascontiguousarray(data), KV_DIMS)}
+        return {"kv": StoredArray(kv.view(bits) if bits is not None else kv, KV_DIMS)}
 
     def decode(self, arrays: dict[str, np.ndarray], raw_dtype: str, out_dtype: Any) -> np.ndarray:
         data = arrays["kv"]
