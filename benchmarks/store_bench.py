@@ -262,6 +262,7 @@ def plot(results: dict, path: Path, prefixes: list[int]) -> None:
     axes[2].set_title("raw bf16 bytes / stored bytes (target >= 2.3 for int8)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=45)
+        ax.title.set_fontsize(9)
     fig.suptitle(f"vinekv snapshot store, {results['trajectories']} x {results['length']}-token trajectories, "
                  f"Qwen2-0.5B KV shape; {results['machine']}", fontsize=9)
     fig.tight_layout()

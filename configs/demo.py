@@ -20,6 +20,9 @@ class DemoConfig:
       snapshot_fractions: where to snapshot inside each response, as fractions of its length;
         the prompt end is always snapshotted too.
       kv_dtype: dtype of the KV cache (``float32`` or ``bfloat16``).
+      store: snapshot store path; empty for a temporary one. The store's run ``demo`` is
+        replaced on every run.
+      codec: codec of a new store (``lossless`` resumes exactly; ``int8`` is ~2x smaller).
     """
 
     family: str = "llama"
@@ -34,6 +37,8 @@ class DemoConfig:
     temperature: float = 1.0
     snapshot_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     kv_dtype: str = "float32"
+    store: str = ""
+    codec: str = "lossless"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -48,5 +53,7 @@ class DemoConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if any(not 0 < f < 1 for f in self.snapshot_fractions):
             raise ValueError(f"snapshot_fractions must lie in (0, 1), got {self.snapshot_fractions}")
+        if self.codec not in ("lossless", "int8"):
+            raise ValueError(f"codec must be 'lossless' or 'int8', got {self.codec!r}")
         if self.kv_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"kv_dtype must be 'float32' or 'bfloat16', got {self.kv_dtype!r}")

@@ -47,9 +47,16 @@ def test_snapshot_positions():
     assert snapshot_positions(5, 2, (0.5, 0.9)) == [5]  # nothing inside a 2-token response but its start
 
 
-def test_demo_resumes_exactly():
-    report = run_demo(DemoConfig(prompts=("Q: 1+1?\nA:", "Q: 7*6?\nA:"), response_tokens=12))
+def test_demo_resumes_exactly_from_the_store(tmp_path, capsys):
+    config = DemoConfig(prompts=("Q: 1+1?\nA:", "Q: 7*6?\nA:"), response_tokens=12, store=str(tmp_path / "s"))
+    report = run_demo(config)
     assert report.all_agree
+    assert report.store_size.raw == 2 * 22 * 2 * 2 * 2 * 16 * 4  # 2 trajectories x 22 tokens, f32 KV
     assert [c.position for c in report.checks if c.row == 0] == [10, 13, 16, 19]
     assert max(c.max_logit_diff for c in report.checks) < 1e-5
     assert all(c.tokens_compared == 10 + 12 - c.position - 1 for c in report.checks if c.row == 0)
+    assert main(["inspect", str(tmp_path / "s"), "--run", "demo"]) == 0
+    listing = capsys.readouterr().out
+    assert "run demo: 2 trajectories" in listing
+    assert "row1: 22 tokens (prompt 10), fields {'prompt': 'Q: 7*6?\\nA:'}" in listing
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2

@@ -1,24 +1,30 @@
-"""The end-to-end demo: sample responses, snapshot their KV, resume and check agreement.
+"""The end-to-end demo: sample responses, spill their KV to a snapshot store, resume and check.
 
-For each response the KV of the live batch cache is copied to the host at the prompt end and at
-a few positions inside the response (no second forward pass). Each snapshot is written into a
-fresh cache, the next token is fed from there, and decoding continues with the row's own PRNG
-key. Agreement means the resumed decode reproduces the uninterrupted one token for token, and
+Each sampled trajectory's KV is copied off the live batch cache (no second forward pass) and
+spilled into a `SnapshotStore`. Snapshots at the prompt end and at a few positions inside the
+response are then read back from the store, written into a fresh cache, the next token is fed
+from there, and decoding continues with the row's own PRNG key. Agreement means the resumed
+decode reproduces the uninterrupted one token for token (exact with the lossless codec), and
 the resumed logits match a no-cache forward over the same prefix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
 from configs import DemoConfig
-from kvstore import extract_state, policy_fingerprint, resume_from_state
+from kvstore import SnapshotStore, StoreSize, extract_state, policy_fingerprint, resume_from_state
 from replay import decode, prefill, row_keys_for
 from vinekv.models import build_model, build_tokenizer
+
+
+RUN = "demo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +42,8 @@ class DemoReport:
     config: DemoConfig
     fingerprint: str
     prompt_lens: list[int]
+    store: str
+    store_size: StoreSize
     checks: list[SnapshotCheck]
     seconds: dict[str, float]
 
@@ -51,6 +59,13 @@ def snapshot_positions(prompt_len: int, response_len: int, fractions: tuple[floa
 
 
 def run_demo(config: DemoConfig) -> DemoReport:
+    with contextlib.ExitStack() as stack:
+        location = config.store or stack.enter_context(tempfile.TemporaryDirectory(prefix="vinekv-demo-"))
+        with SnapshotStore.open(location, codec=config.codec) as store:
+            return _run(config, store, location)
+
+
+def _run(config: DemoConfig, store: SnapshotStore, location: str) -> DemoReport:
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -73,13 +88,23 @@ def run_demo(config: DemoConfig) -> DemoReport:
     seconds["sample"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
+    if RUN in store.runs():
+        store.delete_run(RUN)
+    for row, (plen, prompt) in enumerate(zip(map(int, prompt_lens), config.prompts, strict=True)):
+        end = plen + config.response_tokens
+        state = extract_state(model, sampled.cache, tokens, end, rows=[row], fingerprint=fingerprint)
+        store.spill(RUN, f"row{row}", state, plen, prompt=prompt)
+    store.flush()
+    seconds["spill"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
     with model.mesh:  # one causal no-cache forward gives the reference logits at every position
         reference = np.asarray(model(input_ids=jnp.asarray(tokens)).logits)
     checks = []
     for row, plen in enumerate(map(int, prompt_lens)):
         end = plen + config.response_tokens
         for t in snapshot_positions(plen, config.response_tokens, config.snapshot_fractions):
-            state = extract_state(model, sampled.cache, tokens, t, rows=[row], fingerprint=fingerprint)
+            state = store.read_prefix(RUN, f"row{row}", t, model=model)
             resumed_logits, resumed = resume_from_state(
                 model, state, tokens[row : row + 1, t : t + 1], max_length=width, check_policy=False
             )
@@ -101,8 +126,9 @@ def run_demo(config: DemoConfig) -> DemoReport:
                     max_logit_diff=float(np.abs(np.asarray(resumed_logits[0, -1]) - reference[row, t]).max()),
                 )
             )
-    seconds["snapshot + resume + check"] = time.perf_counter() - clock
-    return DemoReport(config, fingerprint, prompt_lens.tolist(), checks, seconds)
+    seconds["read + resume + check"] = time.perf_counter() - clock
+    where = location if config.store else "a temporary folder"
+    return DemoReport(config, fingerprint, prompt_lens.tolist(), where, store.size(RUN), checks, seconds)
 
 
 def format_report(report: DemoReport) -> str:
@@ -110,6 +136,8 @@ def format_report(report: DemoReport) -> str:
     lines = [
         f"vinekv demo: {cfg.family} tiny random model, kv {cfg.kv_dtype}, policy {report.fingerprint[:12]}",
         f"{len(cfg.prompts)} prompts x {cfg.response_tokens} sampled tokens (temperature {cfg.temperature}, seed {cfg.seed})",
+        f"spilled to a {cfg.codec} snapshot store in {report.store}: {report.store_size.raw} raw KV bytes, "
+        f"{report.store_size.stored} stored ({report.store_size.ratio:.2f}x smaller, metadata included)",
         "",
         f"{'row':>3} {'prompt':>6} {'snapshot t':>10} {'KV bytes':>9} {'tokens agreeing':>16} {'max |dlogit|':>13}",
     ]

@@ -19,6 +19,7 @@ import numpy as np
 from kvstore.codecs.base import KV_DIMS, KVCodec, StoredArray, check_zstd_level
 
 QMAX = 127
+BLOCK_ELEMENTS = 2**20  # XLA:CPU runs these kernels ~2.5x faster on cache-sized layer blocks
 
 
 @functools.cache
@@ -41,6 +42,13 @@ def _kernels():
     return encode, decode
 
 
+def _layer_blocks(shape: tuple[int, ...]) -> list[slice]:
+    """Slices of the layer axis holding about BLOCK_ELEMENTS elements each (at least one layer)."""
+    per_layer = max(1, int(np.prod(shape[1:])))
+    step = max(1, BLOCK_ELEMENTS // per_layer)
+    return [slice(i, i + step) for i in range(0, shape[0], step)]
+
+
 class Int8Codec(KVCodec):
     name = "int8"
 
@@ -48,11 +56,19 @@ class Int8Codec(KVCodec):
         self.zstd_level = check_zstd_level(zstd_level)
 
     def encode(self, keys: np.ndarray, values: np.ndarray) -> dict[str, StoredArray]:
-        q, scale = _kernels()[0](keys, values)
-        return {"q": StoredArray(np.asarray(q), KV_DIMS), "scale": StoredArray(np.asarray(scale), KV_DIMS[:-1])}
+        layers, tokens, heads, head_dim = keys.shape
+        q = np.empty((layers, 2, tokens, heads, head_dim), np.int8)
+        scale = np.empty((layers, 2, tokens, heads), np.float16)
+        for block in _layer_blocks(q.shape):
+            q[block], scale[block] = _kernels()[0](keys[block], values[block])
+        return {"q": StoredArray(q, KV_DIMS), "scale": StoredArray(scale, KV_DIMS[:-1])}
 
     def decode(self, arrays: dict[str, np.ndarray], raw_dtype: str, out_dtype: Any) -> np.ndarray:
-        return np.asarray(_kernels()[1](arrays["q"], arrays["scale"], np.dtype(out_dtype)))
+        q, scale = arrays["q"], arrays["scale"]
+        out = np.empty(q.shape, np.dtype(out_dtype))
+        for block in _layer_blocks(q.shape):
+            out[block] = _kernels()[1](q[block], scale[block], np.dtype(out_dtype))
+        return out
 
     def spec(self) -> dict[str, Any]:
         return {
