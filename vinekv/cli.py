@@ -63,11 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kv-dtype", choices=["float32", "bfloat16"])
     demo.add_argument("--store", help="snapshot store path to keep (default: a temporary store)")
     demo.add_argument("--codec", choices=["lossless", "int8"])
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(func=_demo)
     inspect = sub.add_parser("inspect", help="list a snapshot store's runs, trajectories and sizes")
     inspect.add_argument("store", help="store path or TensorStore kvstore URL")
     inspect.add_argument("--run", help="list this run's trajectories")
-    inspect.set_defaults(run=_inspect)
+    inspect.set_defaults(func=_inspect)
     return parser
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     enable_compilation_cache()
     quiet_logs()
     try:
-        return args.run(args)
+        return args.func(args)
     except (StoreError, ValueError, TypeError, OSError, KeyError) as err:
         print(f"vinekv {args.command}: error: {err}", file=sys.stderr)
         return 2
