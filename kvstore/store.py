@@ -408,6 +408,21 @@ class SnapshotStore:
             self._attrs_cache[key] = node["attributes"]["vinekv"]
         return self._attrs_cache[key]
 
+    def annotate(self, run: str, trajectory_id: str | int, **fields: Any) -> None:
+        """Merges JSON-able ``fields`` into a committed trajectory's ``fields`` attribute.
+
+        One atomic metadata write: readers see the old or the new fields, never a mix.
+        """
+        if self.mode == "r":
+            raise PermissionError("store is open read-only (mode 'r')")
+        tid = str(trajectory_id)
+        key = _traj_prefix(run, tid)
+        self._attrs_cache.pop(key, None)
+        info = dict(self.trajectory_info(run, tid))
+        info["fields"] = {**info["fields"], **_jsonable(fields)}
+        self._backend.write_bytes(key + "zarr.json", group_json({"vinekv": info}))
+        self._attrs_cache[key] = info
+
     def read_prefix(
         self, run: str, trajectory_id: str | int, t: int, model: Any = None, allow_stale: bool = False
     ) -> CachedState:

@@ -39,7 +39,12 @@ class Decoded:
 
 
 def sample_tokens(
-    logits: jax.Array, row_keys: jax.Array, positions: jax.Array, temperature: float
+    logits: jax.Array,
+    row_keys: jax.Array,
+    positions: jax.Array,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row.
 
@@ -48,33 +53,46 @@ def sample_tokens(
       row_keys: ``[batch]`` PRNG keys, one per row.
       positions: ``[batch]`` absolute position of the token being drawn.
       temperature: 0 for greedy.
+      top_k: keep the ``top_k`` most likely tokens (0: all).
+      top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
 
     Returns:
-      ``(tokens [batch] int32, logprobs [batch] float32)``.
+      ``(tokens [batch] int32, logprobs [batch] float32)``; the log-probability is under the
+      temperature-scaled distribution before top-k/top-p truncation (the policy's own).
     """
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
         tokens = jnp.argmax(logits, axis=-1)
         logp = jax.nn.log_softmax(logits, axis=-1)
     else:
-        scaled = logits / temperature
+        logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+        allowed = logp
+        if top_k:
+            kth = jax.lax.top_k(logp, top_k)[0][:, -1:]
+            allowed = jnp.where(logp < kth, -jnp.inf, allowed)
+        if top_p < 1.0:
+            order = jnp.argsort(-logp, axis=-1)
+            sorted_p = jnp.take_along_axis(jnp.exp(logp), order, axis=-1)
+            keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p  # mass before each token
+            keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logp.shape[0])[:, None], order].set(keep_sorted)
+            allowed = jnp.where(keep, allowed, -jnp.inf)
         keys = jax.vmap(jax.random.fold_in)(row_keys, positions)
-        tokens = jax.vmap(jax.random.categorical)(keys, scaled)
-        logp = jax.nn.log_softmax(scaled, axis=-1)
+        tokens = jax.vmap(jax.random.categorical)(keys, allowed)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-def _step(graphdef, graphstate, graphother, cache, logits, row_keys, temperature):
-    tokens, logprobs = sample_tokens(logits, row_keys, cache.views[0].indexs, temperature)
+def _step(graphdef, graphstate, graphother, cache, logits, row_keys, temperature, top_k=0, top_p=1.0):
+    tokens, logprobs = sample_tokens(logits, row_keys, cache.views[0].indexs, temperature, top_k, top_p)
     new_logits, cache = forward_split(graphdef, graphstate, graphother, cache, tokens[:, None])
     return tokens, logprobs, new_logits[:, -1], cache
 
 
 @functools.cache
-def _jitted_step():
+def decode_step_fn():
+    """The jitted sample-then-forward step (model split; sampling settings static)."""
     donate = () if jax.default_backend() == "cpu" else (3,)
-    return jax.jit(_step, static_argnums=(0, 6), donate_argnums=donate)
+    return jax.jit(_step, static_argnums=(0, 6, 7, 8), donate_argnums=donate)
 
 
 def row_keys_for(seed: int, batch: int) -> jax.Array:
@@ -114,12 +132,12 @@ def decode(
         if temperature > 0:
             raise ValueError("row_keys are required when temperature > 0")
         row_keys = row_keys_for(0, batch)
-    step = _jitted_step()
+    step = decode_step_fn()
     graphdef, graphstate, graphother = model.split_module()
     tokens, logprobs = [], []
     with model.mesh:
         for _ in range(num_tokens):
-            tok, lp, logits, cache = step(graphdef, graphstate, graphother, cache, logits, row_keys, float(temperature))
+            tok, lp, logits, cache = step(graphdef, graphstate, graphother, cache, logits, row_keys, float(temperature), 0, 1.0)
             tokens.append(tok)
             logprobs.append(lp)
     return Decoded(

@@ -1,0 +1,53 @@
+"""Scoring branches with reward functions of the signature EasyDeL/TRL users know.
+
+A reward function is called as ``fn(prompts=[...], completions=[...], **kwargs)`` and returns one
+float per completion; each kwarg is a list aligned with the completions, carrying per-trajectory
+fields stored with the rollout (a gold answer, say). Identical (prompt, completion, fields)
+items are scored once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+def score(
+    reward_fns: RewardFn | Sequence[RewardFn],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    fields: Sequence[Mapping[str, Any]],
+    weights: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Weighted sum of the reward functions for each item; returns float64 ``[items]``."""
+    fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
+    if not fns:
+        raise ValueError("no reward functions given")
+    weights = [1.0] * len(fns) if weights is None else list(weights)
+    if len(weights) != len(fns):
+        raise ValueError(f"{len(weights)} weights for {len(fns)} reward functions")
+    if not len(prompts) == len(completions) == len(fields):
+        raise ValueError("prompts, completions and fields must have one entry per item")
+    keys, index = {}, []
+    for prompt, completion, extra in zip(prompts, completions, fields, strict=True):
+        key = (prompt, completion, json.dumps(extra, sort_keys=True, default=str))
+        index.append(keys.setdefault(key, len(keys)))
+    unique = list(keys)
+    field_names = sorted({name for extra in fields for name in extra})
+    kwargs = {name: [json.loads(k[2]).get(name) for k in unique] for name in field_names}
+    total = np.zeros(len(unique))
+    for fn, weight in zip(fns, weights, strict=True):
+        values = fn(prompts=[k[0] for k in unique], completions=[k[1] for k in unique], **kwargs)
+        values = np.asarray(list(values), dtype=np.float64)
+        if values.shape != (len(unique),):
+            raise ValueError(
+                f"reward function {getattr(fn, '__name__', fn)!r} returned {values.shape[0] if values.ndim else 'a scalar'}"
+                f" values for {len(unique)} completions"
+            )
+        total += weight * values
+    return total[np.asarray(index, dtype=np.int64)]

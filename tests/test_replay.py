@@ -1,0 +1,194 @@
+"""Branch sampling from stored snapshots, MC values against exact truths, offline replay."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from easydel.inference.sampling_params import SamplingParams
+
+from kvstore import SnapshotStore, capture_state, extract_state, forward_chunk, resume_from_state
+from replay import prefill, sample_tokens
+from replay.branch_replay import ReplayConfig, replay_run, select_states
+from replay.sampler import branch_keys, generate_branches
+from replay.values import mc_values
+
+PROMPT = b"Q: 2+3?\n"
+RESPONSES = [b"2+3\n=5\nA: 5", b"think\nA: 6", b"A: 5"]
+
+
+@pytest.fixture(scope="module")
+def stored_run(tiny_model, tmp_path_factory):
+    """Three trajectories with known step structure, spilled losslessly into a store."""
+    path = tmp_path_factory.mktemp("replay") / "store"
+    seqs = [np.frombuffer(PROMPT + r, dtype=np.uint8).astype(np.int32)[None] for r in RESPONSES]
+    states = [capture_state(tiny_model, s, s.shape[1]) for s in seqs]
+    with SnapshotStore.open(path, codec="lossless") as store:
+        for i, state in enumerate(states):
+            store.spill("r0", f"t{i}", state, len(PROMPT), answer="5")
+    return path, seqs, states
+
+
+def test_branches_from_store_equal_live_and_uninterrupted(tiny_model, stored_run):
+    path, seqs, _ = stored_run
+    params = SamplingParams(n=4, max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
+    t = len(PROMPT) + 4
+    with SnapshotStore.open(path, mode="r") as store:
+        from_store = store.read_prefix("r0", "t0", t, model=tiny_model)
+    cache = tiny_model.init_cache(batch_size=1, max_length=seqs[0].shape[1])
+    _, cache = forward_chunk(tiny_model, cache, seqs[0])
+    live = extract_state(tiny_model, cache, seqs[0], t)
+    keys = [("t0", 1)]
+    a = generate_branches(tiny_model, [from_store], params, seed=7, state_keys=keys)[0]
+    b = generate_branches(tiny_model, [live], params, seed=7, state_keys=keys)[0]
+    for x, y in zip(a.tokens, b.tokens, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # the same keys drawn by plain decoding after an uninterrupted prefill of the prefix
+    cache, logits = prefill(tiny_model, np.repeat(seqs[0][:, :t], 4, 0), np.full(4, t), max_length=t + 10)
+    rows = branch_keys(7, keys, 4)
+    with tiny_model.mesh:
+        toks = []
+        for _ in range(10):
+            tok, _ = jax.jit(sample_tokens, static_argnums=(3, 4, 5))(
+                logits, rows, cache.views[0].indexs, 1.0, 50, 0.9
+            )
+            logits, cache = forward_chunk(tiny_model, cache, np.asarray(tok)[:, None])
+            logits = logits[:, -1]
+            toks.append(np.asarray(tok))
+    np.testing.assert_array_equal(np.stack(toks, 1), np.stack(a.tokens))
+    assert a.finish_reasons == ["length"] * 4 and list(a.lengths) == [10] * 4
+
+
+def test_rerun_is_deterministic_across_batch_sizes(tiny_model, stored_run):
+    _, _, states = stored_run
+    params = SamplingParams(n=3, max_tokens=6, temperature=1.0)
+    snaps = [s.prefix(t) for s in states for t in (9, 12)]
+    keys = [(f"t{i}", j) for i in range(3) for j in range(2)]
+    wide = generate_branches(tiny_model, snaps, params, seed=1, state_keys=keys, max_rows=64)
+    narrow = generate_branches(tiny_model, snaps[::-1], params, seed=1, state_keys=keys[::-1], max_rows=3)[::-1]
+    for x, y in zip(wide, narrow, strict=True):
+        assert x.finish_reasons == y.finish_reasons
+        for a, b in zip(x.tokens, y.tokens, strict=True):
+            np.testing.assert_array_equal(a, b)
+    other_seed = generate_branches(tiny_model, snaps[:1], params, seed=2, state_keys=keys[:1])[0]
+    assert not all(np.array_equal(a, b) for a, b in zip(other_seed.tokens, wide[0].tokens, strict=True))
+
+
+def test_stop_strings_eos_and_length(tiny_model, tokenizer_dir, stored_run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    _, _, states = stored_run
+    params = SamplingParams(n=64, max_tokens=40, temperature=1.0, stop=["a"], stop_token_ids=[98])  # 'a', 'b'
+    branches = generate_branches(tiny_model, [states[0].prefix(10)], params, seed=0, tokenizer=tok)[0]
+    for tokens, reason in zip(branches.tokens, branches.finish_reasons, strict=True):
+        if reason == "stop":
+            assert tokens[-1] in (97, 98) and not np.isin(tokens[:-1], [97, 98, 256]).any()
+        elif reason == "eos":
+            assert tokens[-1] == 256 and not np.isin(tokens[:-1], [97, 98]).any()
+        else:
+            assert reason == "length" and len(tokens) == 40 and not np.isin(tokens, [97, 98, 256]).any()
+    assert {"stop", "length"} <= set(branches.finish_reasons)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate_branches(tiny_model, [states[0]], params)
+    with pytest.raises(ValueError, match="repetition_penalty=1.2 is not supported"):
+        generate_branches(tiny_model, [states[0]], SamplingParams(n=2, max_tokens=2, repetition_penalty=1.2))
+    with pytest.raises(ValueError, match="engine 'esurge' is not available yet"):
+        generate_branches(tiny_model, [states[0]], SamplingParams(n=2, max_tokens=2), engine="esurge")
+
+
+def test_mc_estimates_match_exact_values(tiny_model, stored_run):
+    """Rewards of the first one or two branch tokens have values computable from the model itself."""
+    _, seqs, states = stored_run
+    t = 12
+    state = states[0].prefix(t)
+    k = 1024
+    branches = generate_branches(
+        tiny_model, [state], SamplingParams(n=k, max_tokens=2, temperature=1.0, ignore_eos=True), seed=5, max_rows=512
+    )[0]
+    first = np.array([b[0] for b in branches.tokens])
+    second = np.array([b[1] for b in branches.tokens])
+    # exact next-token distribution at s, and the distribution after each possible first token
+    logits, _ = resume_from_state(tiny_model, state.prefix(t - 1), seqs[0][:, t - 1 : t])
+    p1 = np.asarray(jax.nn.softmax(logits[0, -1]))
+    vocab = p1.shape[0]
+    after, _ = resume_from_state(tiny_model, state, np.arange(vocab, dtype=np.int32)[:, None])
+    p2 = np.asarray(jax.nn.softmax(after[:, -1], axis=-1))  # [first token, second token]
+    even = np.arange(vocab) % 2 == 0
+    truths = {
+        "first token even": p1[even].sum(),
+        "sum of two tokens even": (p1[even] * p2[even][:, even].sum(1)).sum() + (p1[~even] * p2[~even][:, ~even].sum(1)).sum(),
+    }
+    returns = np.stack([(first % 2 == 0), ((first + second) % 2 == 0)]).astype(float)
+    stats = mc_values(returns)
+    for (name, truth), mean, se in zip(truths.items(), stats.mean, stats.stderr, strict=True):
+        assert abs(mean - truth) < 3 * se, f"{name}: MC {mean:.4f} vs exact {truth:.4f} (stderr {se:.4f})"
+
+
+def _answer_reward(prompts, completions, answer, **kwargs):
+    return [1.0 if c.rstrip().endswith(a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+
+def test_select_states(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    response = list(RESPONSES[0])  # "2+3\n=5\nA: 5": steps start at 0, 4, 7
+    np.testing.assert_array_equal(select_states(response, tok, ReplayConfig()), [0, 4, 7])
+    np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(max_states=2)), [0, 7])
+    np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(mode="lite")), [10])
+    np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(mode="lite", lite_anchor_stride=4)), [0, 4, 8, 10])
+
+
+def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, tokenizer_dir, stored_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    path, _, _ = stored_run
+    config = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=0.0)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    shutil.copytree(path, whole)
+    shutil.copytree(path, broken)
+
+    with SnapshotStore.open(whole) as store:
+        report = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, metrics_path=tmp_path / "m.jsonl",
+                            progress=False)
+        assert (report.trajectories, report.skipped, report.states) == (3, 0, 3 + 2 + 1)
+        assert report.branches == 4 * 6 and report.branch_tokens <= 4 * 6 * 6
+        expected = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+    assert expected["t0"]["positions"] == [8, 12, 15] and expected["t0"]["count"] == [4, 4, 4]
+    lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [x["trajectory"] for x in lines] == ["t0", "t1", "t2"] and lines[0]["branches"] == 12
+
+    calls = {"n": 0}
+
+    def crashing(prompts, completions, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill during the second trajectory")
+        return _answer_reward(prompts, completions, **kwargs)
+
+    with SnapshotStore.open(broken) as store:
+        with pytest.raises(KeyboardInterrupt):
+            replay_run(store, "r0", tiny_model, tok, crashing, config, progress=False)
+        assert "mc" in store.trajectory_info("r0", "t0")["fields"]
+        assert "mc" not in store.trajectory_info("r0", "t1")["fields"]
+        again = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False,
+                           trajectories=None)
+        assert (again.trajectories, again.skipped) == (2, 1)
+        resumed = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+        assert store.trajectory_info("r0", "t0")["fields"]["answer"] == "5"  # other fields kept
+    assert resumed == expected
+    # other batching, same values; and nothing is redone on a third run
+    with SnapshotStore.open(whole) as store:
+        third = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False)
+        assert (third.trajectories, third.skipped) == (0, 3)
+    narrow = tmp_path / "narrow"
+    shutil.copytree(path, narrow)
+    with SnapshotStore.open(narrow) as store:
+        replay_run(store, "r0", tiny_model, tok, _answer_reward, ReplayConfig(**{**config.__dict__, "max_rows": 4}),
+                   progress=False)
+        assert {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")} == expected

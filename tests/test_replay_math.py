@@ -1,0 +1,81 @@
+"""Pure replay math: step splitting, state selection, MC values, reward scoring (no model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from replay.rewards import score
+from replay.steps import cap_states, lite_anchors, split_points, step_starts, token_boundaries
+from replay.values import branch_returns, mc_values
+
+
+def test_split_points_and_token_boundaries():
+    text = "a=1\nb=2\n\nc"
+    assert split_points(text) == [4, 8, 9]
+    assert split_points("x\n") == []  # a trailing delimiter ends the last step, it starts none
+    # byte-level tokens: one per character
+    offsets = [(i, i + 1) for i in range(len(text))]
+    np.testing.assert_array_equal(step_starts(text, offsets), [0, 4, 8, 9])
+    # a token straddling a split point stays in the earlier step; two points in one token count once
+    merged = [(0, 2), (2, 5), (5, 9), (9, 10)]  # "a=", "1\nb", "=2\n\n", "c"
+    np.testing.assert_array_equal(token_boundaries([4, 8, 9], merged), [2, 3])
+    np.testing.assert_array_equal(step_starts(text, offsets, splitter=lambda t: [2, 6]), [0, 2, 6])
+    with pytest.raises(ValueError, match="delimiter must be a non-empty string"):
+        split_points(text, "")
+
+
+def test_cap_states_by_spacing_and_by_score():
+    starts = np.array([0, 3, 7, 12, 20, 31])
+    np.testing.assert_array_equal(cap_states(starts, None), starts)
+    np.testing.assert_array_equal(cap_states(starts, 3), [0, 7, 31])  # list indices round(0, 2.5, 5) = 0, 2, 5
+    np.testing.assert_array_equal(cap_states(starts, 3, scores=np.array([0, 5, 1, 9, 2, 0])), [0, 3, 12])
+    np.testing.assert_array_equal(cap_states(starts, 1), [0])
+
+
+def test_lite_anchors():
+    np.testing.assert_array_equal(lite_anchors(10), [9])
+    np.testing.assert_array_equal(lite_anchors(10, stride=4), [0, 4, 8, 9])
+    np.testing.assert_array_equal(lite_anchors(8, quartiles=True), [0, 2, 4, 6, 7])
+    with pytest.raises(ValueError, match="response_len must be >= 1"):
+        lite_anchors(0)
+
+
+def test_mc_values_hand_computed():
+    # state 0: returns 1, 0, 1, 1 -> mean 0.75, var (3*0.0625 + 0.5625)/3 = 0.25, stderr 0.25
+    # state 1: branch 2 was cut off (reward 1 ignored -> unfinished_reward -0.5)
+    rewards = np.array([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    finished = np.array([[True, True, True, True], [True, True, False, True]])
+    returns = branch_returns(rewards, finished, unfinished_reward=-0.5)
+    np.testing.assert_array_equal(returns[1], [0.0, 0.0, -0.5, 1.0])
+    stats = mc_values(returns)
+    np.testing.assert_allclose(stats.mean, [0.75, 0.125])
+    np.testing.assert_allclose(stats.var, [0.25, (0.015625 * 2 + 0.390625 + 0.765625) / 3])
+    np.testing.assert_allclose(stats.stderr, np.sqrt(stats.var / 4))
+    np.testing.assert_array_equal(stats.count, [4, 4])
+    one = mc_values(np.array([[2.0]]))
+    assert (one.mean[0], one.var[0], one.stderr[0]) == (2.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="returns must be"):
+        mc_values(np.zeros(3))
+    with pytest.raises(ValueError, match="differ in shape"):
+        branch_returns(np.zeros((2, 2)), np.ones((2, 3), bool))
+
+
+def test_score_dedupes_and_passes_fields():
+    calls = []
+
+    def exact(prompts, completions, answer, **kwargs):
+        calls.append(len(completions))
+        return [float(c.strip().endswith(a)) for c, a in zip(completions, answer, strict=True)]
+
+    def brevity(prompts, completions, **kwargs):
+        return [-0.01 * len(c) for c in completions]
+
+    prompts = ["q"] * 4
+    completions = ["x 4", "x 4", "x 5", "x 4"]
+    fields = [{"answer": "4"}, {"answer": "4"}, {"answer": "4"}, {"answer": "5"}]
+    got = score([exact, brevity], prompts, completions, fields, weights=[1.0, 2.0])
+    np.testing.assert_allclose(got, [0.94, 0.94, -0.06, -0.06])
+    assert calls == [3]  # the two identical items were scored once
+    with pytest.raises(ValueError, match="returned 1 values for 3 completions"):
+        score(lambda prompts, completions, **kw: [1.0], prompts, completions, fields)
