@@ -23,6 +23,9 @@ class DemoConfig:
       store: snapshot store path; empty for a temporary one. The store's run ``demo`` is
         replaced on every run.
       codec: codec of a new store (``lossless`` resumes exactly; ``int8`` is ~2x smaller).
+      branches: K branches per anchor in the replay step.
+      branch_max_tokens: token budget of a branch.
+      anchor_stride: Lite-mode anchors every this many response tokens (plus the final token).
     """
 
     family: str = "llama"
@@ -39,6 +42,9 @@ class DemoConfig:
     kv_dtype: str = "float32"
     store: str = ""
     codec: str = "lossless"
+    branches: int = 8
+    branch_max_tokens: int = 16
+    anchor_stride: int = 12
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -53,6 +59,9 @@ class DemoConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if any(not 0 < f < 1 for f in self.snapshot_fractions):
             raise ValueError(f"snapshot_fractions must lie in (0, 1), got {self.snapshot_fractions}")
+        for name in ("branches", "branch_max_tokens", "anchor_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.codec not in ("lossless", "int8"):
             raise ValueError(f"codec must be 'lossless' or 'int8', got {self.codec!r}")
         if self.kv_dtype not in ("float32", "bfloat16"):

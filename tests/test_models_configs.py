@@ -55,8 +55,12 @@ def test_demo_resumes_exactly_from_the_store(tmp_path, capsys):
     assert [c.position for c in report.checks if c.row == 0] == [10, 13, 16, 19]
     assert max(c.max_logit_diff for c in report.checks) < 1e-5
     assert all(c.tokens_compared == 10 + 12 - c.position - 1 for c in report.checks if c.row == 0)
+    # replay: anchors every 12 tokens plus the final token, values in [0, 1] written to the store
+    assert report.replay.states == 2 * 2 and report.replay.branches == 2 * 2 * 8
+    assert report.mc["row0"]["positions"] == [10, 21]
+    assert all(0 <= v <= 1 for mc in report.mc.values() for v in mc["mean"])
     assert main(["inspect", str(tmp_path / "s"), "--run", "demo"]) == 0
     listing = capsys.readouterr().out
     assert "run demo: 2 trajectories" in listing
-    assert "row1: 22 tokens (prompt 10), fields {'prompt': 'Q: 7*6?\\nA:'}" in listing
+    assert "row1: 22 tokens (prompt 10), fields {'prompt': 'Q: 7*6?\\nA:', 'mc': {" in listing
     assert main(["inspect", str(tmp_path / "nothing")]) == 2

@@ -5,7 +5,9 @@ spilled into a `SnapshotStore`. Snapshots at the prompt end and at a few positio
 response are then read back from the store, written into a fresh cache, the next token is fed
 from there, and decoding continues with the row's own PRNG key. Agreement means the resumed
 decode reproduces the uninterrupted one token for token (exact with the lossless codec), and
-the resumed logits match a no-cache forward over the same prefix.
+the resumed logits match a no-cache forward over the same prefix. Finally the stored run is
+replayed offline (Lite-mode anchors, K branches each) into MC values of a toy reward, the
+fraction of ASCII letters in the completion, written back into the store.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from configs import DemoConfig
 from kvstore import SnapshotStore, StoreSize, extract_state, policy_fingerprint, resume_from_state
-from replay import decode, prefill, row_keys_for
+from replay import ReplayConfig, ReplayReport, decode, prefill, replay_run, row_keys_for
 from vinekv.models import build_model, build_tokenizer
 
 
@@ -46,6 +48,8 @@ class DemoReport:
     store_size: StoreSize
     checks: list[SnapshotCheck]
     seconds: dict[str, float]
+    replay: ReplayReport
+    mc: dict[str, dict]
 
     @property
     def all_agree(self) -> bool:
@@ -127,8 +131,28 @@ def _run(config: DemoConfig, store: SnapshotStore, location: str) -> DemoReport:
                 )
             )
     seconds["read + resume + check"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    replay_config = ReplayConfig(
+        mode="lite",
+        branches=config.branches,
+        max_tokens=config.branch_max_tokens,
+        temperature=config.temperature,
+        lite_anchor_stride=config.anchor_stride,
+        seed=config.seed,
+    )
+    replay = replay_run(store, RUN, model, tokenizer, letter_fraction, replay_config, progress=False)
+    seconds["replay"] = time.perf_counter() - clock
+    mc = {tid: store.trajectory_info(RUN, tid)["fields"]["mc"] for tid in store.trajectories(RUN)}
     where = location if config.store else "a temporary folder"
-    return DemoReport(config, fingerprint, prompt_lens.tolist(), where, store.size(RUN), checks, seconds)
+    return DemoReport(
+        config, fingerprint, prompt_lens.tolist(), where, store.size(RUN), checks, seconds, replay, mc
+    )
+
+
+def letter_fraction(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    """Toy reward: the fraction of the completion's characters that are ASCII letters."""
+    return [sum(ch.isascii() and ch.isalpha() for ch in c) / max(1, len(c)) for c in completions]
 
 
 def format_report(report: DemoReport) -> str:
@@ -152,6 +176,17 @@ def format_report(report: DemoReport) -> str:
         "",
         f"agreement with uninterrupted decoding: {matched}/{total} tokens over {len(report.checks)} snapshots"
         + (" (exact)" if report.all_agree else " (MISMATCH)"),
+        "",
+        f"offline replay (Lite anchors every {cfg.anchor_stride} tokens, K={cfg.branches}, "
+        f"{cfg.branch_max_tokens}-token branches, reward = ASCII letter fraction): {report.replay.states} states, "
+        f"{report.replay.branches} branches, {report.replay.branch_tokens} branch tokens at "
+        f"{report.replay.tokens_per_second:.0f} tokens/s",
+    ]
+    for tid, mc in report.mc.items():
+        values = ", ".join(f"{p}:{m:.3f}±{se:.3f}" for p, m, se in zip(mc["positions"], mc["mean"], mc["stderr"]))
+        lines.append(f"  {tid} V(t) at t = {values}")
+    lines += [
+        "",
         "time: " + ", ".join(f"{name} {sec:.1f} s" for name, sec in report.seconds.items()),
     ]
     return "\n".join(lines)
