@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from easydel.inference.sampling_params import SamplingParams  # noqa: E402
 
-from kvstore import SnapshotStore, cache_from_states, capture_state, forward_chunk  # noqa: E402
+from kvstore import SnapshotStore, cache_from_states, capture_state, forward_chunk, policy_fingerprint  # noqa: E402
 from replay import decode, generate_branches, prefill, row_keys_for  # noqa: E402
 from vinekv.models import QWEN2_0P5B_KV, TINY, build_model  # noqa: E402
 
@@ -83,23 +83,26 @@ def throughput(name, shape, dtype, rounds, folder, states_n=8, k=8, prefix=128, 
             "rows": states_n * k, "prefix": prefix, "branch_tokens": new}
 
 
-def first_branch(rounds, folder, prefix=512, k=8) -> dict:
-    model = build_model("qwen2", QWEN2_0P5B_KV, dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, seed=0)
+def first_branch(rounds, folder, weights, prefix=512, k=8) -> dict:
+    """Store read + inject + first-token forward vs re-prefill, as a replay does it: the model is
+    split and its fingerprint taken once per replay, not per state."""
+    dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[weights]
+    model = build_model("qwen2", QWEN2_0P5B_KV, dtype=dtype, kv_dtype=jnp.bfloat16, seed=0)
+    split, fingerprint = model.split_module(), policy_fingerprint(model)
     ids = np.random.default_rng(3).integers(0, 256, size=(1, prefix + 32)).astype(np.int32)
-    with SnapshotStore.open(folder / "ttfb-store", codec="int8") as store:
+    with SnapshotStore.open(folder / f"ttfb-store-{weights}", codec="int8") as store:
         store.spill("bench", "t0", capture_state(model, ids, prefix + 32), 16)
         store.flush()
 
         def from_store():
-            state = store.read_prefix("bench", "t0", prefix, model=model)
+            state = store.read_prefix("bench", "t0", prefix, model=model, fingerprint=fingerprint)
             cache = cache_from_states(model, [state.prefix(prefix - 1)], max_length=prefix + 64, repeats=k)
-            logits, _ = forward_chunk(model, cache, np.full((k, 1), state.token_ids[0, -1], np.int32))
-            return jax.block_until_ready(logits)
+            last = np.full((k, 1), state.token_ids[0, -1], np.int32)
+            return jax.block_until_ready(forward_chunk(model, cache, last, split=split)[0])
 
         def reprefill():
             cache = model.init_cache(batch_size=1, max_length=prefix + 64)
-            logits, _ = forward_chunk(model, cache, ids[:, :prefix])
-            return jax.block_until_ready(logits)
+            return jax.block_until_ready(forward_chunk(model, cache, ids[:, :prefix], split=split)[0])
 
         from_store(), reprefill()  # compile both
         times = {"store": [], "prefill": []}
@@ -109,9 +112,9 @@ def first_branch(rounds, folder, prefix=512, k=8) -> dict:
                 fn()
                 times[label].append(time.perf_counter() - start)
     store_s, prefill_s = statistics.median(times["store"]), statistics.median(times["prefill"])
-    log(f"time to first branch: store {store_s * 1e3:.0f} ms vs re-prefill {prefill_s * 1e3:.0f} ms")
+    log(f"time to first branch ({weights} weights): store {store_s * 1e3:.0f} ms vs re-prefill {prefill_s * 1e3:.0f} ms")
     return {"store_read_inject_ms": store_s * 1e3, "reprefill_ms": prefill_s * 1e3, "speedup": prefill_s / store_s,
-            "prefix": prefix, "branches": k, "codec": "int8"}
+            "prefix": prefix, "branches": k, "codec": "int8", "kv": "bf16", "weights": weights}
 
 
 def main() -> int:
@@ -130,7 +133,7 @@ def main() -> int:
             "tiny (f32)": throughput("tiny", TINY, jnp.float32, args.rounds, folder),
             "qwen2-0.5B-shaped (bf16)": throughput("q05", QWEN2_0P5B_KV, jnp.bfloat16, args.rounds, folder),
         },
-        "first_branch": first_branch(args.rounds, folder),
+        "first_branch": {w: first_branch(args.rounds, folder, w) for w in ("bf16", "f32")},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -152,10 +155,13 @@ def plot(results: dict, path: Path) -> None:
     axes[0].axhline(0.9, color="k", ls="--", lw=1)
     axes[0].set_title("branch replay / plain sampling, tokens/s (target >= 0.9)", fontsize=9)
     fb = results["first_branch"]
-    axes[1].bar(["store read + inject", "re-prefill 512"], [fb["store_read_inject_ms"], fb["reprefill_ms"]],
-                color=["tab:green", "tab:gray"])
+    x = np.arange(len(fb))
+    axes[1].bar(x - 0.2, [v["store_read_inject_ms"] for v in fb.values()], 0.4, label="store read + inject + 1 token")
+    axes[1].bar(x + 0.2, [v["reprefill_ms"] for v in fb.values()], 0.4, label="re-prefill 512 tokens")
+    axes[1].set_xticks(x, [f"{w} weights ({v['speedup']:.1f}x)" for w, v in fb.items()])
     axes[1].set_ylabel("ms")
-    axes[1].set_title(f"time to first branch, 512-token prefix ({fb['speedup']:.0f}x; target >= 10x)", fontsize=9)
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("time to first branch, 512-token prefix, 8 branches (target >= 10x)", fontsize=9)
     fig.suptitle(f"vinekv branch replay; {results['machine']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

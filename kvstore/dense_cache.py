@@ -74,15 +74,18 @@ def _jitted_forward():
     return jax.jit(forward_split, static_argnums=(0,), donate_argnums=donate)
 
 
-def forward_chunk(model: Any, cache: TransformerCache, input_ids: Any) -> tuple[jax.Array, TransformerCache]:
+def forward_chunk(
+    model: Any, cache: TransformerCache, input_ids: Any, split: tuple[Any, Any, Any] | None = None
+) -> tuple[jax.Array, TransformerCache]:
     """Runs ``input_ids`` ``[batch, n]`` through ``model`` from each row's cache position.
 
     Returns the logits ``[batch, n, vocab]`` and the cache advanced by ``n`` positions. The
-    input cache must not be used afterwards (its buffers may be donated).
+    input cache must not be used afterwards (its buffers may be donated). ``split`` is
+    ``model.split_module()`` when the caller already has it (splitting a large model costs).
     """
     _check_dense(cache)
     input_ids = jnp.asarray(input_ids, dtype=jnp.int32)
-    graphdef, graphstate, graphother = model.split_module()
+    graphdef, graphstate, graphother = split or model.split_module()
     with model.mesh:
         return _jitted_forward()(graphdef, graphstate, graphother, cache, input_ids)
 

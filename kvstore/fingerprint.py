@@ -61,21 +61,31 @@ def _sample_indices(path: str, size: int) -> np.ndarray:
     return np.sort(rng.choice(size, size=count, replace=False)) if size > count else np.arange(size)
 
 
+_GATHERS: dict[tuple, Any] = {}
+
+
+def _gather_samples(values: list[Any], layout: tuple[tuple[str, tuple[int, ...], str], ...]) -> list[np.ndarray]:
+    """The fixed samples of every leaf, gathered by one jitted program per parameter layout."""
+    if layout not in _GATHERS:
+        coords = [
+            np.unravel_index(_sample_indices(path, int(np.prod(shape))), shape) if shape else ()
+            for path, shape, _ in layout
+        ]
+        _GATHERS[layout] = jax.jit(lambda vals: [v[c] for v, c in zip(vals, coords, strict=True)])
+    return jax.device_get(_GATHERS[layout](values))
+
+
 def policy_fingerprint(model: Any) -> str:
     """Returns a 32-hex-digit fingerprint of ``model``'s architecture config and parameters."""
     params = nnx.state(model, nnx.Param)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    values = [leaf.value if hasattr(leaf, "value") else leaf for _, leaf in leaves]
+    layout = tuple(
+        (jax.tree_util.keystr(path), tuple(v.shape), str(v.dtype)) for (path, _), v in zip(leaves, values, strict=True)
+    )
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps(arch_config(model), sort_keys=True, default=str).encode())
-    gathered = []
-    for key_path, leaf in leaves:
-        value = leaf.value if hasattr(leaf, "value") else leaf
-        path = jax.tree_util.keystr(key_path)
-        flat_idx = _sample_indices(path, int(np.prod(value.shape)))
-        coords = np.unravel_index(flat_idx, value.shape) if value.ndim else ()
-        gathered.append((path, value.shape, str(value.dtype), value[coords]))
-    samples = jax.device_get([g[3] for g in gathered])
-    for (path, shape, dtype, _), sample in zip(gathered, samples, strict=True):
-        digest.update(f"{path}|{tuple(shape)}|{dtype}|".encode())
+    for (path, shape, dtype), sample in zip(layout, _gather_samples(values, layout), strict=True):
+        digest.update(f"{path}|{shape}|{dtype}|".encode())
         digest.update(np.ascontiguousarray(sample).tobytes())
     return digest.hexdigest()

@@ -424,7 +424,14 @@ class SnapshotStore:
         self._attrs_cache[key] = info
 
     def read_prefix(
-        self, run: str, trajectory_id: str | int, t: int, model: Any = None, allow_stale: bool = False
+        self,
+        run: str,
+        trajectory_id: str | int,
+        t: int,
+        model: Any = None,
+        allow_stale: bool = False,
+        *,
+        fingerprint: str | None = None,
     ) -> CachedState:
         """The snapshot of positions ``[0, t)`` of a stored trajectory.
 
@@ -434,19 +441,26 @@ class SnapshotStore:
           model: when given, the KV is decoded to its kv dtype, its layout is checked, and the
             snapshot's policy fingerprint must equal the model's unless ``allow_stale``.
           allow_stale: accept snapshots made by another policy.
+          fingerprint: ``model``'s `policy_fingerprint` when the caller already has it.
 
         Returns:
           a `CachedState` of batch 1, ready for `resume_from_state`.
         """
-        return self.read_prefixes([(run, trajectory_id, t)], model=model, allow_stale=allow_stale)[0]
+        requests = [(run, trajectory_id, t)]
+        return self.read_prefixes(requests, model=model, allow_stale=allow_stale, fingerprint=fingerprint)[0]
 
     def read_prefixes(
-        self, requests: Iterable[tuple[str, str | int, int]], model: Any = None, allow_stale: bool = False
+        self,
+        requests: Iterable[tuple[str, str | int, int]],
+        model: Any = None,
+        allow_stale: bool = False,
+        *,
+        fingerprint: str | None = None,
     ) -> list[CachedState]:
         """`read_prefix` for many ``(run, trajectory_id, t)`` at once; all reads are issued
         asynchronously before any is awaited, so I/O and decompression overlap."""
         requests = [(r, str(tid), t) for r, tid, t in requests]
-        out_dtype, fingerprint = self._consumer(model)
+        out_dtype, fingerprint = self._consumer(model, fingerprint)
         plans = [self._plan_read(run, tid, t) for run, tid, t in requests]
         for plan in plans:
             for part in plan["parts"]:
@@ -469,17 +483,17 @@ class SnapshotStore:
             states.append(CachedState(kv[:, 0][:, None], kv[:, 1][:, None], tokens, out_layout, info["fingerprint"]))
         return states
 
-    def _consumer(self, model: Any) -> tuple[Any, str | None]:
+    def _consumer(self, model: Any, fingerprint: str | None) -> tuple[Any, str | None]:
         """(kv dtype, fingerprint) of the model that will consume reads; checks its layout."""
         if model is None:
-            return None, None
+            return None, fingerprint
         from kvstore.dense_cache import kv_layout
         from kvstore.fingerprint import policy_fingerprint
 
         model_layout = kv_layout(model)
         if self.layout is not None:
             self.layout.check_compatible(model_layout, what="store")
-        return np.dtype(model_layout.dtype), policy_fingerprint(model)
+        return np.dtype(model_layout.dtype), fingerprint or policy_fingerprint(model)
 
     def _plan_read(self, run: str, tid: str, t: int) -> dict[str, Any]:
         info = self.trajectory_info(run, tid)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from kvstore.fingerprint import policy_fingerprint
 from kvstore.store import SnapshotStore
 from replay.rewards import RewardFn, score
 from replay.sampler import ENGINES, generate_branches
@@ -157,6 +158,7 @@ def replay_run(
     """
     ids = list(trajectories) if trajectories is not None else store.trajectories(run)
     digest = config.digest()
+    fingerprint = policy_fingerprint(model)
     params = config.sampling_params()
     report = ReplayReport()
     todo = []
@@ -175,7 +177,9 @@ def replay_run(
         response = info["response_token_ids"]
         starts = select_states(response, tokenizer, config, splitter)
         positions = [info["prompt_len"] + int(b) for b in starts]
-        states = store.read_prefixes([(run, tid, t) for t in positions], model=model, allow_stale=allow_stale)
+        states = store.read_prefixes(
+            [(run, tid, t) for t in positions], model=model, allow_stale=allow_stale, fingerprint=fingerprint
+        )
         return {"tid": tid, "info": info, "starts": starts, "positions": positions, "states": states,
                 "read": time.perf_counter() - start}
 

@@ -219,10 +219,11 @@ def _run_group(model: Any, group: list[CachedState], keys: np.ndarray, plan: _Pl
     cache = cache_from_states(model, prefixes, max_length=max_length, repeats=plan.k)
     total = cache.views[0].key.shape[0]
     last = np.repeat([s.token_ids[0, -1] for s in [*group, *filler]], plan.k)[:, None].astype(np.int32)
-    logits, cache = forward_chunk(model, cache, last)
+    split = model.split_module()
+    logits, cache = forward_chunk(model, cache, last, split=split)
     row_keys = np.concatenate([keys, np.repeat(keys[-1:], total - rows, axis=0)])
     step = decode_step_fn()
-    graphdef, graphstate, graphother = model.split_module()
+    graphdef, graphstate, graphother = split
     tokens = np.zeros((total, plan.max_tokens), np.int32)
     logprobs = np.zeros((total, plan.max_tokens), np.float32)
     reasons: list[str | None] = [None] * rows
