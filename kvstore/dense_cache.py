@@ -15,6 +15,7 @@ kernel applies its own causal mask as if the chunk began at position 0.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -169,20 +170,41 @@ def cache_from_states(
         raise ValueError(f"max_length {max_length} is shorter than the longest snapshot ({longest} positions)")
     lengths = np.repeat(np.concatenate([np.full(s.batch, s.position) for s in states]), repeats).astype(np.int32)
     batch = lengths.size
-    cache = model.init_cache(batch_size=batch, max_length=max_length)
-    _check_dense(cache)
-    dtype = np.dtype(cache.views[0].key.dtype)
-    for layer, view in enumerate(cache.views):
-        host = {}
-        for name in ("key", "value"):
-            buf = np.zeros((batch, max_length, layout.num_kv_heads, layout.head_dim), dtype=dtype)
-            row = 0
-            for state in states:
-                data = (state.keys if name == "key" else state.values)[layer]
-                buf[row : row + state.batch * repeats, : state.position] = np.repeat(data, repeats, axis=0)
-                row += state.batch * repeats
-            host[name] = jax.device_put(buf, getattr(view, name).sharding)
-        cache.views[layer] = view.replace(
-            key=host["key"], value=host["value"], indexs=jax.device_put(lengths, view.indexs.sharding)
+    template = _cache_template(model, batch, max_length)
+    dtype = np.dtype(template.views[0].key.dtype)
+    shape = (layout.num_layers, batch, max_length, layout.num_kv_heads, layout.head_dim)
+    host = {"key": np.zeros(shape, dtype), "value": np.zeros(shape, dtype)}
+    row = 0
+    for state in states:
+        for b in range(state.batch):  # broadcast each snapshot row into its `repeats` cache rows
+            rows = slice(row, row + repeats)
+            host["key"][:, rows, : state.position] = state.keys[:, b : b + 1]
+            host["value"][:, rows, : state.position] = state.values[:, b : b + 1]
+            row += repeats
+    views = [
+        view.replace(
+            key=jax.device_put(host["key"][layer], view.key.sharding),
+            value=jax.device_put(host["value"][layer], view.value.sharding),
+            indexs=jax.device_put(lengths, view.indexs.sharding),
         )
-    return cache
+        for layer, view in enumerate(template.views)
+    ]
+    return TransformerCache(views=views)
+
+
+_TEMPLATES: dict[int, dict[tuple[int, int], TransformerCache]] = {}
+
+
+def _cache_template(model: Any, batch: int, max_length: int) -> TransformerCache:
+    """An empty cache of this shape, built once per model: its views supply structure and
+    shardings only (its K/V buffers are never written, so sharing it is safe)."""
+    if id(model) not in _TEMPLATES:  # forgotten when the model is garbage-collected
+        weakref.finalize(model, _TEMPLATES.pop, id(model), None)
+    per_model = _TEMPLATES.setdefault(id(model), {})
+    if (batch, max_length) not in per_model:
+        if len(per_model) >= 8:
+            per_model.pop(next(iter(per_model)))
+        cache = model.init_cache(batch_size=batch, max_length=max_length)
+        _check_dense(cache)
+        per_model[(batch, max_length)] = cache
+    return per_model[(batch, max_length)]
