@@ -64,3 +64,22 @@ def test_demo_resumes_exactly_from_the_store(tmp_path, capsys):
     assert "run demo: 2 trajectories" in listing
     assert "row1: 22 tokens (prompt 10), fields {'prompt': 'Q: 7*6?\\nA:', 'mc': {" in listing
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
+
+
+def test_cli_replay_values_a_stored_run_again(tmp_path, capsys):
+    """`vinekv replay` with other settings recomputes values over the demo's Lite ones."""
+    store = tmp_path / "s"
+    run_demo(DemoConfig(prompts=("Q: 1+1?\nA:",), response_tokens=8, store=str(store)))
+    argv = ["replay", str(store), "--run", "demo", "--model", "tiny:llama:0", "--branches", "2", "--max-tokens", "3",
+            "--metrics", str(tmp_path / "m.jsonl")]
+    assert main(argv) == 0
+    assert "replayed 1 trajectories (0 already valued)" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "replayed 0 trajectories (1 already valued)" in capsys.readouterr().out
+    from kvstore import SnapshotStore
+
+    with SnapshotStore.open(store, mode="r") as reader:
+        mc = reader.trajectory_info("demo", "row0")["fields"]["mc"]
+    assert mc["mode"] == "full" and mc["count"][0] == 2 and mc["response_positions"][0] == 0
+    assert main(["replay", str(store), "--run", "demo", "--model", "tiny:llama:1"]) == 2  # another policy: refused
+    assert "pass allow_stale=True" in capsys.readouterr().err

@@ -5,6 +5,8 @@
       from stored prefixes, report agreement.
   vinekv inspect STORE [--run RUN]
       list a snapshot store's runs, trajectories and sizes.
+  vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
+      branch replay of a stored run into MC values written back into the store.
 """
 
 from __future__ import annotations
@@ -53,6 +55,58 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_object(spec: str):
+    """``package.module:attribute`` -> the attribute."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"expected 'package.module:attribute', got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _load_model(spec: str):
+    """``tiny[:family[:seed]]`` (built-in random model and byte tokenizer) or ``module:factory``
+    returning ``(model, tokenizer)``."""
+    if spec == "tiny" or spec.startswith("tiny:"):
+        from vinekv.models import build_model, build_tokenizer
+
+        _, family, seed = (spec.split(":") + ["llama", "0"])[:3]
+        return build_model(family, seed=int(seed)), build_tokenizer()
+    return _load_object(spec)()
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from kvstore import SnapshotStore
+    from replay import ReplayConfig, replay_run
+    from vinekv.demo import letter_fraction
+
+    model, tokenizer = _load_model(args.model)
+    reward = letter_fraction if args.reward == "letters" else _load_object(args.reward)
+    config = ReplayConfig(
+        mode=args.mode,
+        branches=args.branches,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        max_states=args.max_states,
+        lite_anchor_stride=args.anchor_stride,
+        seed=args.seed,
+        engine=args.engine,
+    )
+    with SnapshotStore.open(args.store, mode="r+") as store:
+        report = replay_run(
+            store, args.run, model, tokenizer, reward, config, metrics_path=args.metrics, allow_stale=args.allow_stale
+        )
+    print(
+        f"replayed {report.trajectories} trajectories ({report.skipped} already valued): {report.states} states, "
+        f"{report.branches} branches, {report.branch_tokens} branch tokens "
+        f"({report.branch_tokens / max(1, report.rollout_tokens):.1f} per rollout token), "
+        f"{report.tokens_per_second:.0f} tokens/s; time: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vinekv", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("store", help="store path or TensorStore kvstore URL")
     inspect.add_argument("--run", help="list this run's trajectories")
     inspect.set_defaults(func=_inspect)
+    replay = sub.add_parser("replay", help="branch replay of a stored run into MC values")
+    replay.add_argument("store", help="store path or TensorStore kvstore URL")
+    replay.add_argument("--run", required=True)
+    replay.add_argument("--model", default="tiny", help="tiny[:family[:seed]] or module:factory -> (model, tokenizer)")
+    replay.add_argument("--reward", default="letters", help="'letters' (demo toy) or module:function")
+    replay.add_argument("--mode", choices=["full", "lite"], default="full")
+    replay.add_argument("--branches", type=int, default=8)
+    replay.add_argument("--max-tokens", type=int, default=64)
+    replay.add_argument("--temperature", type=float, default=1.0)
+    replay.add_argument("--max-states", type=int)
+    replay.add_argument("--anchor-stride", type=int)
+    replay.add_argument("--seed", type=int, default=0)
+    replay.add_argument("--engine", choices=["auto", "vanilla", "esurge"], default="auto")
+    replay.add_argument("--metrics", help="append one JSON line per trajectory here")
+    replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
+    replay.set_defaults(func=_replay)
     return parser
 
 
