@@ -46,7 +46,8 @@ class ReplayConfig:
       max_states: cap on states per trajectory in full mode (evenly spread), None for no cap.
       lite_anchor_stride: Lite mode: also an anchor every this many response tokens.
       lite_quartiles: Lite mode: also anchors at 0 and the quartiles of the response.
-      unfinished_reward: return of a branch cut off at ``max_tokens``.
+      unfinished_reward: return of a branch cut off at ``max_tokens`` (None: score the
+        truncated completion like a finished one).
       seed: run seed of the branch PRNG keys.
       max_rows: rows (states x K) decoded together.
       engine: ``auto`` | ``vanilla`` | ``esurge``.
@@ -63,7 +64,7 @@ class ReplayConfig:
     max_states: int | None = None
     lite_anchor_stride: int | None = None
     lite_quartiles: bool = False
-    unfinished_reward: float = 0.0
+    unfinished_reward: float | None = 0.0
     seed: int = 0
     max_rows: int = 64
     engine: str = "auto"

@@ -7,7 +7,8 @@ For a state ``s`` with ``K`` branches returning ``G_1..G_K``:
     stderr(s) = sqrt(Var(s) / K)
 
 A branch's return is its reward when it finished (EOS or a stop string) and
-``unfinished_reward`` when it was cut off at the token budget.
+``unfinished_reward`` when it was cut off at the token budget (``None``: the reward of the
+truncated completion as it is).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ class MCStats:
         return {f.name: getattr(self, f.name).tolist() for f in dataclasses.fields(self)}
 
 
-def branch_returns(rewards: np.ndarray, finished: np.ndarray, unfinished_reward: float = 0.0) -> np.ndarray:
-    """Returns ``[states, K]``: ``rewards`` where ``finished``, else ``unfinished_reward``."""
+def branch_returns(rewards: np.ndarray, finished: np.ndarray, unfinished_reward: float | None = 0.0) -> np.ndarray:
+    """Returns ``[states, K]``: ``rewards`` where ``finished``, else ``unfinished_reward``
+    (``None`` keeps the truncated completion's reward)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     finished = np.asarray(finished, dtype=bool)
     if rewards.shape != finished.shape:
         raise ValueError(f"rewards {rewards.shape} and finished {finished.shape} differ in shape")
-    return np.where(finished, rewards, unfinished_reward)
+    return rewards if unfinished_reward is None else np.where(finished, rewards, unfinished_reward)
 
 
 def mc_values(returns: np.ndarray) -> MCStats:

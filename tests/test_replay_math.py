@@ -48,6 +48,7 @@ def test_mc_values_hand_computed():
     finished = np.array([[True, True, True, True], [True, True, False, True]])
     returns = branch_returns(rewards, finished, unfinished_reward=-0.5)
     np.testing.assert_array_equal(returns[1], [0.0, 0.0, -0.5, 1.0])
+    np.testing.assert_array_equal(branch_returns(rewards, finished, unfinished_reward=None), rewards)
     stats = mc_values(returns)
     np.testing.assert_allclose(stats.mean, [0.75, 0.125])
     np.testing.assert_allclose(stats.var, [0.25, (0.015625 * 2 + 0.390625 + 0.765625) / 3])

@@ -139,6 +139,7 @@ def _run(config: DemoConfig, store: SnapshotStore, location: str) -> DemoReport:
         max_tokens=config.branch_max_tokens,
         temperature=config.temperature,
         lite_anchor_stride=config.anchor_stride,
+        unfinished_reward=None,  # a random model almost never emits EOS: score truncated branches too
         seed=config.seed,
     )
     replay = replay_run(store, RUN, model, tokenizer, letter_fraction, replay_config, progress=False)
