@@ -79,8 +79,14 @@ def throughput(name, shape, dtype, rounds, folder, states_n=8, k=8, prefix=128, 
     replay_tps = tokens / statistics.median(times["replay"])
     plain_tps = states_n * k * new / statistics.median(times["plain"])
     log(f"{name}: replay {replay_tps:.0f} tok/s, plain sampling {plain_tps:.0f} tok/s")
-    return {"replay_tokens_per_s": replay_tps, "plain_tokens_per_s": plain_tps, "ratio": replay_tps / plain_tps,
-            "rows": states_n * k, "prefix": prefix, "branch_tokens": new}
+    return {
+        "replay_tokens_per_s": replay_tps,
+        "plain_tokens_per_s": plain_tps,
+        "ratio": replay_tps / plain_tps,
+        "rows": states_n * k,
+        "prefix": prefix,
+        "branch_tokens": new,
+    }
 
 
 def first_branch(rounds, folder, weights, prefix=512, k=8) -> dict:
@@ -112,9 +118,19 @@ def first_branch(rounds, folder, weights, prefix=512, k=8) -> dict:
                 fn()
                 times[label].append(time.perf_counter() - start)
     store_s, prefill_s = statistics.median(times["store"]), statistics.median(times["prefill"])
-    log(f"time to first branch ({weights} weights): store {store_s * 1e3:.0f} ms vs re-prefill {prefill_s * 1e3:.0f} ms")
-    return {"store_read_inject_ms": store_s * 1e3, "reprefill_ms": prefill_s * 1e3, "speedup": prefill_s / store_s,
-            "prefix": prefix, "branches": k, "codec": "int8", "kv": "bf16", "weights": weights}
+    log(
+        f"time to first branch ({weights} weights): store {store_s * 1e3:.0f} ms vs re-prefill {prefill_s * 1e3:.0f} ms"
+    )
+    return {
+        "store_read_inject_ms": store_s * 1e3,
+        "reprefill_ms": prefill_s * 1e3,
+        "speedup": prefill_s / store_s,
+        "prefix": prefix,
+        "branches": k,
+        "codec": "int8",
+        "kv": "bf16",
+        "weights": weights,
+    }
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ benchmarks/results/store.json and a plot to docs/img/store_bench.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -132,8 +133,12 @@ def quality(model, ids: np.ndarray, states: list[CachedState], folder: Path) -> 
             q = jax.nn.log_softmax(lossy[0, -1].astype(jnp.float32))
             kls.append(float((jnp.exp(p) * (p - q)).sum()))
         err = np.concatenate([e.ravel() for e in errs])
-        out[codec] = {"max_abs_err": float(err.max()), "mean_abs_err": float(err.mean()), "kl_mean": float(np.mean(kls)),
-                      "kl_max": float(np.max(kls))}
+        out[codec] = {
+            "max_abs_err": float(err.max()),
+            "mean_abs_err": float(err.mean()),
+            "kl_mean": float(np.mean(kls)),
+            "kl_max": float(np.max(kls)),
+        }
         shutil.rmtree(path)
     return out
 
@@ -189,8 +194,10 @@ def main() -> int:
         stores = {f"{c}-zstd{lv}": SnapshotStore.open(scratch / f"{c}-zstd{lv}-{rnd}", mode="r") for c, lv in CODECS}
         for t in prefixes:
             for name in ["numpy", *stores]:
-                reader = (lambda: numpy_read(base, states, t)) if name == "numpy" else (
-                    lambda s=stores[name]: store_read(s, len(states), t))
+                if name == "numpy":
+                    reader = functools.partial(numpy_read, base, states, t)
+                else:
+                    reader = functools.partial(store_read, stores[name], len(states), t)
                 if can_drop:
                     drop_page_cache()
                     cold_reads.setdefault(name, {}).setdefault(t, []).append(reader())
@@ -252,7 +259,9 @@ def plot(results: dict, path: Path, prefixes: list[int]) -> None:
     axes[0].set_title("spill throughput / numpy write+fsync (target >= 1.0 for int8)")
     width = 0.8 / len(prefixes)
     for j, t in enumerate(prefixes):
-        axes[1].bar(np.arange(len(names)) + j * width, [table[n][f"read{t}_vs_numpy"] for n in names], width, label=f"t={t}")
+        axes[1].bar(
+            np.arange(len(names)) + j * width, [table[n][f"read{t}_vs_numpy"] for n in names], width, label=f"t={t}"
+        )
     axes[1].axhline(0.5, color="k", ls="--", lw=1)
     axes[1].set_xticks(np.arange(len(names)) + width, names)
     axes[1].set_title("prefix read throughput / numpy read (warm; target >= 0.5)")
@@ -263,8 +272,11 @@ def plot(results: dict, path: Path, prefixes: list[int]) -> None:
     for ax in axes:
         ax.tick_params(axis="x", rotation=45)
         ax.title.set_fontsize(9)
-    fig.suptitle(f"vinekv snapshot store, {results['trajectories']} x {results['length']}-token trajectories, "
-                 f"Qwen2-0.5B KV shape; {results['machine']}", fontsize=9)
+    fig.suptitle(
+        f"vinekv snapshot store, {results['trajectories']} x {results['length']}-token trajectories, "
+        f"Qwen2-0.5B KV shape; {results['machine']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

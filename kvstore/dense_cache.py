@@ -144,9 +144,7 @@ def extract_state(
     )
 
 
-def cache_from_states(
-    model: Any, states: Sequence[CachedState], max_length: int, repeats: int = 1
-) -> TransformerCache:
+def cache_from_states(model: Any, states: Sequence[CachedState], max_length: int, repeats: int = 1) -> TransformerCache:
     """A fresh dense cache holding the given snapshots, each row repeated ``repeats`` times.
 
     Row order: for each state, for each of its rows, ``repeats`` consecutive copies (K

@@ -476,7 +476,9 @@ class SnapshotStore:
                     f"the model is {fingerprint}; pass allow_stale=True to read it anyway"
                 )
             layout = KVLayout.from_dict(info["layout"])
-            blocks = [self._decode_part(run, tid, part, layout.dtype, out_dtype or layout.dtype) for part in plan["parts"]]
+            blocks = [
+                self._decode_part(run, tid, part, layout.dtype, out_dtype or layout.dtype) for part in plan["parts"]
+            ]
             kv = np.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
             tokens = np.asarray(plan["token_ids"][:t], dtype=np.int32)[None]
             out_layout = dataclasses.replace(layout, dtype=str(kv.dtype))

@@ -101,7 +101,12 @@ class TensorStoreBackend:
         return {"driver": "zarr3", "kvstore": (self.kvstore / (path + "/")).spec().to_json()}
 
     def write_array(
-        self, path: str, data: np.ndarray, dims: tuple[str, ...], chunk_tokens: int, zstd_level: int,
+        self,
+        path: str,
+        data: np.ndarray,
+        dims: tuple[str, ...],
+        chunk_tokens: int,
+        zstd_level: int,
         attributes: dict[str, Any],
     ) -> ts.Future:
         """Starts writing ``data`` (token axis 2) as a sharded Zarr v3 array; returns the future."""
@@ -129,7 +134,12 @@ class TensorStoreBackend:
             "attributes": attributes,
         }
         # Staging folders are fresh; in-place writes (other kvstores) replace a crashed attempt's data.
-        spec = {**self.array_spec(path), "metadata": metadata, "create": True, "delete_existing": self.local_root is None}
+        spec = {
+            **self.array_spec(path),
+            "metadata": metadata,
+            "create": True,
+            "delete_existing": self.local_root is None,
+        }
         array = ts.open(spec, context=self.context).result()
         return array.write(data)
 

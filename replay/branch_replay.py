@@ -181,8 +181,14 @@ def replay_run(
         states = store.read_prefixes(
             [(run, tid, t) for t in positions], model=model, allow_stale=allow_stale, fingerprint=fingerprint
         )
-        return {"tid": tid, "info": info, "starts": starts, "positions": positions, "states": states,
-                "read": time.perf_counter() - start}
+        return {
+            "tid": tid,
+            "info": info,
+            "starts": starts,
+            "positions": positions,
+            "states": states,
+            "read": time.perf_counter() - start,
+        }
 
     try:
         with ThreadPoolExecutor(max_workers=1) as reader:
@@ -195,8 +201,7 @@ def replay_run(
                     metrics.write(json.dumps(line) + "\n")
                     metrics.flush()
                 bar.update(1)
-                bar.set_postfix(states=report.states, branches=report.branches,
-                                tok_s=f"{report.tokens_per_second:.0f}")
+                bar.set_postfix(states=report.states, branches=report.branches, tok_s=f"{report.tokens_per_second:.0f}")
     finally:
         bar.close()
         if metrics:
@@ -211,8 +216,14 @@ def _value_trajectory(store, run, model, tokenizer, reward_fns, config, params, 
     response = info["response_token_ids"]
     start = time.perf_counter()
     branches = generate_branches(
-        model, states, params, engine=config.engine, seed=config.seed, tokenizer=tokenizer,
-        state_keys=[(tid, j) for j in range(len(states))], max_rows=config.max_rows,
+        model,
+        states,
+        params,
+        engine=config.engine,
+        seed=config.seed,
+        tokenizer=tokenizer,
+        state_keys=[(tid, j) for j in range(len(states))],
+        max_rows=config.max_rows,
     )
     decode_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -228,14 +239,18 @@ def _value_trajectory(store, run, model, tokenizer, reward_fns, config, params, 
     stats = mc_values(branch_returns(rewards.reshape(finished.shape), finished, config.unfinished_reward))
     score_s = time.perf_counter() - start
     tokens = int(sum(b.lengths.sum() for b in branches))
-    store.annotate(run, tid, mc={
-        "config": digest,
-        "mode": config.mode,
-        "positions": item["positions"],
-        "response_positions": [int(b) for b in starts],
-        **stats.to_dict(),
-        "branch_tokens": tokens,
-    })
+    store.annotate(
+        run,
+        tid,
+        mc={
+            "config": digest,
+            "mode": config.mode,
+            "positions": item["positions"],
+            "response_positions": [int(b) for b in starts],
+            **stats.to_dict(),
+            "branch_tokens": tokens,
+        },
+    )
     report.trajectories += 1
     report.states += len(states)
     report.branches += int(finished.size)

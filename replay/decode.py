@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from easydel.caching import TransformerCache
 
-from kvstore.dense_cache import forward_split, forward_chunk
+from kvstore.dense_cache import forward_chunk, forward_split
 
 
 @dataclasses.dataclass
@@ -137,7 +137,9 @@ def decode(
     tokens, logprobs = [], []
     with model.mesh:
         for _ in range(num_tokens):
-            tok, lp, logits, cache = step(graphdef, graphstate, graphother, cache, logits, row_keys, float(temperature), 0, 1.0)
+            tok, lp, logits, cache = step(
+                graphdef, graphstate, graphother, cache, logits, row_keys, float(temperature), 0, 1.0
+            )
             tokens.append(tok)
             logprobs.append(lp)
     return Decoded(

@@ -45,9 +45,8 @@ def score(
         values = fn(prompts=[k[0] for k in unique], completions=[k[1] for k in unique], **kwargs)
         values = np.asarray(list(values), dtype=np.float64)
         if values.shape != (len(unique),):
-            raise ValueError(
-                f"reward function {getattr(fn, '__name__', fn)!r} returned {values.shape[0] if values.ndim else 'a scalar'}"
-                f" values for {len(unique)} completions"
-            )
+            got = values.shape[0] if values.ndim else "a scalar"
+            name = getattr(fn, "__name__", fn)
+            raise ValueError(f"reward function {name!r} returned {got} values for {len(unique)} completions")
         total += weight * values
     return total[np.asarray(index, dtype=np.int64)]

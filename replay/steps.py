@@ -56,9 +56,7 @@ def step_starts(
     return np.concatenate([[0], token_boundaries(points, offsets)]).astype(np.int64)
 
 
-def cap_states(
-    starts: np.ndarray, max_states: int | None, scores: np.ndarray | None = None
-) -> np.ndarray:
+def cap_states(starts: np.ndarray, max_states: int | None, scores: np.ndarray | None = None) -> np.ndarray:
     """Keeps at most ``max_states`` of the step starts; ``b_0 = 0`` is always kept.
 
     Without ``scores`` the kept starts are spread evenly over the list (by spacing); with

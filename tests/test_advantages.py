@@ -21,7 +21,9 @@ def test_grpo_matches_easydel_formula():
     std = np.sqrt(2 / 9)
     np.testing.assert_allclose(got, [(2 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4), (-1 / 3) / (std + 1e-4), 0, 0, 0])
     np.testing.assert_allclose(grpo_advantages(np.array([1.0, 0, 0, 1]), 2, scale="none"), [0.5, -0.5, -0.5, 0.5])
-    np.testing.assert_allclose(grpo_advantages(np.array([1.0, 0, 0, 1]), 2, scale="batch"), np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-4))
+    np.testing.assert_allclose(
+        grpo_advantages(np.array([1.0, 0, 0, 1]), 2, scale="batch"), np.array([0.5, -0.5, -0.5, 0.5]) / (0.5 + 1e-4)
+    )
     with pytest.raises(ValueError, match="do not split into groups of 4"):
         grpo_advantages(np.zeros(6), 4)
 
@@ -33,8 +35,9 @@ def test_vineppo_worked_example():
     np.testing.assert_allclose(fill_values(values, rewards, 0.9), [0.5, 0.72, 0.8])
     np.testing.assert_allclose(vineppo_advantages(values, rewards, 0.9), [0.148, 0.0, 0.2])
     # every token of step j gets A_j
-    np.testing.assert_allclose(steps_to_tokens(np.array([0.3, 0.0, 0.2]), np.array([0, 2, 5]), 7),
-                               [0.3, 0.3, 0.0, 0.0, 0.0, 0.2, 0.2])
+    np.testing.assert_allclose(
+        steps_to_tokens(np.array([0.3, 0.0, 0.2]), np.array([0, 2, 5]), 7), [0.3, 0.3, 0.0, 0.0, 0.0, 0.2, 0.2]
+    )
 
 
 def test_vineppo_edge_cases():
@@ -53,13 +56,17 @@ def test_vineppo_edge_cases():
 def test_mc_gae_worked_example():
     anchors, values, rewards = np.array([0, 4]), np.array([0.4, 0.9]), np.array([0.0, 0, 0, 0, 1])
     np.testing.assert_allclose(anchor_values_to_token_values(anchors, values, 5), [0.4, 0.525, 0.65, 0.775, 0.9])
-    np.testing.assert_allclose(mc_gae(anchors, values, rewards, gamma=1.0, lam=0.5),
-                               [0.240625, 0.23125, 0.2125, 0.175, 0.1])
+    np.testing.assert_allclose(
+        mc_gae(anchors, values, rewards, gamma=1.0, lam=0.5), [0.240625, 0.23125, 0.2125, 0.175, 0.1]
+    )
     # Lite default: one anchor at the final token
-    np.testing.assert_allclose(mc_gae(np.array([4]), np.array([0.9]), rewards, gamma=1.0, lam=0.5),
-                               [0.00625, 0.0125, 0.025, 0.05, 0.1])
+    np.testing.assert_allclose(
+        mc_gae(np.array([4]), np.array([0.9]), rewards, gamma=1.0, lam=0.5), [0.00625, 0.0125, 0.025, 0.05, 0.1]
+    )
     # lam = 1, gamma = 1: A_t = return - V_t
-    np.testing.assert_allclose(mc_gae(anchors, values, rewards, 1.0, 1.0), 1.0 - np.array([0.4, 0.525, 0.65, 0.775, 0.9]))
+    np.testing.assert_allclose(
+        mc_gae(anchors, values, rewards, 1.0, 1.0), 1.0 - np.array([0.4, 0.525, 0.65, 0.775, 0.9])
+    )
     # an anchor before the end interpolates to V_T = 0 after it
     np.testing.assert_allclose(anchor_values_to_token_values(np.array([1]), np.array([0.6]), 4), [0.6, 0.6, 0.4, 0.2])
     # a one-token response

@@ -48,9 +48,7 @@ def test_single_row_snapshot_broadcasts_to_branches(tiny_model, token_seq):
     logits, _ = resume_from_state(tiny_model, state, continuation)
     for row in range(3):
         ids = np.concatenate([token_seq[:1, :20], continuation[row : row + 1]], axis=1)
-        np.testing.assert_allclose(
-            np.asarray(logits[row]), no_cache_logits(tiny_model, ids)[0, 20:], atol=ATOL, rtol=0
-        )
+        np.testing.assert_allclose(np.asarray(logits[row]), no_cache_logits(tiny_model, ids)[0, 20:], atol=ATOL, rtol=0)
 
 
 def test_extract_from_live_cache_equals_capture(tiny_model, token_seq):

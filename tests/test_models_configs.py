@@ -70,8 +70,20 @@ def test_cli_replay_values_a_stored_run_again(tmp_path, capsys):
     """`vinekv replay` with other settings recomputes values over the demo's Lite ones."""
     store = tmp_path / "s"
     run_demo(DemoConfig(prompts=("Q: 1+1?\nA:",), response_tokens=8, store=str(store)))
-    argv = ["replay", str(store), "--run", "demo", "--model", "tiny:llama:0", "--branches", "2", "--max-tokens", "3",
-            "--metrics", str(tmp_path / "m.jsonl")]
+    argv = [
+        "replay",
+        str(store),
+        "--run",
+        "demo",
+        "--model",
+        "tiny:llama:0",
+        "--branches",
+        "2",
+        "--max-tokens",
+        "3",
+        "--metrics",
+        str(tmp_path / "m.jsonl"),
+    ]
     assert main(argv) == 0
     assert "replayed 1 trajectories (0 already valued)" in capsys.readouterr().out
     assert main(argv) == 0

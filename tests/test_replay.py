@@ -52,9 +52,7 @@ def test_branches_from_store_equal_live_and_uninterrupted(tiny_model, stored_run
     with tiny_model.mesh:
         toks = []
         for _ in range(10):
-            tok, _ = jax.jit(sample_tokens, static_argnums=(3, 4, 5))(
-                logits, rows, cache.views[0].indexs, 1.0, 50, 0.9
-            )
+            tok, _ = jax.jit(sample_tokens, static_argnums=(3, 4, 5))(logits, rows, cache.views[0].indexs, 1.0, 50, 0.9)
             logits, cache = forward_chunk(tiny_model, cache, np.asarray(tok)[:, None])
             logits = logits[:, -1]
             toks.append(np.asarray(tok))
@@ -120,7 +118,8 @@ def test_mc_estimates_match_exact_values(tiny_model, stored_run):
     even = np.arange(vocab) % 2 == 0
     truths = {
         "first token even": p1[even].sum(),
-        "sum of two tokens even": (p1[even] * p2[even][:, even].sum(1)).sum() + (p1[~even] * p2[~even][:, ~even].sum(1)).sum(),
+        "sum of two tokens even": (p1[even] * p2[even][:, even].sum(1)).sum()
+        + (p1[~even] * p2[~even][:, ~even].sum(1)).sum(),
     }
     returns = np.stack([(first % 2 == 0), ((first + second) % 2 == 0)]).astype(float)
     stats = mc_values(returns)
@@ -140,7 +139,9 @@ def test_select_states(tokenizer_dir):
     np.testing.assert_array_equal(select_states(response, tok, ReplayConfig()), [0, 4, 7])
     np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(max_states=2)), [0, 7])
     np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(mode="lite")), [10])
-    np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(mode="lite", lite_anchor_stride=4)), [0, 4, 8, 10])
+    np.testing.assert_array_equal(
+        select_states(response, tok, ReplayConfig(mode="lite", lite_anchor_stride=4)), [0, 4, 8, 10]
+    )
 
 
 def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, tokenizer_dir, stored_run, tmp_path):
@@ -154,8 +155,9 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
     shutil.copytree(path, broken)
 
     with SnapshotStore.open(whole) as store:
-        report = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, metrics_path=tmp_path / "m.jsonl",
-                            progress=False)
+        report = replay_run(
+            store, "r0", tiny_model, tok, _answer_reward, config, metrics_path=tmp_path / "m.jsonl", progress=False
+        )
         assert (report.trajectories, report.skipped, report.states) == (3, 0, 3 + 2 + 1)
         assert report.branches == 4 * 6 and report.branch_tokens <= 4 * 6 * 6
         expected = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
@@ -176,8 +178,7 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
             replay_run(store, "r0", tiny_model, tok, crashing, config, progress=False)
         assert "mc" in store.trajectory_info("r0", "t0")["fields"]
         assert "mc" not in store.trajectory_info("r0", "t1")["fields"]
-        again = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False,
-                           trajectories=None)
+        again = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False, trajectories=None)
         assert (again.trajectories, again.skipped) == (2, 1)
         resumed = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
         assert store.trajectory_info("r0", "t0")["fields"]["answer"] == "5"  # other fields kept
@@ -189,6 +190,13 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
     narrow = tmp_path / "narrow"
     shutil.copytree(path, narrow)
     with SnapshotStore.open(narrow) as store:
-        replay_run(store, "r0", tiny_model, tok, _answer_reward, ReplayConfig(**{**config.__dict__, "max_rows": 4}),
-                   progress=False)
+        replay_run(
+            store,
+            "r0",
+            tiny_model,
+            tok,
+            _answer_reward,
+            ReplayConfig(**{**config.__dict__, "max_rows": 4}),
+            progress=False,
+        )
         assert {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")} == expected

@@ -136,7 +136,10 @@ def test_zarr_python_reads_the_store_without_vinekv(trajectories, tmp_path, code
         ours = {f"r0/t{i}": store.read_prefix("r0", f"t{i}", T) for i in range(3)}
     out = subprocess.run(
         [sys.executable, "-I", "-c", ZARR_READER, str(tmp_path / "s"), str(tmp_path / "out.npz")],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
     )
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary == {"format": "vinekv.kvstore", "keys": ["r0/t0", "r0/t1", "r0/t2"]}
@@ -221,7 +224,9 @@ def test_bad_input_errors(tiny_model, trajectories, tmp_path):
         with pytest.raises(ValueError, match=r"t=0 outside \[1, 36\]"):
             store.read_prefix("r0", "t0", 0)
         other = dataclasses.replace(
-            states[0], keys=states[0].keys[:, :, :, :1], values=states[0].values[:, :, :, :1],
+            states[0],
+            keys=states[0].keys[:, :, :, :1],
+            values=states[0].values[:, :, :, :1],
             layout=dataclasses.replace(states[0].layout, num_kv_heads=1),
         )
         with pytest.raises(ValueError, match=r"snapshot layout does not match the store's.*num_kv_heads': \(1, 2\)"):
@@ -231,8 +236,17 @@ def test_bad_input_errors(tiny_model, trajectories, tmp_path):
         with pytest.raises(ValueError, match=r"prompt_len 37 outside \[1, 36\]"):
             store.spill("r0", "t5", states[0], T + 1)
         with pytest.raises(ValueError, match="spill takes one trajectory"):
-            store.spill("r0", "t5", CachedState(*(np.concatenate([a, a], 1) for a in (states[0].keys, states[0].values)),
-                                                np.concatenate([states[0].token_ids] * 2), states[0].layout, "x"), PLEN)
+            store.spill(
+                "r0",
+                "t5",
+                CachedState(
+                    *(np.concatenate([a, a], 1) for a in (states[0].keys, states[0].values)),
+                    np.concatenate([states[0].token_ids] * 2),
+                    states[0].layout,
+                    "x",
+                ),
+                PLEN,
+            )
         with pytest.raises(TypeError, match="not JSON-serialisable"):
             store.spill("r0", "t5", states[0], PLEN, reward=object())
         with pytest.raises(ValueError, match="run '../x' must match"):
@@ -337,8 +351,9 @@ def test_size_and_delete_run(trajectories, tmp_path):
 def test_second_writer_is_refused(tmp_path):
     with SnapshotStore.open(tmp_path / "s"):
         code = "import sys; from kvstore import SnapshotStore; SnapshotStore.open(sys.argv[1])"
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True,
-                             cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True, cwd=REPO
+        )
         assert out.returncode != 0 and "open for writing by another process" in out.stderr
         with SnapshotStore.open(tmp_path / "s", mode="r") as reader:  # readers are fine
             assert reader.runs() == []

@@ -1,12 +1,12 @@
 """The `vinekv` command line.
 
-  vinekv demo [--config FILE] [--family F] [--seed N] [--kv-dtype D] [--store PATH] [--codec C]
-      sample responses on a tiny random model, spill their KV to a snapshot store, resume
-      from stored prefixes, report agreement.
-  vinekv inspect STORE [--run RUN]
-      list a snapshot store's runs, trajectories and sizes.
-  vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
-      branch replay of a stored run into MC values written back into the store.
+vinekv demo [--config FILE] [--family F] [--seed N] [--kv-dtype D] [--store PATH] [--codec C]
+    sample responses on a tiny random model, spill their KV to a snapshot store, resume
+    from stored prefixes, report agreement.
+vinekv inspect STORE [--run RUN]
+    list a snapshot store's runs, trajectories and sizes.
+vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
+    branch replay of a stored run into MC values written back into the store.
 """
 
 from __future__ import annotations

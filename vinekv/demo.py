@@ -25,7 +25,6 @@ from kvstore import SnapshotStore, StoreSize, extract_state, policy_fingerprint,
 from replay import ReplayConfig, ReplayReport, decode, prefill, replay_run, row_keys_for
 from vinekv.models import build_model, build_tokenizer
 
-
 RUN = "demo"
 
 
@@ -146,9 +145,7 @@ def _run(config: DemoConfig, store: SnapshotStore, location: str) -> DemoReport:
     seconds["replay"] = time.perf_counter() - clock
     mc = {tid: store.trajectory_info(RUN, tid)["fields"]["mc"] for tid in store.trajectories(RUN)}
     where = location if config.store else "a temporary folder"
-    return DemoReport(
-        config, fingerprint, prompt_lens.tolist(), where, store.size(RUN), checks, seconds, replay, mc
-    )
+    return DemoReport(config, fingerprint, prompt_lens.tolist(), where, store.size(RUN), checks, seconds, replay, mc)
 
 
 def letter_fraction(prompts: list[str], completions: list[str], **fields) -> list[float]:
@@ -160,7 +157,8 @@ def format_report(report: DemoReport) -> str:
     cfg = report.config
     lines = [
         f"vinekv demo: {cfg.family} tiny random model, kv {cfg.kv_dtype}, policy {report.fingerprint[:12]}",
-        f"{len(cfg.prompts)} prompts x {cfg.response_tokens} sampled tokens (temperature {cfg.temperature}, seed {cfg.seed})",
+        f"{len(cfg.prompts)} prompts x {cfg.response_tokens} sampled tokens "
+        f"(temperature {cfg.temperature}, seed {cfg.seed})",
         f"spilled to a {cfg.codec} snapshot store in {report.store}: {report.store_size.raw} raw KV bytes, "
         f"{report.store_size.stored} stored ({report.store_size.ratio:.2f}x smaller, metadata included)",
         "",
@@ -184,7 +182,9 @@ def format_report(report: DemoReport) -> str:
         f"{report.replay.tokens_per_second:.0f} tokens/s",
     ]
     for tid, mc in report.mc.items():
-        values = ", ".join(f"{p}:{m:.3f}±{se:.3f}" for p, m, se in zip(mc["positions"], mc["mean"], mc["stderr"]))
+        values = ", ".join(
+            f"{p}:{m:.3f}±{se:.3f}" for p, m, se in zip(mc["positions"], mc["mean"], mc["stderr"], strict=True)
+        )
         lines.append(f"  {tid} V(t) at t = {values}")
     lines += [
         "",
