@@ -1,8 +1,8 @@
 """VinePPO-Lite / full VinePPO on EasyDeL's GRPO trainer.
 
 So far: the advantage estimators (`trainer.advantages`: `grpo_advantages`,
-`vineppo_advantages`, `mc_gae`, `whiten`). `VinePPOConfig`/`VinePPOTrainer` come with the
-trainer issue (#5).
+`vineppo_advantages`, `mc_gae`, `whiten`) and `VinePPOConfig` (`trainer.vineppo_config`).
+`VinePPOTrainer` comes with the rest of the trainer issue (#5).
 """
 
 from trainer.advantages import (
@@ -14,8 +14,10 @@ from trainer.advantages import (
     vineppo_advantages,
     whiten,
 )
+from trainer.vineppo_config import VinePPOConfig
 
 __all__ = [
+    "VinePPOConfig",
     "anchor_values_to_token_values",
     "fill_values",
     "grpo_advantages",

@@ -1,0 +1,53 @@
+"""VinePPOConfig: EasyDeL GRPOConfig fields plus validated VinePPO fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.vineppo_config import VinePPOConfig
+
+
+def test_defaults_and_replay_settings():
+    lite = VinePPOConfig(max_completion_length=64, lite_num_branches=3, lite_branch_max_len=20, lite_anchor_stride=8)
+    assert lite.vineppo_mode == "lite" and lite.num_return_sequences == 4  # GRPO fields still resolve
+    replay = lite.replay_config(seed=5)
+    assert (replay.mode, replay.branches, replay.max_tokens, replay.lite_anchor_stride, replay.seed) == (
+        "lite",
+        3,
+        20,
+        8,
+        5,
+    )
+    full = VinePPOConfig(vineppo_mode="full", max_completion_length=64, vineppo_branches=6, vineppo_max_states=4)
+    replay = full.replay_config()
+    assert (replay.mode, replay.branches, replay.max_tokens, replay.max_states) == ("full", 6, 64, 4)
+    assert VinePPOConfig(vineppo_mode="full", vineppo_max_depth=32).replay_config().max_tokens == 32
+    with pytest.raises(ValueError, match="runs no branch replay"):
+        VinePPOConfig(vineppo_mode="off").replay_config()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"vineppo_mode": "half"}, "vineppo_mode must be one of"),
+        ({"vineppo_branches": 0}, "vineppo_branches must be >= 1, got 0"),
+        ({"vineppo_cache_strategy": "disk"}, "needs vineppo_store"),
+        ({"vineppo_cache_strategy": "ssd"}, "vineppo_cache_strategy must be one of"),
+        ({"vineppo_engine": "vllm"}, "vineppo_engine must be one of"),
+        ({"vineppo_codec": "fp4"}, "vineppo_codec must be one of"),
+        ({"vineppo_gamma": 1.5}, r"vineppo_gamma must be in \[0, 1\]"),
+        ({"vineppo_lambda": -0.1}, r"vineppo_lambda must be in \[0, 1\]"),
+        ({"lite_anchor_stride": 0}, "lite_anchor_stride must be >= 1 or None"),
+        ({"lite_num_branches": 0}, "lite_num_branches must be >= 1"),
+        ({"vineppo_ppo_epochs": 0}, "vineppo_ppo_epochs must be >= 1"),
+        ({"vineppo_step_delimiter": ""}, "vineppo_step_delimiter must be a non-empty string"),
+    ],
+)
+def test_bad_values_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VinePPOConfig(**kwargs)
+
+
+def test_disk_strategy_with_a_store_is_valid(tmp_path):
+    config = VinePPOConfig(vineppo_cache_strategy="disk", vineppo_store=str(tmp_path / "kv"), vineppo_codec="lossless")
+    assert config.vineppo_store.endswith("kv")

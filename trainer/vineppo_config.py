@@ -1,0 +1,106 @@
+"""`VinePPOConfig`: EasyDeL's `GRPOConfig` plus the VinePPO plan's fields, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from easydel.trainers.group_relative_policy_optimization.grpo_config import GRPOConfig
+
+from kvstore.codecs import CODECS
+from replay.branch_replay import ReplayConfig
+from replay.sampler import ENGINES
+
+MODES = ("off", "lite", "full")
+CACHE_STRATEGIES = ("memory", "disk", "recompute")
+
+
+@dataclass
+class VinePPOConfig(GRPOConfig):
+    """GRPO training with VinePPO credit assignment.
+
+    ``vineppo_mode``: ``off`` (plain GRPO advantages), ``lite`` (MC values at anchors, bootstrapped
+    into token GAE: ``mc_gae``) or ``full`` (MC values at every step start). Branch replay reads
+    snapshots kept in memory, spilled to ``vineppo_store`` (``disk``), or re-prefilled from tokens
+    (``recompute``).
+    """
+
+    vineppo_mode: str = field(default="lite", metadata={"help": "off | lite | full"})
+    vineppo_branches: int = field(default=8, metadata={"help": "full mode: K branches per step start"})
+    vineppo_max_depth: int | None = field(
+        default=None, metadata={"help": "full mode: token budget of a branch (default: max_completion_length)"}
+    )
+    vineppo_max_states: int | None = field(default=None, metadata={"help": "full mode: cap on states per response"})
+    vineppo_engine: str = field(default="auto", metadata={"help": "auto | esurge | vanilla"})
+    vineppo_cache_strategy: str = field(default="memory", metadata={"help": "memory | disk | recompute"})
+    vineppo_store: str | None = field(default=None, metadata={"help": "snapshot store path (required for disk)"})
+    vineppo_codec: str = field(default="int8", metadata={"help": "store codec: int8 | lossless"})
+    vineppo_step_delimiter: str = field(default="\n", metadata={"help": "full mode: reasoning-step delimiter"})
+    vineppo_gamma: float = field(default=1.0, metadata={"help": "discount"})
+    vineppo_lambda: float = field(default=0.95, metadata={"help": "lite mode: GAE lambda"})
+    vineppo_whiten_advantages: bool = field(default=False, metadata={"help": "whiten advantages over the batch"})
+    vineppo_ppo_epochs: int = field(default=1, metadata={"help": "PPO epochs per generated batch"})
+    vineppo_unfinished_reward: float = field(default=0.0, metadata={"help": "return of a truncated branch"})
+    lite_anchor_stride: int | None = field(default=None, metadata={"help": "lite: extra anchor every N tokens"})
+    lite_num_branches: int = field(default=4, metadata={"help": "lite: K branches per anchor"})
+    lite_branch_max_len: int = field(default=128, metadata={"help": "lite: token budget of a branch"})
+
+    def __post_init__(self, max_sequence_length: int | None, quantization_block: int | None):
+        super().__post_init__(max_sequence_length, quantization_block)
+        checks = [
+            (self.vineppo_mode in MODES, f"vineppo_mode must be one of {MODES}, got {self.vineppo_mode!r}"),
+            (self.vineppo_engine in ENGINES, f"vineppo_engine must be one of {ENGINES}, got {self.vineppo_engine!r}"),
+            (
+                self.vineppo_cache_strategy in CACHE_STRATEGIES,
+                f"vineppo_cache_strategy must be one of {CACHE_STRATEGIES}, got {self.vineppo_cache_strategy!r}",
+            ),
+            (
+                self.vineppo_cache_strategy != "disk" or bool(self.vineppo_store),
+                "vineppo_cache_strategy='disk' needs vineppo_store (a path or TensorStore kvstore URL)",
+            ),
+            (
+                self.vineppo_codec in CODECS,
+                f"vineppo_codec must be one of {sorted(CODECS)}, got {self.vineppo_codec!r}",
+            ),
+            (self.vineppo_branches >= 1, f"vineppo_branches must be >= 1, got {self.vineppo_branches}"),
+            (self.lite_num_branches >= 1, f"lite_num_branches must be >= 1, got {self.lite_num_branches}"),
+            (self.lite_branch_max_len >= 1, f"lite_branch_max_len must be >= 1, got {self.lite_branch_max_len}"),
+            (
+                self.vineppo_max_depth is None or self.vineppo_max_depth >= 1,
+                f"vineppo_max_depth must be >= 1 or None, got {self.vineppo_max_depth}",
+            ),
+            (
+                self.vineppo_max_states is None or self.vineppo_max_states >= 1,
+                f"vineppo_max_states must be >= 1 or None, got {self.vineppo_max_states}",
+            ),
+            (
+                self.lite_anchor_stride is None or self.lite_anchor_stride >= 1,
+                f"lite_anchor_stride must be >= 1 or None, got {self.lite_anchor_stride}",
+            ),
+            (0.0 <= self.vineppo_gamma <= 1.0, f"vineppo_gamma must be in [0, 1], got {self.vineppo_gamma}"),
+            (0.0 <= self.vineppo_lambda <= 1.0, f"vineppo_lambda must be in [0, 1], got {self.vineppo_lambda}"),
+            (self.vineppo_ppo_epochs >= 1, f"vineppo_ppo_epochs must be >= 1, got {self.vineppo_ppo_epochs}"),
+            (bool(self.vineppo_step_delimiter), "vineppo_step_delimiter must be a non-empty string"),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ValueError("invalid VinePPOConfig: " + "; ".join(errors))
+
+    def replay_config(self, seed: int = 0) -> ReplayConfig:
+        """The branch-replay settings of this mode (``off`` has none)."""
+        if self.vineppo_mode == "off":
+            raise ValueError("vineppo_mode='off' runs no branch replay")
+        lite = self.vineppo_mode == "lite"
+        return ReplayConfig(
+            mode=self.vineppo_mode,
+            branches=self.lite_num_branches if lite else self.vineppo_branches,
+            max_tokens=self.lite_branch_max_len if lite else (self.vineppo_max_depth or self.max_completion_length),
+            temperature=self.generation_temperature if self.generation_temperature is not None else 1.0,
+            delimiter=self.vineppo_step_delimiter,
+            max_states=None if lite else self.vineppo_max_states,
+            lite_anchor_stride=self.lite_anchor_stride,
+            unfinished_reward=self.vineppo_unfinished_reward,
+            seed=seed,
+            engine=self.vineppo_engine,
+        )
+
+    __hash__ = GRPOConfig.__hash__
