@@ -1,12 +1,13 @@
 """Offline branch replay: a stored run's snapshots -> branches -> rewards -> MC values in the store.
 
 For every trajectory of a run: pick its states (step starts in full mode, anchors in Lite
-mode), read those prefixes from the store (the next trajectory's reads overlap this one's
-decoding), sample K branches per state with `generate_branches`, score ``response prefix ++
-branch`` with the reward functions, fold returns into MC values, and write them back next to
-the snapshot metadata (``fields["mc"]``), atomically per trajectory. A trajectory that already
-has values from the same replay settings is skipped, so a killed replay, run again, finishes
-the rest and gives the same values as an uninterrupted one.
+mode), read the longest of those prefixes from the store once (every state is a prefix of
+it; the next trajectory's read overlaps this one's decoding), sample K branches per state with
+`generate_branches`, score ``response prefix ++ branch`` with the reward functions, fold
+returns into MC values, and write them back next to the snapshot metadata
+(``fields["mc"]``), atomically per trajectory. A trajectory that already has values from the
+same replay settings is skipped, so a killed replay, run again, finishes the rest and gives the
+same values as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -178,9 +179,11 @@ def replay_run(
         response = info["response_token_ids"]
         starts = select_states(response, tokenizer, config, splitter)
         positions = [info["prompt_len"] + int(b) for b in starts]
-        states = store.read_prefixes(
-            [(run, tid, t) for t in positions], model=model, allow_stale=allow_stale, fingerprint=fingerprint
+        # One read of the longest prefix serves every state: each snapshot is a prefix of it.
+        longest = store.read_prefix(
+            run, tid, max(positions), model=model, allow_stale=allow_stale, fingerprint=fingerprint
         )
+        states = [longest.prefix(t) for t in positions]
         return {
             "tid": tid,
             "info": info,
