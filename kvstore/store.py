@@ -519,9 +519,8 @@ class SnapshotStore:
             self._attrs_cache[prefix] = node["attributes"]["vinekv"]
         return self._attrs_cache[prefix]
 
-    def _array_names(self, prefix: str) -> list[str]:
-        codec = get_codec(self._node_attrs(prefix)["codec"])
-        return ["kv"] if codec.name == "lossless" else ["q", "scale"]
+    def _array_names(self, prefix: str) -> tuple[str, ...]:
+        return get_codec(self._node_attrs(prefix)["codec"]).array_names
 
     def _array(self, path: str) -> Any:
         if path not in self._arrays:

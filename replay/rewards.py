@@ -33,13 +33,16 @@ def score(
         raise ValueError(f"{len(weights)} weights for {len(fns)} reward functions")
     if not len(prompts) == len(completions) == len(fields):
         raise ValueError("prompts, completions and fields must have one entry per item")
-    keys, index = {}, []
+    keys: dict[tuple[str, str, str], int] = {}
+    unique, index = [], []
     for prompt, completion, extra in zip(prompts, completions, fields, strict=True):
         key = (prompt, completion, json.dumps(extra, sort_keys=True, default=str))
-        index.append(keys.setdefault(key, len(keys)))
-    unique = list(keys)
+        if key not in keys:
+            keys[key] = len(unique)
+            unique.append((prompt, completion, extra))
+        index.append(keys[key])
     field_names = sorted({name for extra in fields for name in extra})
-    kwargs = {name: [json.loads(k[2]).get(name) for k in unique] for name in field_names}
+    kwargs = {name: [extra.get(name) for _, _, extra in unique] for name in field_names}
     total = np.zeros(len(unique))
     for fn, weight in zip(fns, weights, strict=True):
         values = fn(prompts=[k[0] for k in unique], completions=[k[1] for k in unique], **kwargs)

@@ -29,6 +29,7 @@ class KVCodec(abc.ABC):
     """Encodes ``[layers, 2, tokens, kv_heads, head_dim]`` KV blocks into token-chunkable arrays."""
 
     name: str
+    array_names: tuple[str, ...]  # the arrays `encode` returns, hence the arrays a node stores
     zstd_level: int
 
     @abc.abstractmethod

@@ -51,6 +51,7 @@ def _layer_blocks(shape: tuple[int, ...]) -> list[slice]:
 
 class Int8Codec(KVCodec):
     name = "int8"
+    array_names = ("q", "scale")
 
     def __init__(self, zstd_level: int = 1):
         self.zstd_level = check_zstd_level(zstd_level)

@@ -15,6 +15,7 @@ _BITS = {"bfloat16": np.uint16}
 
 class LosslessCodec(KVCodec):
     name = "lossless"
+    array_names = ("kv",)
 
     def __init__(self, zstd_level: int = 1):
         self.zstd_level = check_zstd_level(zstd_level)
