@@ -2,6 +2,7 @@
 
 Public API:
   capture_state, resume_from_state   the plan's snapshot/resume utilities
+  capture_sequences                  whole rollouts -> one snapshot each, in fixed row chunks
   extract_state, cache_from_states   live cache -> snapshot, snapshots -> fresh cache
   forward_chunk                      run a chunk of tokens from each row's cache position
   CachedState, KVLayout              the snapshot container and its layout descriptor
@@ -22,6 +23,7 @@ _EXPORTS = {
     "CachedState": "kvstore.state",
     "KVLayout": "kvstore.state",
     "StalePolicyError": "kvstore.capture",
+    "capture_sequences": "kvstore.capture",
     "capture_state": "kvstore.capture",
     "check_fingerprint": "kvstore.capture",
     "resume_from_state": "kvstore.capture",

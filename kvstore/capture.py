@@ -4,6 +4,8 @@ The plan's cache-introspection utilities:
 
 - ``capture_state(model, prompt_ids, position)`` runs the prefix ``prompt_ids[:, :position]``
   through a fresh dense cache and copies its K/V to the host.
+- ``capture_sequences(model, sequences)`` captures whole rollouts (prompt + response) in
+  fixed-size row chunks, for spilling or keeping.
 - ``resume_from_state(model, state, continuation_ids)`` writes a snapshot into a fresh cache and
   runs ``continuation_ids`` from its end: no re-prefill of the prefix. Its logits equal those of
   a no-cache forward over ``prefix ++ continuation`` to float tolerance.
@@ -11,6 +13,7 @@ The plan's cache-introspection utilities:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -20,6 +23,8 @@ from easydel.caching import TransformerCache
 from kvstore.dense_cache import cache_from_states, extract_state, forward_chunk, kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
+
+CAPTURE_BUCKET = 64  # capture widths are rounded up to this many tokens (fewer compiled shapes)
 
 
 class StalePolicyError(ValueError):
@@ -103,3 +108,31 @@ def resume_from_state(
     repeats = batch // cached_state.batch
     cache = cache_from_states(model, [cached_state], max_length=max_length, repeats=repeats)
     return forward_chunk(model, cache, ids)
+
+
+def capture_sequences(
+    model: Any, sequences: Sequence[Any], batch_rows: int = 8, *, fingerprint: str | None = None
+) -> Iterator[CachedState]:
+    """Yields one batch-1 `CachedState` per sequence, covering all of its tokens, in order.
+
+    Sequences (1-D token arrays of any lengths >= 1) are run ``batch_rows`` at a time through
+    a fresh dense cache, right-padded to a multiple of 64 tokens (causal attention: padding
+    after a token cannot change its KV). Every chunk has the same row count, so capturing the
+    same sequences again gives bit-identical KV, whatever else is captured beside them.
+    """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    vocab = kv_layout(model).vocab_size
+    seqs = [_token_matrix(np.asarray(s)[None], f"sequences[{i}]", vocab)[0] for i, s in enumerate(sequences)]
+    fingerprint = fingerprint or policy_fingerprint(model)
+    split = model.split_module()
+    for start in range(0, len(seqs), batch_rows):
+        chunk = seqs[start : start + batch_rows]
+        width = -(-max(map(len, chunk)) // CAPTURE_BUCKET) * CAPTURE_BUCKET
+        ids = np.zeros((batch_rows, width), np.int32)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = seq
+        cache = model.init_cache(batch_size=batch_rows, max_length=width)
+        _, cache = forward_chunk(model, cache, ids, split=split)
+        for row, seq in enumerate(chunk):
+            yield extract_state(model, cache, ids, len(seq), rows=[row], fingerprint=fingerprint)

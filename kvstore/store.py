@@ -408,6 +408,12 @@ class SnapshotStore:
             self._attrs_cache[key] = node["attributes"]["vinekv"]
         return self._attrs_cache[key]
 
+    def token_ids(self, run: str, trajectory_id: str | int) -> list[int]:
+        """All of a stored trajectory's token ids, prompt then response."""
+        info = self.trajectory_info(run, trajectory_id)
+        prompt = self._node_attrs(f"runs/{run}/prompts/{info['prompt']}/")
+        return prompt["token_ids"] + info["response_token_ids"]
+
     def annotate(self, run: str, trajectory_id: str | int, **fields: Any) -> None:
         """Merges JSON-able ``fields`` into a committed trajectory's ``fields`` attribute.
 
@@ -503,13 +509,12 @@ class SnapshotStore:
         if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 1 <= t <= length:
             raise ValueError(f"t={t!r} outside [1, {length}] for trajectory {tid!r} of run {run!r} ({length} tokens)")
         prompt = f"runs/{run}/prompts/{info['prompt']}/"
-        prompt_info = self._node_attrs(prompt)
         parts = [{"prefix": prompt, "offset": 0, "stop": min(t, plen)}]
         if t > plen:
             parts.append({"prefix": _traj_prefix(run, tid), "offset": plen, "stop": t - plen})
         for part in parts:
             part["arrays"] = {name: self._array(part["prefix"] + name) for name in self._array_names(part["prefix"])}
-        return {"info": info, "parts": parts, "token_ids": prompt_info["token_ids"] + info["response_token_ids"]}
+        return {"info": info, "parts": parts, "token_ids": self.token_ids(run, tid)}
 
     def _node_attrs(self, prefix: str) -> dict[str, Any]:
         if prefix not in self._attrs_cache:

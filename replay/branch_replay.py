@@ -25,11 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kvstore.fingerprint import policy_fingerprint
+from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
 from replay.rewards import RewardFn, score
 from replay.sampler import ENGINES, generate_branches
 from replay.steps import Splitter, cap_states, lite_anchors, step_starts
-from replay.values import branch_returns, mc_values
+from replay.values import MCStats, branch_returns, mc_values
 
 MODES = ("full", "lite")
 
@@ -161,7 +162,6 @@ def replay_run(
     ids = list(trajectories) if trajectories is not None else store.trajectories(run)
     digest = config.digest()
     fingerprint = policy_fingerprint(model)
-    params = config.sampling_params()
     report = ReplayReport()
     todo = []
     for tid in ids:
@@ -199,7 +199,7 @@ def replay_run(
             for i in range(len(todo)):
                 item = pending.result()
                 pending = reader.submit(plan, todo[i + 1]) if i + 1 < len(todo) else None
-                line = _value_trajectory(store, run, model, tokenizer, reward_fns, config, params, digest, item, report)
+                line = _value_trajectory(store, run, model, tokenizer, reward_fns, config, digest, item, report)
                 if metrics:
                     metrics.write(json.dumps(line) + "\n")
                     metrics.flush()
@@ -212,36 +212,92 @@ def replay_run(
     return report
 
 
-def _value_trajectory(store, run, model, tokenizer, reward_fns, config, params, digest, item, report) -> dict:
-    info, starts, states = item["info"], item["starts"], item["states"]
-    tid = item["tid"]
-    prompt_ids = states[0].token_ids[0, : info["prompt_len"]].tolist()
-    response = info["response_token_ids"]
+@dataclasses.dataclass
+class StateValues:
+    """MC values of one trajectory's states.
+
+    Attributes:
+      stats: `MCStats` over the ``[S]`` states (mean, var, stderr of the K returns).
+      finished: ``[S, K]`` which branches ended (EOS/stop) within the token budget.
+      branch_tokens: tokens decoded over all branches.
+      seconds: wall time of ``decode`` and ``score``.
+    """
+
+    stats: MCStats
+    finished: np.ndarray
+    branch_tokens: int
+    seconds: dict[str, float]
+
+
+def score_completions(
+    reward_fns: RewardFn | Sequence[RewardFn],
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    completions: Sequence[Sequence[int]],
+    fields: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Rewards ``[n]`` of completions (token ids) of one prompt, decoded without special tokens.
+
+    Rollouts and branches are scored through this one function, so both see the same text.
+    """
+    prompt = tokenizer.decode(list(map(int, prompt_ids)), skip_special_tokens=True)
+    texts = tokenizer.batch_decode([list(map(int, c)) for c in completions], skip_special_tokens=True)
+    return score(reward_fns, [prompt] * len(texts), texts, [fields or {}] * len(texts))
+
+
+def value_states(
+    model: Any,
+    tokenizer: Any,
+    reward_fns: RewardFn | Sequence[RewardFn],
+    config: ReplayConfig,
+    trajectory_id: str,
+    response_ids: Sequence[int],
+    starts: np.ndarray,
+    states: Sequence[CachedState],
+    fields: dict[str, Any] | None = None,
+) -> StateValues:
+    """MC values of ``states`` (state j = the prompt plus ``response_ids[:starts[j]]``).
+
+    Samples K branches per state (keys from ``config.seed``, ``trajectory_id`` and the state
+    index), scores ``response[:start] ++ branch`` against the prompt, and folds the returns.
+    """
+    prompt_len = states[0].position - int(starts[0])
+    prompt_ids = states[0].token_ids[0, :prompt_len]
     start = time.perf_counter()
     branches = generate_branches(
         model,
         states,
-        params,
+        config.sampling_params(),
         engine=config.engine,
         seed=config.seed,
         tokenizer=tokenizer,
-        state_keys=[(tid, j) for j in range(len(states))],
+        state_keys=[(trajectory_id, j) for j in range(len(states))],
         max_rows=config.max_rows,
     )
     decode_s = time.perf_counter() - start
     start = time.perf_counter()
-    prompt_text = tokenizer.decode(prompt_ids)
     completions = [
-        tokenizer.decode(list(response[: int(b)]) + branch.tolist())
+        list(response_ids[: int(b)]) + branch.tolist()
         for b, state_branches in zip(starts, branches, strict=True)
         for branch in state_branches.tokens
     ]
-    fields = {k: v for k, v in info["fields"].items() if k != "mc"}
-    rewards = score(reward_fns, [prompt_text] * len(completions), completions, [fields] * len(completions))
+    rewards = score_completions(reward_fns, tokenizer, prompt_ids, completions, fields)
     finished = np.stack([b.finished for b in branches])
     stats = mc_values(branch_returns(rewards.reshape(finished.shape), finished, config.unfinished_reward))
-    score_s = time.perf_counter() - start
-    tokens = int(sum(b.lengths.sum() for b in branches))
+    return StateValues(
+        stats=stats,
+        finished=finished,
+        branch_tokens=int(sum(b.lengths.sum() for b in branches)),
+        seconds={"decode": decode_s, "score": time.perf_counter() - start},
+    )
+
+
+def _value_trajectory(store, run, model, tokenizer, reward_fns, config, digest, item, report) -> dict:
+    info, starts, states, tid = item["info"], item["starts"], item["states"], item["tid"]
+    response = info["response_token_ids"]
+    fields = {k: v for k, v in info["fields"].items() if k != "mc"}
+    values = value_states(model, tokenizer, reward_fns, config, tid, response, starts, states, fields)
+    stats, finished, tokens = values.stats, values.finished, values.branch_tokens
     store.annotate(
         run,
         tid,
@@ -260,8 +316,8 @@ def _value_trajectory(store, run, model, tokenizer, reward_fns, config, params, 
     report.branch_tokens += tokens
     report.rollout_tokens += len(response)
     report.seconds["read"] += item["read"]
-    report.seconds["decode"] += decode_s
-    report.seconds["score"] += score_s
+    report.seconds["decode"] += values.seconds["decode"]
+    report.seconds["score"] += values.seconds["score"]
     return {
         "trajectory": tid,
         "states": len(states),
@@ -271,5 +327,5 @@ def _value_trajectory(store, run, model, tokenizer, reward_fns, config, params, 
         "mc_mean": stats.mean.tolist(),
         "mc_var_mean": float(stats.var.mean()),
         "unfinished": int((~finished).sum()),
-        "seconds": {"read": item["read"], "decode": decode_s, "score": score_s},
+        "seconds": {"read": item["read"], **values.seconds},
     }

@@ -19,6 +19,7 @@ batching.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import zlib
 from collections.abc import Sequence
@@ -94,8 +95,13 @@ def resolve_engine(engine: str) -> str:
             "the subject of the eSurge issue; use engine='vanilla' (or 'auto')"
         )
     if engine == "auto":
-        logger.info("engine 'auto' -> 'vanilla': eSurge snapshot injection is not available yet")
+        _log_auto_once()
     return "vanilla"
+
+
+@functools.cache
+def _log_auto_once() -> None:
+    logger.info("engine 'auto' -> 'vanilla': eSurge snapshot injection is not available yet")
 
 
 def _plan(model: Any, params: Any, tokenizer: Any) -> _Plan:

@@ -11,6 +11,8 @@ from trainer.advantages import (
     grpo_advantages,
     mc_gae,
     steps_to_tokens,
+    subtract_baseline,
+    trajectory_advantages,
     vineppo_advantages,
     whiten,
 )
@@ -78,3 +80,30 @@ def test_mc_gae_worked_example():
 def test_whiten():
     got = whiten(np.array([1.0, 2.0, 3.0, 100.0]), mask=np.array([True, True, True, False]))
     np.testing.assert_allclose(got, [-1.2247, 0.0, 1.2247, 0.0], atol=1e-4)
+
+
+def test_trajectory_advantages_full_by_hand():
+    # steps start at tokens 0, 2, 4 of a 5-token response; the last state has no estimate, so it
+    # is filled backwards: V(s_2) = r_2 + V(s_3) = 1. A = (0 + .8 - .5, 0 + 1 - .8, 1 + 0 - 1).
+    adv = trajectory_advantages("full", 5, np.array([0, 2, 4]), np.array([0.5, 0.8, np.nan]), reward=1.0)
+    np.testing.assert_allclose(adv, [0.3, 0.3, 0.2, 0.2, 0.0])
+
+
+def test_trajectory_advantages_lite_by_hand():
+    # one anchor at the last token (V = .6 everywhere), reward 1, lambda .5:
+    # deltas (0, 0, .4) -> A = (.1, .2, .4)
+    adv = trajectory_advantages("lite", 3, np.array([2]), np.array([0.6]), reward=1.0, gamma=1.0, lam=0.5)
+    np.testing.assert_allclose(adv, [0.1, 0.2, 0.4])
+    with pytest.raises(ValueError, match="mode must be 'full' or 'lite'"):
+        trajectory_advantages("off", 3, np.array([2]), np.array([0.6]), reward=1.0)
+
+
+def test_one_token_response_gets_reward_minus_value():
+    for mode in ("full", "lite"):
+        np.testing.assert_allclose(trajectory_advantages(mode, 1, np.array([0]), np.array([0.25]), 1.0), [0.75])
+
+
+def test_subtract_baseline_uses_masked_entries_only():
+    adv = np.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_allclose(subtract_baseline(adv, mask), [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])

@@ -22,6 +22,8 @@ def test_defaults_and_replay_settings():
     replay = full.replay_config()
     assert (replay.mode, replay.branches, replay.max_tokens, replay.max_states) == ("full", 6, 64, 4)
     assert VinePPOConfig(vineppo_mode="full", vineppo_max_depth=32).replay_config().max_tokens == 32
+    sampled = VinePPOConfig(generation_temperature=0.7, generation_top_p=0.9, generation_top_k=20).replay_config()
+    assert (sampled.temperature, sampled.top_p, sampled.top_k) == (0.7, 0.9, 20)  # branches sample like rollouts
     with pytest.raises(ValueError, match="runs no branch replay"):
         VinePPOConfig(vineppo_mode="off").replay_config()
 
@@ -41,6 +43,10 @@ def test_defaults_and_replay_settings():
         ({"lite_num_branches": 0}, "lite_num_branches must be >= 1"),
         ({"vineppo_ppo_epochs": 0}, "vineppo_ppo_epochs must be >= 1"),
         ({"vineppo_step_delimiter": ""}, "vineppo_step_delimiter must be a non-empty string"),
+        ({"vineppo_offline_run": "r1"}, "vineppo_offline_run needs vineppo_store"),
+        ({"vineppo_offline_run": "r1", "vineppo_store": "kv", "vineppo_mode": "off"}, "must be 'lite' or 'full'"),
+        ({"vineppo_baseline": "learned"}, "vineppo_baseline must be one of"),
+        ({"vineppo_capture_rows": 0}, "vineppo_capture_rows must be >= 1"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs, message):
@@ -51,3 +57,9 @@ def test_bad_values_raise_clear_errors(kwargs, message):
 def test_disk_strategy_with_a_store_is_valid(tmp_path):
     config = VinePPOConfig(vineppo_cache_strategy="disk", vineppo_store=str(tmp_path / "kv"), vineppo_codec="lossless")
     assert config.vineppo_store.endswith("kv")
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ValueError) as err:
+        VinePPOConfig(vineppo_mode="half", vineppo_branches=0, vineppo_cache_strategy="disk")
+    assert all(part in str(err.value) for part in ("vineppo_mode", "vineppo_branches", "vineppo_store"))

@@ -1,28 +1,50 @@
 """VinePPO-Lite / full VinePPO on EasyDeL's GRPO trainer.
 
-So far: the advantage estimators (`trainer.advantages`: `grpo_advantages`,
-`vineppo_advantages`, `mc_gae`, `whiten`) and `VinePPOConfig` (`trainer.vineppo_config`).
-`VinePPOTrainer` comes with the rest of the trainer issue (#5).
+- `VinePPOConfig` (`trainer.vineppo_config`): GRPOConfig plus the plan's fields, validated.
+- `VinePPOTrainer` (`trainer.vineppo_trainer`): GRPOTrainer whose advantages come from MC values.
+- `estimate_values` (`trainer.value_estimation`): MC values of rollouts with the ``memory``,
+  ``disk`` or ``recompute`` cache strategy.
+- the estimators (`trainer.advantages`): `grpo_advantages`, `vineppo_advantages`, `mc_gae`,
+  `trajectory_advantages`, `whiten`, `subtract_baseline`.
+
+Names load lazily: the pure estimators import neither EasyDeL nor JAX.
 """
 
-from trainer.advantages import (
-    anchor_values_to_token_values,
-    fill_values,
-    grpo_advantages,
-    mc_gae,
-    steps_to_tokens,
-    vineppo_advantages,
-    whiten,
-)
-from trainer.vineppo_config import VinePPOConfig
+from __future__ import annotations
 
-__all__ = [
-    "VinePPOConfig",
-    "anchor_values_to_token_values",
-    "fill_values",
-    "grpo_advantages",
-    "mc_gae",
-    "steps_to_tokens",
-    "vineppo_advantages",
-    "whiten",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "VinePPOConfig": "trainer.vineppo_config",
+    "VinePPOTrainer": "trainer.vineppo_trainer",
+    "estimate_values": "trainer.value_estimation",
+    "Rollout": "trainer.rollouts",
+    "split_rollouts": "trainer.rollouts",
+    **{
+        name: "trainer.advantages"
+        for name in (
+            "anchor_values_to_token_values",
+            "fill_values",
+            "grpo_advantages",
+            "mc_gae",
+            "steps_to_tokens",
+            "subtract_baseline",
+            "trajectory_advantages",
+            "vineppo_advantages",
+            "whiten",
+        )
+    },
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -126,3 +126,35 @@ def whiten(advantages: np.ndarray, mask: np.ndarray | None = None, eps: float = 
     if picked.size == 0:
         return np.zeros_like(advantages)
     return np.where(mask, (advantages - picked.mean()) / (picked.std() + eps), 0.0)
+
+
+def trajectory_advantages(
+    mode: str,
+    response_len: int,
+    positions: np.ndarray,
+    values: np.ndarray,
+    reward: float,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> np.ndarray:
+    """Token advantages ``[T]`` of one response whose only reward ``reward`` comes at its end.
+
+    ``full``: ``positions`` are the step starts and ``values`` their MC values (NaN where not
+    estimated): `vineppo_advantages`, each token getting its step's advantage. ``lite``:
+    ``positions`` are the anchors: `mc_gae`.
+    """
+    rewards_at = np.zeros(len(positions) if mode == "full" else response_len)
+    rewards_at[-1] = reward
+    if mode == "full":
+        return steps_to_tokens(vineppo_advantages(values, rewards_at, gamma), positions, response_len)
+    if mode == "lite":
+        return mc_gae(positions, values, rewards_at, gamma, lam)
+    raise ValueError(f"mode must be 'full' or 'lite', got {mode!r}")
+
+
+def subtract_baseline(advantages: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """``A - mean(A)`` over the entries where ``mask`` (a batch baseline); others stay 0."""
+    advantages = np.asarray(advantages, dtype=np.float64)
+    mask = np.ones(advantages.shape, bool) if mask is None else np.asarray(mask, bool)
+    picked = advantages[mask]
+    return np.where(mask, advantages - (picked.mean() if picked.size else 0.0), 0.0)

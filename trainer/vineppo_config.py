@@ -9,9 +9,10 @@ from easydel.trainers.group_relative_policy_optimization.grpo_config import GRPO
 from kvstore.codecs import CODECS
 from replay.branch_replay import ReplayConfig
 from replay.sampler import ENGINES
+from trainer.value_estimation import STRATEGIES
 
 MODES = ("off", "lite", "full")
-CACHE_STRATEGIES = ("memory", "disk", "recompute")
+BASELINES = ("none", "batch")
 
 
 @dataclass
@@ -38,8 +39,21 @@ class VinePPOConfig(GRPOConfig):
     vineppo_gamma: float = field(default=1.0, metadata={"help": "discount"})
     vineppo_lambda: float = field(default=0.95, metadata={"help": "lite mode: GAE lambda"})
     vineppo_whiten_advantages: bool = field(default=False, metadata={"help": "whiten advantages over the batch"})
+    vineppo_baseline: str = field(default="none", metadata={"help": "none | batch: subtract the batch mean advantage"})
     vineppo_ppo_epochs: int = field(default=1, metadata={"help": "PPO epochs per generated batch"})
-    vineppo_unfinished_reward: float = field(default=0.0, metadata={"help": "return of a truncated branch"})
+    vineppo_unfinished_reward: float | None = field(
+        default=0.0, metadata={"help": "return of a branch cut off by its token budget (None: score it as it is)"}
+    )
+    vineppo_capture_rows: int = field(default=8, metadata={"help": "rollouts captured per forward (KV chunk)"})
+    vineppo_keep_snapshots: bool = field(
+        default=False, metadata={"help": "disk: keep each step's run in the store (for offline replay/inspection)"}
+    )
+    vineppo_offline_run: str | None = field(
+        default=None, metadata={"help": "train from this MC-annotated run of vineppo_store instead of generating"}
+    )
+    vineppo_allow_stale: bool = field(
+        default=False, metadata={"help": "offline: accept trajectories made by another policy than the initial one"}
+    )
     lite_anchor_stride: int | None = field(default=None, metadata={"help": "lite: extra anchor every N tokens"})
     lite_num_branches: int = field(default=4, metadata={"help": "lite: K branches per anchor"})
     lite_branch_max_len: int = field(default=128, metadata={"help": "lite: token budget of a branch"})
@@ -50,13 +64,26 @@ class VinePPOConfig(GRPOConfig):
             (self.vineppo_mode in MODES, f"vineppo_mode must be one of {MODES}, got {self.vineppo_mode!r}"),
             (self.vineppo_engine in ENGINES, f"vineppo_engine must be one of {ENGINES}, got {self.vineppo_engine!r}"),
             (
-                self.vineppo_cache_strategy in CACHE_STRATEGIES,
-                f"vineppo_cache_strategy must be one of {CACHE_STRATEGIES}, got {self.vineppo_cache_strategy!r}",
+                self.vineppo_cache_strategy in STRATEGIES,
+                f"vineppo_cache_strategy must be one of {STRATEGIES}, got {self.vineppo_cache_strategy!r}",
             ),
             (
                 self.vineppo_cache_strategy != "disk" or bool(self.vineppo_store),
                 "vineppo_cache_strategy='disk' needs vineppo_store (a path or TensorStore kvstore URL)",
             ),
+            (
+                self.vineppo_offline_run is None or bool(self.vineppo_store),
+                "vineppo_offline_run needs vineppo_store (the store holding that run)",
+            ),
+            (
+                self.vineppo_offline_run is None or self.vineppo_mode != "off",
+                "vineppo_offline_run trains from MC values: vineppo_mode must be 'lite' or 'full', not 'off'",
+            ),
+            (
+                self.vineppo_baseline in BASELINES,
+                f"vineppo_baseline must be one of {BASELINES}, got {self.vineppo_baseline!r}",
+            ),
+            (self.vineppo_capture_rows >= 1, f"vineppo_capture_rows must be >= 1, got {self.vineppo_capture_rows}"),
             (
                 self.vineppo_codec in CODECS,
                 f"vineppo_codec must be one of {sorted(CODECS)}, got {self.vineppo_codec!r}",
@@ -95,6 +122,8 @@ class VinePPOConfig(GRPOConfig):
             branches=self.lite_num_branches if lite else self.vineppo_branches,
             max_tokens=self.lite_branch_max_len if lite else (self.vineppo_max_depth or self.max_completion_length),
             temperature=self.generation_temperature if self.generation_temperature is not None else 1.0,
+            top_p=self.generation_top_p if self.generation_top_p is not None else 1.0,
+            top_k=self.generation_top_k or 0,
             delimiter=self.vineppo_step_delimiter,
             max_states=None if lite else self.vineppo_max_states,
             lite_anchor_stride=self.lite_anchor_stride,

@@ -1,0 +1,242 @@
+"""VinePPOTrainer on the tiny model: real GRPO steps in every mode and cache strategy, identical
+advantages across strategies, the update's direction, offline training and stale refusals."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from datasets import Dataset
+from transformers import GenerationConfig
+
+from kvstore.capture import StalePolicyError
+from kvstore.store import SnapshotStore
+from trainer.vineppo_config import VinePPOConfig
+from trainer.vineppo_trainer import VinePPOTrainer
+from vinekv.models import BYTE_VOCAB, build_model, build_tokenizer
+
+PROMPTS = ["Q: 12+7?\n", "Q: 3*4?\n"]
+PROMPT_LEN, COMPLETION_LEN, GROUP = 16, 16, 4
+
+
+def even_bytes(prompts, completions, **kwargs):
+    """Fraction of the completion's bytes that are even: a reward every token moves a little."""
+    return [sum(b % 2 == 0 for b in c.encode()) / max(1, len(c.encode())) for c in completions]
+
+
+def every_4_chars(text: str) -> list[int]:
+    return list(range(4, len(text), 4))
+
+
+def fresh_model(seed: int = 0):
+    model = build_model("llama", seed=seed)
+    model.generation_config = GenerationConfig(eos_token_id=BYTE_VOCAB, pad_token_id=BYTE_VOCAB + 1, do_sample=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = build_tokenizer()
+    tok.padding_side = "left"
+    return tok
+
+
+def make_trainer(tmp_path, tokenizer, model=None, **overrides) -> VinePPOTrainer:
+    settings = dict(
+        save_directory=str(tmp_path / "ckpt"),
+        do_last_save=False,
+        max_prompt_length=PROMPT_LEN,
+        max_completion_length=COMPLETION_LEN,
+        total_batch_size=len(PROMPTS),
+        num_return_sequences=GROUP,
+        use_esurge_generation=False,
+        shuffle_train_dataset=False,
+        max_training_steps=1,
+        learning_rate=1e-3,
+        beta=0.0,
+        do_eval=False,
+        use_wandb=False,
+        progress_bar_type="json",
+        track_memory=False,
+        report_steps=1,
+        log_steps=1,
+        vineppo_branches=2,
+        vineppo_max_depth=6,
+        lite_num_branches=2,
+        lite_branch_max_len=6,
+        lite_anchor_stride=8,
+        vineppo_unfinished_reward=None,
+        vineppo_store=str(tmp_path / "kv"),
+        vineppo_codec="lossless",
+    )
+    settings.update(overrides)
+    return VinePPOTrainer(
+        arguments=VinePPOConfig(**settings),
+        model=model or fresh_model(),
+        reward_funcs=even_bytes,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+        step_splitter=every_4_chars,
+    )
+
+
+def record_batches(trainer: VinePPOTrainer) -> list[tuple[dict, dict]]:
+    """Keeps every preprocessed batch the trainer produces, with the metrics its step logs."""
+    seen, preprocess, execute = [], trainer._preprocess_batch_input, trainer._execute_train_step
+
+    def preprocess_and_keep(state, batch, is_train):
+        out, metrics = preprocess(state, batch, is_train)
+        seen.append(({k: np.asarray(jax.device_get(v)) for k, v in out.items()}, {}))
+        return out, metrics
+
+    def execute_and_keep(state, batch):
+        state, metrics, error = execute(state, batch)
+        seen[-1][1].update(metrics.other_metrics or {})
+        return state, metrics, error
+
+    trainer._preprocess_batch_input = preprocess_and_keep
+    trainer._execute_train_step = execute_and_keep
+    return seen
+
+
+def prompt_batch(tokenizer) -> dict[str, jax.Array]:
+    enc = tokenizer(PROMPTS, padding="max_length", max_length=PROMPT_LEN, return_tensors="np")
+    return {"input_ids": jnp.asarray(enc["input_ids"]), "attention_mask": jnp.asarray(enc["attention_mask"])}
+
+
+@pytest.mark.parametrize("strategy", ["memory", "disk", "recompute"])
+@pytest.mark.parametrize("mode", ["off", "lite", "full"])
+def test_one_training_step(tmp_path, tokenizer, mode, strategy):
+    epochs = 2
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        vineppo_mode=mode,
+        vineppo_cache_strategy=strategy,
+        vineppo_ppo_epochs=epochs,
+        max_training_steps=2 * epochs,
+    )
+    before = jax.device_get(trainer.model_state.graphstate)
+    batches = record_batches(trainer)
+    state = trainer.train().state
+    assert int(jax.device_get(state.step)) == 2 * epochs and len(batches) == 2  # two batches, epochs updates each
+    changed = jax.tree_util.tree_map(
+        lambda a, b: bool(np.any(np.asarray(a) != b)), jax.device_get(state.graphstate), before
+    )
+    assert any(jax.tree_util.tree_leaves(changed))
+    # a fresh sampling key every step: the same prompts get other completions
+    assert not np.array_equal(batches[0][0]["completion_ids"], batches[1][0]["completion_ids"])
+    out, metrics = batches[0]
+    adv, mask = out["advantages"], out["completion_mask"].astype(bool)
+    assert adv.shape == (len(PROMPTS) * GROUP, COMPLETION_LEN) and np.all(np.isfinite(adv))
+    assert np.all(adv[~mask] == 0) and np.any(adv[mask] != 0)
+    assert out["old_per_token_logps"].shape == adv.shape and np.all(out["old_per_token_logps"][mask] < 0)
+    if mode == "off":
+        # GRPO's sequence advantage, the same on every token of a completion
+        rows = [np.unique(adv[i][mask[i]]) for i in range(adv.shape[0])]
+        assert all(len(r) == 1 for r in rows)
+        return
+    assert metrics["vineppo/states"] > len(PROMPTS) * GROUP  # several states per response
+    assert metrics["vineppo/branches"] == metrics["vineppo/states"] * 2
+    assert metrics["vineppo/mc_value_var"] > 0 and 0 < metrics["vineppo/replay_time_share"] < 1
+    assert (metrics["vineppo/store_bytes"] > 0) == (strategy == "disk")
+    if strategy == "disk":  # the step's run was read back and deleted (vineppo_keep_snapshots=False)
+        assert SnapshotStore.open(str(tmp_path / "kv"), mode="r").runs() == []
+
+
+@pytest.mark.parametrize("mode", ["lite", "full"])
+def test_cache_strategies_give_identical_advantages(tmp_path, tokenizer, mode):
+    model = fresh_model()
+    batch = prompt_batch(tokenizer)
+    results = {}
+    for strategy in ("memory", "disk", "recompute"):
+        trainer = make_trainer(
+            tmp_path / strategy, tokenizer, model=model, vineppo_mode=mode, vineppo_cache_strategy=strategy
+        )
+        out, metrics = trainer._preprocess_batch_input(trainer.model_state, batch, is_train=True)
+        results[strategy] = (np.asarray(out["advantages"]), np.asarray(out["completion_ids"]), metrics)
+    adv, ids, metrics = results["memory"]
+    assert metrics["vineppo/mc_value_var"] > 0 and np.abs(adv).max() > 0
+    for strategy in ("disk", "recompute"):
+        np.testing.assert_array_equal(results[strategy][1], ids)
+        np.testing.assert_array_equal(results[strategy][0], adv, err_msg=strategy)
+        assert results[strategy][2]["vineppo/mc_value_mean"] == metrics["vineppo/mc_value_mean"]
+
+
+def test_update_raises_logprobs_of_positive_advantage_tokens(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, vineppo_mode="full", learning_rate=3e-4)
+    batches = record_batches(trainer)
+    state = trainer.train().state
+    out = {k: jnp.asarray(v) for k, v in batches[0][0].items()}
+    new = np.asarray(trainer._policy_logps(state, out))
+    old, adv = batches[0][0]["old_per_token_logps"], batches[0][0]["advantages"]
+    mask = batches[0][0]["completion_mask"].astype(bool)
+    delta = new - old
+    up, down = delta[mask & (adv > 0)], delta[mask & (adv < 0)]
+    assert up.size and down.size
+    assert up.mean() > 0 > down.mean(), (up.mean(), down.mean())
+
+
+def test_offline_training_from_a_replayed_store(tmp_path, tokenizer):
+    store_path = tmp_path / "kv"
+    online = make_trainer(
+        tmp_path / "online",
+        tokenizer,
+        vineppo_mode="full",
+        vineppo_cache_strategy="disk",
+        vineppo_store=str(store_path),
+        vineppo_keep_snapshots=True,
+    )
+    online_batches = record_batches(online)
+    online.train()
+    (run,) = SnapshotStore.open(str(store_path), mode="r").runs()
+    offline = make_trainer(
+        tmp_path / "offline", tokenizer, vineppo_mode="full", vineppo_store=str(store_path), vineppo_offline_run=run
+    )
+    offline_batches = record_batches(offline)
+    state = offline.train().state
+    assert int(jax.device_get(state.step)) == 1
+    got, want = offline_batches[0][0], online_batches[0][0]
+    for key in ("completion_ids", "completion_mask", "advantages"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert offline_batches[0][1]["vineppo/states"] == online_batches[0][1]["vineppo/states"]
+
+    with pytest.raises(StalePolicyError, match="vineppo_allow_stale"):
+        make_trainer(
+            tmp_path / "stale",
+            tokenizer,
+            model=fresh_model(seed=1),
+            vineppo_mode="full",
+            vineppo_store=str(store_path),
+            vineppo_offline_run=run,
+        )
+    stale_ok = make_trainer(
+        tmp_path / "stale_ok",
+        tokenizer,
+        model=fresh_model(seed=1),
+        vineppo_mode="full",
+        vineppo_store=str(store_path),
+        vineppo_offline_run=run,
+        vineppo_allow_stale=True,
+    )
+    out, _ = stale_ok._preprocess_batch_input(stale_ok.model_state, prompt_batch(tokenizer), is_train=True)
+    np.testing.assert_array_equal(np.asarray(out["advantages"]), want["advantages"])
+    with pytest.raises(ValueError, match="has 'full' MC values"):
+        make_trainer(
+            tmp_path / "lite", tokenizer, vineppo_mode="lite", vineppo_store=str(store_path), vineppo_offline_run=run
+        )
+
+
+def test_trainer_input_errors(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="Python reward functions"):
+        VinePPOTrainer(
+            arguments=VinePPOConfig(save_directory=str(tmp_path), vineppo_mode="lite"),
+            model=fresh_model(),
+            reward_funcs=[even_bytes, object()],
+            processing_class=tokenizer,
+        )
+    from easydel.trainers import GRPOConfig
+
+    with pytest.raises(TypeError, match="must be a VinePPOConfig"):
+        VinePPOTrainer(arguments=GRPOConfig(save_directory=str(tmp_path)), model=fresh_model(), reward_funcs=even_bytes)

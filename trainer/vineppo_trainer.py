@@ -1,0 +1,380 @@
+"""`VinePPOTrainer`: EasyDeL's GRPO trainer with VinePPO credit assignment.
+
+Each training step:
+
+1. generates the group as `GRPOTrainer` does (its compiled `generate`, with the sampling key
+   folded from the state's step so every step draws fresh samples), and scores it;
+2. captures every rollout's KV and keeps it (``memory``), spills it to the snapshot store
+   (``disk``), or keeps only tokens and re-prefills later (``recompute``);
+3. samples K branches per state (step starts in ``full`` mode, anchors in ``lite``) and folds
+   their returns into MC values (`trainer.value_estimation`);
+4. turns values into per-token advantages (`trainer.advantages`), optionally baselined and
+   whitened over the batch;
+5. adds the rollout policy's per-token log-probs (``old_per_token_logps``), so the PPO ratio
+   and clipping act, and runs ``vineppo_ppo_epochs`` updates on the batch.
+
+``vineppo_offline_run`` trains from a store run whose trajectories already carry MC values
+(``fields.mc``, written by `replay.branch_replay.replay_run` / ``vinekv replay``) instead of
+generating: each prompt of the batch takes the stored trajectories of the same prompt tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import typing as tp
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from easydel.infra.base_state import EasyDeLState
+from easydel.infra.errors import EasyDeLBreakRequest, EasyDeLTimerError
+from easydel.infra.loss_utils import LossMetrics
+from easydel.trainers.group_relative_policy_optimization.grpo_trainer import GRPOTrainer
+from easydel.trainers.training_utils import normalize_generation_model_kwargs
+from easydel.utils.compiling_utils import ejit
+
+from kvstore.capture import StalePolicyError
+from kvstore.fingerprint import policy_fingerprint
+from kvstore.store import SnapshotStore
+from replay.branch_replay import score_completions
+from replay.steps import Splitter
+from trainer.advantages import subtract_baseline, trajectory_advantages, whiten
+from trainer.rollouts import Rollout, pad_rows, split_rollouts
+from trainer.value_estimation import EstimationStats, RolloutValues, estimate_values
+from trainer.vineppo_config import VinePPOConfig
+
+
+class VinePPOTrainer(GRPOTrainer):
+    """GRPO trainer whose advantages come from VinePPO's Monte-Carlo values.
+
+    Takes `GRPOTrainer`'s arguments plus ``step_splitter`` (full mode: a callable mapping a
+    response text to its step-start character offsets, instead of ``vineppo_step_delimiter``).
+    Reward functions must be Python callables (branches are scored with them); reward models
+    work only with ``vineppo_mode='off'``.
+    """
+
+    arguments: VinePPOConfig
+
+    def __init__(
+        self,
+        arguments: VinePPOConfig,
+        model: tp.Any,
+        reward_funcs: tp.Any,
+        train_dataset: tp.Any = None,
+        eval_dataset: tp.Any = None,
+        processing_class: tp.Any = None,
+        reward_processing_classes: tp.Any = None,
+        data_tokenize_fn: tp.Callable | None = None,
+        *,
+        step_splitter: Splitter | None = None,
+    ):
+        if not isinstance(arguments, VinePPOConfig):
+            raise TypeError(f"arguments must be a VinePPOConfig, got {type(arguments).__name__}")
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        if arguments.vineppo_mode != "off":
+            bad = [type(f).__name__ for f in funcs if isinstance(f, EasyDeLState) or not callable(f)]
+            if bad:
+                raise ValueError(
+                    f"vineppo_mode={arguments.vineppo_mode!r} scores branches with Python reward functions; "
+                    f"got {bad} (reward models work only with vineppo_mode='off')"
+                )
+        self.step_splitter = step_splitter
+        self._session = time.strftime("%Y%m%d-%H%M%S")
+        super().__init__(
+            arguments=arguments,
+            model=model,
+            reward_funcs=reward_funcs,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            data_tokenize_fn=data_tokenize_fn,
+        )
+        self.initial_fingerprint = policy_fingerprint(self.model_state.model)
+        self.snapshot_store: SnapshotStore | None = None
+        if arguments.vineppo_offline_run is not None:
+            self.snapshot_store = SnapshotStore.open(arguments.vineppo_store, mode="r")
+            self._offline_index = self._index_offline_run(arguments.vineppo_offline_run)
+        elif arguments.vineppo_mode != "off" and arguments.vineppo_cache_strategy == "disk":
+            self.snapshot_store = SnapshotStore.open(arguments.vineppo_store, mode="a", codec=arguments.vineppo_codec)
+
+    # -- generation with a fresh key per step ------------------------------------------------
+
+    def create_generate_function(
+        self,
+        generation_config: tp.Any = None,
+        *,
+        shard_inputs: bool = True,
+        config_overrides: dict[str, tp.Any] | None = None,
+        accept_model_kwargs: bool = False,
+        **generate_kwargs: tp.Any,
+    ) -> tp.Callable:
+        """GRPOTrainer's compiled ``generate`` with the key ``fold_in(PRNGKey(generation_seed), step)``.
+
+        EasyDeL's ``generate`` defaults to ``PRNGKey(0)`` on every call, so every step would
+        resample the same completions for the same prompts. Multimodal (``model_kwargs``) and
+        explicit-key calls keep EasyDeL's function.
+        """
+        if accept_model_kwargs or "prng_key" in generate_kwargs:
+            return super().create_generate_function(
+                generation_config,
+                shard_inputs=shard_inputs,
+                config_overrides=config_overrides,
+                accept_model_kwargs=accept_model_kwargs,
+                **generate_kwargs,
+            )
+        config = self._prepare_generation_config(generation_config)
+        if config is not None:
+            for key, value in {**(config_overrides or {}), **generate_kwargs}.items():
+                if hasattr(config, key):
+                    setattr(config, key, value)
+        config_kwargs = {} if config is None else {"generation_config": config}
+        base_key = jax.random.PRNGKey(self.arguments.generation_seed or 0)
+        replicated = jax.sharding.NamedSharding(self.model.mesh, jax.sharding.PartitionSpec())
+
+        @ejit(in_shardings=(self.state_shardings, replicated, replicated), out_shardings=(replicated,) * 3)
+        def generate(state: EasyDeLState, input_ids: jax.Array, attention_mask: jax.Array):
+            module = state.model
+            with module.mesh:
+                outputs = module.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    prng_key=jax.random.fold_in(base_key, state.step),
+                    **config_kwargs,
+                    **generate_kwargs,
+                )
+            sequences = outputs.sequences if hasattr(outputs, "sequences") else outputs
+            return sequences, input_ids, attention_mask
+
+        return generate
+
+    # -- preprocessing -------------------------------------------------------------------------
+
+    def _preprocess_batch_input(
+        self, state: EasyDeLState, batch: dict[str, jax.Array], is_train: bool
+    ) -> tuple[dict[str, jax.Array], dict[str, float | int | str]]:
+        args = self.arguments
+        if args.vineppo_offline_run is not None:
+            return self._offline_batch(state, batch)
+        out, metrics = super()._preprocess_batch_input(state, batch, is_train)
+        if not is_train:
+            return out, metrics
+        completion_mask = np.asarray(jax.device_get(out["completion_mask"]))
+        if args.vineppo_mode == "off":
+            sequence_adv = np.asarray(jax.device_get(out["advantages"]), dtype=np.float64)
+            token_adv = sequence_adv[:, None] * completion_mask
+            extra = {}
+        else:
+            rollouts = split_rollouts(
+                *jax.device_get((out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]))
+            )
+            rewards = self._score_rollouts(rollouts)
+            values, stats = estimate_values(
+                args.vineppo_cache_strategy,
+                state.model,
+                self.processing_class,
+                self.reward_funcs,
+                rollouts,
+                args.replay_config(seed=self._replay_seed(state)),
+                store=self.snapshot_store,
+                run=f"{self._session}-step{int(jax.device_get(state.step)):07d}",
+                keep_run=args.vineppo_keep_snapshots,
+                rewards=rewards,
+                splitter=self.step_splitter,
+                batch_rows=args.vineppo_capture_rows,
+            )
+            token_adv = self._token_advantages(rollouts, values, rewards, completion_mask.shape[1])
+            extra = _estimation_metrics(values, stats, rollouts, rewards)
+        out["advantages"] = jnp.asarray(self._finish_advantages(token_adv, completion_mask), dtype=jnp.float32)
+        out["old_per_token_logps"] = self._policy_logps(state, out)
+        metrics.update(extra)
+        return out, metrics
+
+    def _replay_seed(self, state: EasyDeLState) -> int:
+        """Branch seed of this step: fresh every step, reproducible from ``generation_seed``."""
+        return (self.arguments.generation_seed or 0) * 1_000_003 + int(jax.device_get(state.step))
+
+    def _score_rollouts(self, rollouts: list[Rollout]) -> np.ndarray:
+        """``[N]`` rewards of the rollouts, scored like their branches (`score_completions`)."""
+        rewards = np.zeros(len(rollouts))
+        for group in sorted({r.group for r in rollouts}):
+            rows = [i for i, r in enumerate(rollouts) if r.group == group]
+            completions = [rollouts[i].response_ids for i in rows]
+            rewards[rows] = score_completions(
+                self.reward_funcs, self.processing_class, rollouts[rows[0]].prompt_ids, completions
+            )
+        return rewards
+
+    def _token_advantages(
+        self, rollouts: list[Rollout], values: list[RolloutValues], rewards: np.ndarray, width: int
+    ) -> np.ndarray:
+        args = self.arguments
+        rows = [
+            trajectory_advantages(
+                args.vineppo_mode,
+                len(r.response_ids),
+                v.positions,
+                v.mean,
+                float(reward),
+                args.vineppo_gamma,
+                args.vineppo_lambda,
+            )
+            for r, v, reward in zip(rollouts, values, rewards, strict=True)
+        ]
+        return pad_rows(rows, width)
+
+    def _finish_advantages(self, token_adv: np.ndarray, completion_mask: np.ndarray) -> np.ndarray:
+        """``[N, Lc]`` advantages with the batch baseline and whitening applied over real tokens."""
+        mask = completion_mask.astype(bool)
+        token_adv = np.where(mask, token_adv, 0.0)
+        if self.arguments.vineppo_baseline == "batch":
+            token_adv = subtract_baseline(token_adv, mask)
+        if self.arguments.vineppo_whiten_advantages:
+            token_adv = whiten(token_adv, mask)
+        return token_adv
+
+    def _policy_logps(self, state: EasyDeLState, out: dict[str, jax.Array]) -> jax.Array:
+        """Per-token log-probs ``[N, Lc]`` of the completions under ``state`` (the rollout policy),
+        computed exactly as the loss computes the current ones."""
+        factor = out["completion_ids"].shape[0] // out["prompt_ids"].shape[0]
+        ids = jnp.concatenate([out["prompt_ids"].repeat(factor, 0), out["completion_ids"]], axis=1)
+        mask = jnp.concatenate([out["prompt_mask"].repeat(factor, 0), out["completion_mask"]], axis=1)
+        kwargs = normalize_generation_model_kwargs(None, model_callable=state.model.__call__)
+        return self.compute_refmodel_logps(state.graphstate, state.graphother, ids, mask, kwargs)
+
+    # -- offline: MC-annotated trajectories from a store ----------------------------------------
+
+    def _index_offline_run(self, run: str) -> dict[tuple[int, ...], list[str]]:
+        """Stored trajectories of ``run`` by prompt tokens; refuses other policies' trajectories."""
+        store, args = self.snapshot_store, self.arguments
+        index: dict[tuple[int, ...], list[str]] = {}
+        for tid in store.trajectories(run):
+            info = store.trajectory_info(run, tid)
+            if not args.vineppo_allow_stale and info["fingerprint"] != self.initial_fingerprint:
+                raise StalePolicyError(
+                    f"trajectory {tid!r} of run {run!r} was made by policy {info['fingerprint']}, but the trainer "
+                    f"starts from {self.initial_fingerprint}; set vineppo_allow_stale=True to train on it anyway"
+                )
+            mc = info["fields"].get("mc")
+            if mc is None:
+                raise ValueError(f"trajectory {tid!r} of run {run!r} has no MC values: run `vinekv replay` on it first")
+            if mc["mode"] != args.vineppo_mode:
+                raise ValueError(
+                    f"trajectory {tid!r} of run {run!r} has {mc['mode']!r} MC values, the config asks for "
+                    f"vineppo_mode={args.vineppo_mode!r}"
+                )
+            prompt = tuple(store.token_ids(run, tid)[: info["prompt_len"]])
+            index.setdefault(prompt, []).append(tid)
+        if not index:
+            raise ValueError(f"run {run!r} of {args.vineppo_store} holds no trajectories")
+        return index
+
+    def _offline_batch(
+        self, state: EasyDeLState, batch: dict[str, jax.Array]
+    ) -> tuple[dict[str, jax.Array], dict[str, float | int | str]]:
+        args, store, run = self.arguments, self.snapshot_store, self.arguments.vineppo_offline_run
+        prompt_ids, prompt_mask = (np.asarray(jax.device_get(batch[k])) for k in ("input_ids", "attention_mask"))
+        per_prompt = self.num_generations
+        width = args.max_completion_length
+        rollouts, values, rewards = [], [], []
+        for group, (ids, mask) in enumerate(zip(prompt_ids, prompt_mask.astype(bool), strict=True)):
+            tids = self._offline_index.get(tuple(int(t) for t in ids[mask]), [])
+            if len(tids) < per_prompt:
+                raise ValueError(
+                    f"run {run!r} holds {len(tids)} trajectories for prompt {group} of the batch, "
+                    f"{per_prompt} (num_return_sequences) needed"
+                )
+            for tid in tids[:per_prompt]:
+                info = store.trajectory_info(run, tid)
+                response = np.asarray(info["response_token_ids"], np.int32)
+                if len(response) > width:
+                    raise ValueError(f"trajectory {tid!r} has {len(response)} response tokens > max_completion_length")
+                rollouts.append(Rollout(ids[mask].astype(np.int32), response, group))
+                mc = info["fields"]["mc"]
+                values.append(
+                    RolloutValues(np.asarray(mc["response_positions"]), np.asarray(mc["mean"]), np.asarray(mc["var"]))
+                )
+                reward = info["fields"].get("reward")
+                rewards.append(np.nan if reward is None else float(reward))
+        rewards = np.asarray(rewards)
+        missing = np.isnan(rewards)
+        if missing.any():
+            rewards[missing] = self._score_rollouts([r for r, m in zip(rollouts, missing, strict=True) if m])
+        completion_ids = np.full((len(rollouts), width), self.padding_value, np.int32)
+        completion_mask = np.zeros((len(rollouts), width), np.int32)
+        for row, r in enumerate(rollouts):
+            completion_ids[row, : len(r.response_ids)] = r.response_ids
+            completion_mask[row, : len(r.response_ids)] = 1
+        token_adv = self._token_advantages(rollouts, values, rewards, width)
+        out = {
+            "prompt_ids": jnp.asarray(prompt_ids),
+            "prompt_mask": jnp.asarray(prompt_mask),
+            "completion_ids": jnp.asarray(completion_ids),
+            "completion_mask": jnp.asarray(completion_mask),
+            "advantages": jnp.asarray(self._finish_advantages(token_adv, completion_mask), dtype=jnp.float32),
+        }
+        kwargs = normalize_generation_model_kwargs(None, model_callable=self.ref_state.model.__call__)
+        ids = jnp.concatenate([out["prompt_ids"].repeat(per_prompt, 0), out["completion_ids"]], axis=1)
+        mask = jnp.concatenate([out["prompt_mask"].repeat(per_prompt, 0), out["completion_mask"]], axis=1)
+        out["ref_per_token_logps"] = self.compute_refmodel_logps(
+            self.ref_state.graphstate, self.ref_state.graphother, ids, mask, kwargs
+        )
+        out["old_per_token_logps"] = self._policy_logps(state, out)
+        out["num_items_in_batch"] = jnp.sum(out["completion_mask"])
+        metrics = {
+            "reward_mean": float(rewards.mean()),
+            "completion_length": float(completion_mask.sum(1).mean()),
+            **_estimation_metrics(values, EstimationStats(), rollouts, rewards),
+        }
+        return out, metrics
+
+    # -- PPO epochs ------------------------------------------------------------------------------
+
+    def _execute_train_step(self, state, batch) -> tuple[EasyDeLState, LossMetrics, BaseException | None]:
+        """Preprocesses (generation, replay, advantages) once, then ``vineppo_ppo_epochs`` updates.
+
+        Each update advances ``state.step``; the step's metrics are the last update's, plus the
+        preprocessing metrics and ``vineppo/replay_time_share`` (replay seconds / step seconds).
+        """
+        if self.pruning_module is not None:
+            raise NotImplementedError("VinePPOTrainer does not support pruning_module")
+        metrics = LossMetrics()
+        start = time.perf_counter()
+        try:
+            batch, informations = self._preprocess_batch_input(state=state, batch=batch, is_train=True)
+            for _ in range(self.arguments.vineppo_ppo_epochs):
+                state, metrics = jax.block_until_ready(
+                    self.sharded_training_step_function(
+                        state, batch, *self._train_shared_fn_extra_args, *self._train_shared_fn_static_args
+                    )
+                )
+        except (KeyboardInterrupt, EasyDeLTimerError, EasyDeLBreakRequest) as run_exception:
+            return state, metrics, run_exception
+        replay_s = informations.get("vineppo/replay_seconds", 0.0)
+        informations["vineppo/replay_time_share"] = replay_s / max(time.perf_counter() - start, 1e-9)
+        informations["vineppo/ppo_epochs"] = self.arguments.vineppo_ppo_epochs
+        if metrics.other_metrics is not None:
+            informations.update(metrics.other_metrics)
+        return state, metrics.replace(other_metrics=informations), None
+
+
+def _estimation_metrics(
+    values: list[RolloutValues], stats: EstimationStats, rollouts: list[Rollout], rewards: np.ndarray
+) -> dict[str, float]:
+    """Step metrics: MC value mean/variance, branch counts and budget, store bytes, replay seconds."""
+    means = np.concatenate([v.mean for v in values]) if values else np.zeros(0)
+    variances = np.concatenate([v.var for v in values]) if values else np.zeros(0)
+    rollout_tokens = sum(len(r.response_ids) for r in rollouts)
+    return {
+        "vineppo/mc_value_mean": float(np.nanmean(means)) if means.size else 0.0,
+        "vineppo/mc_value_var": float(np.nanmean(variances)) if variances.size else 0.0,
+        "vineppo/states": float(means.size),
+        "vineppo/branches": float(stats.branches),
+        "vineppo/branch_tokens": float(stats.branch_tokens),
+        "vineppo/budget_branch_tokens_per_rollout_token": stats.branch_tokens / max(rollout_tokens, 1),
+        "vineppo/store_bytes": float(stats.store_bytes),
+        "vineppo/peak_kv_bytes": float(stats.peak_kv_bytes),
+        "vineppo/capture_seconds": stats.seconds["capture"] + stats.seconds["spill"],
+        "vineppo/replay_seconds": stats.seconds["replay"] + stats.seconds["capture"] + stats.seconds["spill"],
+        "vineppo/trajectory_reward_mean": float(np.mean(rewards)) if len(rewards) else 0.0,
+    }
