@@ -1,4 +1,5 @@
-# Two entry points: `make demo` runs the main job on the built-in tiny default, `make test` runs the suite.
+# Two entry points: `make demo` runs the main jobs (snapshot/replay demo, then VinePPO training)
+# on the built-in tiny default, `make test` runs the suite.
 # Both create the project-local virtualenv .venv on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -16,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/vinekv demo
+	$(VENV)/bin/vinekv train
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from configs.demo import DemoConfig
+from configs.train import TrainConfig
 
 T = TypeVar("T")
 
@@ -30,4 +31,4 @@ def load(cls: type[T], path: str | Path, **overrides: Any) -> T:
     return cls(**fields)
 
 
-__all__ = ["CONFIG_DIR", "DemoConfig", "load"]
+__all__ = ["CONFIG_DIR", "DemoConfig", "TrainConfig", "load"]

@@ -107,6 +107,8 @@ class ReplayConfig:
 
 @dataclasses.dataclass
 class ReplayReport:
+    """Counts and seconds (``read``, ``decode``, ``score``) of a replay."""
+
     trajectories: int = 0
     skipped: int = 0
     states: int = 0
@@ -118,6 +120,17 @@ class ReplayReport:
     @property
     def tokens_per_second(self) -> float:
         return self.branch_tokens / self.seconds["decode"] if self.seconds["decode"] else 0.0
+
+    def add(self, values: StateValues, response_len: int, read_seconds: float = 0.0) -> None:
+        """Counts one valued trajectory."""
+        self.trajectories += 1
+        self.states += values.finished.shape[0]
+        self.branches += int(values.finished.size)
+        self.branch_tokens += values.branch_tokens
+        self.rollout_tokens += response_len
+        self.seconds["read"] += read_seconds
+        for name, seconds in values.seconds.items():
+            self.seconds[name] += seconds
 
 
 def text_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
@@ -310,14 +323,7 @@ def _value_trajectory(store, run, model, tokenizer, reward_fns, config, digest, 
             "branch_tokens": tokens,
         },
     )
-    report.trajectories += 1
-    report.states += len(states)
-    report.branches += int(finished.size)
-    report.branch_tokens += tokens
-    report.rollout_tokens += len(response)
-    report.seconds["read"] += item["read"]
-    report.seconds["decode"] += values.seconds["decode"]
-    report.seconds["score"] += values.seconds["score"]
+    report.add(values, len(response), item["read"])
     return {
         "trajectory": tid,
         "states": len(states),

@@ -10,6 +10,7 @@ from trainer.advantages import (
     fill_values,
     grpo_advantages,
     mc_gae,
+    normalize_batch,
     steps_to_tokens,
     subtract_baseline,
     trajectory_advantages,
@@ -107,3 +108,15 @@ def test_subtract_baseline_uses_masked_entries_only():
     adv = np.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
     mask = np.array([[1, 1, 0], [1, 0, 0]])
     np.testing.assert_allclose(subtract_baseline(adv, mask), [[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def test_normalize_batch_zeroes_padding_then_baselines_and_whitens():
+    adv = np.array([[1.0, 3.0, 7.0], [2.0, 7.0, 7.0]])
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_allclose(normalize_batch(adv, mask), [[1.0, 3.0, 0.0], [2.0, 0.0, 0.0]])
+    np.testing.assert_allclose(normalize_batch(adv, mask, "batch"), [[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    white = normalize_batch(adv, mask, "batch", whiten_advantages=True)
+    picked = white[mask.astype(bool)]
+    np.testing.assert_allclose([picked.mean(), picked.std()], [0.0, 1.0], atol=1e-6)
+    with pytest.raises(ValueError, match="baseline must be"):
+        normalize_batch(adv, mask, "learned")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from configs import CONFIG_DIR, DemoConfig, load
+from configs import CONFIG_DIR, DemoConfig, TrainConfig, load
 from vinekv.cli import main
 from vinekv.demo import run_demo, snapshot_positions
 from vinekv.models import ModelShape, build_model
@@ -24,6 +24,16 @@ def test_tokenizer_is_byte_level_and_loads_from_disk(tokenizer_dir):
 
 def test_demo_toml_is_the_builtin_default():
     assert load(DemoConfig, CONFIG_DIR / "demo.toml") == DemoConfig()
+    assert load(TrainConfig, CONFIG_DIR / "train.toml") == TrainConfig()
+
+
+def test_train_config_merges_trainer_settings_and_refuses_unknown_ones():
+    config = TrainConfig(trainer={"vineppo_mode": "lite"})
+    assert config.trainer["vineppo_mode"] == "lite" and config.trainer["vineppo_unfinished_reward"] is None
+    with pytest.raises(ValueError, match=r"unknown VinePPOConfig fields \['vineppo_brnaches'\]"):
+        TrainConfig(trainer={"vineppo_brnaches": 2})
+    with pytest.raises(ValueError, match="reward must be one of"):
+        TrainConfig(reward="exact_match")
 
 
 def test_config_errors(tmp_path):

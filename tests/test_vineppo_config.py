@@ -47,6 +47,7 @@ def test_defaults_and_replay_settings():
         ({"vineppo_offline_run": "r1", "vineppo_store": "kv", "vineppo_mode": "off"}, "must be 'lite' or 'full'"),
         ({"vineppo_baseline": "learned"}, "vineppo_baseline must be one of"),
         ({"vineppo_capture_rows": 0}, "vineppo_capture_rows must be >= 1"),
+        ({"vineppo_spill_buffer_mb": 0}, "vineppo_spill_buffer_mb must be >= 1"),
     ],
 )
 def test_bad_values_raise_clear_errors(kwargs, message):

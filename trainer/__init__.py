@@ -28,6 +28,7 @@ _EXPORTS = {
             "fill_values",
             "grpo_advantages",
             "mc_gae",
+            "normalize_batch",
             "steps_to_tokens",
             "subtract_baseline",
             "trajectory_advantages",

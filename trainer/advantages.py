@@ -158,3 +158,19 @@ def subtract_baseline(advantages: np.ndarray, mask: np.ndarray | None = None) ->
     mask = np.ones(advantages.shape, bool) if mask is None else np.asarray(mask, bool)
     picked = advantages[mask]
     return np.where(mask, advantages - (picked.mean() if picked.size else 0.0), 0.0)
+
+
+def normalize_batch(
+    advantages: np.ndarray, mask: np.ndarray, baseline: str = "none", whiten_advantages: bool = False
+) -> np.ndarray:
+    """``[N, T]`` token advantages zeroed off ``mask``, then optionally baselined and whitened
+    over the masked entries (``baseline``: ``"none"`` or ``"batch"``)."""
+    mask = np.asarray(mask, bool)
+    out = np.where(mask, np.asarray(advantages, dtype=np.float64), 0.0)
+    if baseline not in ("none", "batch"):
+        raise ValueError(f"baseline must be 'none' or 'batch', got {baseline!r}")
+    if baseline == "batch":
+        out = subtract_baseline(out, mask)
+    if whiten_advantages:
+        out = whiten(out, mask)
+    return out

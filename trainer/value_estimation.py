@@ -23,7 +23,7 @@ from kvstore.capture import capture_sequences
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
-from replay.branch_replay import ReplayConfig, replay_run, select_states, value_states
+from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, value_states
 from replay.rewards import RewardFn
 from replay.steps import Splitter
 from trainer.rollouts import Rollout
@@ -43,11 +43,10 @@ class RolloutValues:
 
 @dataclasses.dataclass
 class EstimationStats:
-    """What a value estimation cost: counts, peak KV bytes held on the host, store bytes, seconds."""
+    """What a value estimation cost: the replay's counts and seconds (``replay``), peak KV bytes
+    held on the host, bytes in the store, and seconds of capture, spill and the whole replay."""
 
-    states: int = 0
-    branches: int = 0
-    branch_tokens: int = 0
+    replay: ReplayReport = dataclasses.field(default_factory=ReplayReport)
     peak_kv_bytes: int = 0
     store_bytes: int = 0
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"capture": 0.0, "spill": 0.0, "replay": 0.0})
@@ -141,9 +140,7 @@ def _value_rollout(model, tokenizer, reward_fns, config, index, rollout, starts,
         model, tokenizer, reward_fns, config, trajectory_id(index), rollout.response_ids, starts, states
     )
     stats.seconds["replay"] += time.perf_counter() - start
-    stats.states += len(states)
-    stats.branches += int(values.finished.size)
-    stats.branch_tokens += values.branch_tokens
+    stats.replay.add(values, len(rollout.response_ids))
     return RolloutValues(np.asarray(starts), values.stats.mean, values.stats.var)
 
 
@@ -166,9 +163,8 @@ def _estimate_from_store(
     stats.seconds["spill"] += time.perf_counter() - start
     stats.store_bytes = store.size(run).stored
     start = time.perf_counter()
-    report = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
+    stats.replay = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
     stats.seconds["replay"] += time.perf_counter() - start
-    stats.states, stats.branches, stats.branch_tokens = report.states, report.branches, report.branch_tokens
     results = []
     for index, expected in enumerate(starts):
         mc = store.trajectory_info(run, trajectory_id(index))["fields"]["mc"]

@@ -35,6 +35,9 @@ class VinePPOConfig(GRPOConfig):
     vineppo_cache_strategy: str = field(default="memory", metadata={"help": "memory | disk | recompute"})
     vineppo_store: str | None = field(default=None, metadata={"help": "snapshot store path (required for disk)"})
     vineppo_codec: str = field(default="int8", metadata={"help": "store codec: int8 | lossless"})
+    vineppo_spill_buffer_mb: int = field(
+        default=256, metadata={"help": "disk: MiB of raw KV queued for the store's writers before a spill waits"}
+    )
     vineppo_step_delimiter: str = field(default="\n", metadata={"help": "full mode: reasoning-step delimiter"})
     vineppo_gamma: float = field(default=1.0, metadata={"help": "discount"})
     vineppo_lambda: float = field(default=0.95, metadata={"help": "lite mode: GAE lambda"})
@@ -82,6 +85,10 @@ class VinePPOConfig(GRPOConfig):
             (
                 self.vineppo_baseline in BASELINES,
                 f"vineppo_baseline must be one of {BASELINES}, got {self.vineppo_baseline!r}",
+            ),
+            (
+                self.vineppo_spill_buffer_mb >= 1,
+                f"vineppo_spill_buffer_mb must be >= 1, got {self.vineppo_spill_buffer_mb}",
             ),
             (self.vineppo_capture_rows >= 1, f"vineppo_capture_rows must be >= 1, got {self.vineppo_capture_rows}"),
             (

@@ -20,6 +20,7 @@ generating: each prompt of the batch takes the stored trajectories of the same p
 
 from __future__ import annotations
 
+import logging
 import time
 import typing as tp
 
@@ -38,10 +39,12 @@ from kvstore.fingerprint import policy_fingerprint
 from kvstore.store import SnapshotStore
 from replay.branch_replay import score_completions
 from replay.steps import Splitter
-from trainer.advantages import subtract_baseline, trajectory_advantages, whiten
+from trainer.advantages import normalize_batch, trajectory_advantages
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
 from trainer.value_estimation import EstimationStats, RolloutValues, estimate_values
 from trainer.vineppo_config import VinePPOConfig
+
+logger = logging.getLogger(__name__)
 
 
 class VinePPOTrainer(GRPOTrainer):
@@ -49,6 +52,7 @@ class VinePPOTrainer(GRPOTrainer):
 
     Takes `GRPOTrainer`'s arguments plus ``step_splitter`` (full mode: a callable mapping a
     response text to its step-start character offsets, instead of ``vineppo_step_delimiter``).
+    ``history`` holds one dict of metrics per training step (loss, rewards, ``vineppo/*``).
     Reward functions must be Python callables (branches are scored with them); reward models
     work only with ``vineppo_mode='off'``.
     """
@@ -79,6 +83,7 @@ class VinePPOTrainer(GRPOTrainer):
                     f"got {bad} (reward models work only with vineppo_mode='off')"
                 )
         self.step_splitter = step_splitter
+        self.history: list[dict[str, float]] = []
         self._session = time.strftime("%Y%m%d-%H%M%S")
         super().__init__(
             arguments=arguments,
@@ -96,7 +101,12 @@ class VinePPOTrainer(GRPOTrainer):
             self.snapshot_store = SnapshotStore.open(arguments.vineppo_store, mode="r")
             self._offline_index = self._index_offline_run(arguments.vineppo_offline_run)
         elif arguments.vineppo_mode != "off" and arguments.vineppo_cache_strategy == "disk":
-            self.snapshot_store = SnapshotStore.open(arguments.vineppo_store, mode="a", codec=arguments.vineppo_codec)
+            self.snapshot_store = SnapshotStore.open(
+                arguments.vineppo_store,
+                mode="a",
+                codec=arguments.vineppo_codec,
+                max_inflight_bytes=arguments.vineppo_spill_buffer_mb * 2**20,
+            )
 
     # -- generation with a fresh key per step ------------------------------------------------
 
@@ -224,14 +234,8 @@ class VinePPOTrainer(GRPOTrainer):
         return pad_rows(rows, width)
 
     def _finish_advantages(self, token_adv: np.ndarray, completion_mask: np.ndarray) -> np.ndarray:
-        """``[N, Lc]`` advantages with the batch baseline and whitening applied over real tokens."""
-        mask = completion_mask.astype(bool)
-        token_adv = np.where(mask, token_adv, 0.0)
-        if self.arguments.vineppo_baseline == "batch":
-            token_adv = subtract_baseline(token_adv, mask)
-        if self.arguments.vineppo_whiten_advantages:
-            token_adv = whiten(token_adv, mask)
-        return token_adv
+        args = self.arguments
+        return normalize_batch(token_adv, completion_mask, args.vineppo_baseline, args.vineppo_whiten_advantages)
 
     def _policy_logps(self, state: EasyDeLState, out: dict[str, jax.Array]) -> jax.Array:
         """Per-token log-probs ``[N, Lc]`` of the completions under ``state`` (the rollout policy),
@@ -355,6 +359,10 @@ class VinePPOTrainer(GRPOTrainer):
         informations["vineppo/ppo_epochs"] = self.arguments.vineppo_ppo_epochs
         if metrics.other_metrics is not None:
             informations.update(metrics.other_metrics)
+        self.history.append(
+            {"step": int(jax.device_get(state.step)), "loss": float(metrics.loss), **_floats(informations)}
+        )
+        _log_batch(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
 
 
@@ -365,16 +373,46 @@ def _estimation_metrics(
     means = np.concatenate([v.mean for v in values]) if values else np.zeros(0)
     variances = np.concatenate([v.var for v in values]) if values else np.zeros(0)
     rollout_tokens = sum(len(r.response_ids) for r in rollouts)
+    report = stats.replay
     return {
         "vineppo/mc_value_mean": float(np.nanmean(means)) if means.size else 0.0,
         "vineppo/mc_value_var": float(np.nanmean(variances)) if variances.size else 0.0,
         "vineppo/states": float(means.size),
-        "vineppo/branches": float(stats.branches),
-        "vineppo/branch_tokens": float(stats.branch_tokens),
-        "vineppo/budget_branch_tokens_per_rollout_token": stats.branch_tokens / max(rollout_tokens, 1),
+        "vineppo/branches": float(report.branches),
+        "vineppo/branch_tokens": float(report.branch_tokens),
+        "vineppo/budget_branch_tokens_per_rollout_token": report.branch_tokens / max(rollout_tokens, 1),
+        "vineppo/branch_tokens_per_second": report.tokens_per_second,
         "vineppo/store_bytes": float(stats.store_bytes),
         "vineppo/peak_kv_bytes": float(stats.peak_kv_bytes),
         "vineppo/capture_seconds": stats.seconds["capture"] + stats.seconds["spill"],
         "vineppo/replay_seconds": stats.seconds["replay"] + stats.seconds["capture"] + stats.seconds["spill"],
         "vineppo/trajectory_reward_mean": float(np.mean(rewards)) if len(rewards) else 0.0,
     }
+
+
+def _log_batch(entry: dict[str, float]) -> None:
+    if "vineppo/states" not in entry:
+        return
+    logger.info(
+        "step %d: reward %.3f, MC value %.3f (var %.4f), %d states, %d branches (%.1f tokens per rollout token), "
+        "replay %.0f%% of the step",
+        entry["step"],
+        entry["vineppo/trajectory_reward_mean"],
+        entry["vineppo/mc_value_mean"],
+        entry["vineppo/mc_value_var"],
+        entry["vineppo/states"],
+        entry["vineppo/branches"],
+        entry["vineppo/budget_branch_tokens_per_rollout_token"],
+        100 * entry["vineppo/replay_time_share"],
+    )
+
+
+def _floats(metrics: dict[str, tp.Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are numbers, as floats."""
+    out = {}
+    for name, value in metrics.items():
+        try:
+            out[name] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out

@@ -3,6 +3,8 @@
 vinekv demo [--config FILE] [--family F] [--seed N] [--kv-dtype D] [--store PATH] [--codec C]
     sample responses on a tiny random model, spill their KV to a snapshot store, resume
     from stored prefixes, report agreement.
+vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|recompute] [--steps N] ...
+    VinePPO training of a tiny random model on a toy reward, per-step metrics and a PNG plot.
 vinekv inspect STORE [--run RUN]
     list a snapshot store's runs, trajectories and sizes.
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
@@ -12,6 +14,7 @@ vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
@@ -37,6 +40,29 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(config)
     print(format_report(report))
     return 0 if report.all_agree else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from configs import TrainConfig, load
+    from vinekv.train import format_training, run_training
+
+    overrides = {
+        "vineppo_mode": args.mode,
+        "vineppo_cache_strategy": args.strategy,
+        "max_training_steps": args.steps,
+        "vineppo_keep_snapshots": args.keep_snapshots or None,
+    }
+    top = {"family": args.family, "seed": args.seed, "store": args.store, "plot": args.plot}
+    config = load(TrainConfig, args.config) if args.config else TrainConfig()
+    config = TrainConfig(
+        **{
+            **dataclasses.asdict(config),
+            **{k: v for k, v in top.items() if v is not None},
+            "trainer": {**config.trainer, **{k: v for k, v in overrides.items() if v is not None}},
+        }
+    )
+    print(format_training(run_training(config)))
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -118,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", help="snapshot store path to keep (default: a temporary store)")
     demo.add_argument("--codec", choices=["lossless", "int8"])
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="VinePPO training of a tiny random model on a toy reward")
+    train.add_argument("--config", help="TOML file with TrainConfig fields (see configs/train.toml)")
+    train.add_argument("--mode", choices=["off", "lite", "full"])
+    train.add_argument("--strategy", choices=["memory", "disk", "recompute"])
+    train.add_argument("--steps", type=int, help="optimizer steps (batches x vineppo_ppo_epochs)")
+    train.add_argument("--family", help="model family: llama, qwen2, qwen3, mistral")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--store", help="snapshot store path (default: a temporary store)")
+    train.add_argument("--keep-snapshots", action="store_true", help="keep each step's run in the store")
+    train.add_argument("--plot", help="PNG of the per-step metrics (default vinekv-train.png; '' for none)")
+    train.set_defaults(func=_train)
     inspect = sub.add_parser("inspect", help="list a snapshot store's runs, trajectories and sizes")
     inspect.add_argument("store", help="store path or TensorStore kvstore URL")
     inspect.add_argument("--run", help="list this run's trajectories")
