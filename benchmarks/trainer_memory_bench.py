@@ -13,8 +13,9 @@ token) with a small hidden size so capture runs in seconds. Replay: full mode, 2
 rollout, K = 2 branches of 4 tokens. Store codec int8 (the default), spill buffer 64 MiB
 (`vineppo_spill_buffer_mb`: raw KV queued for the background writers before a spill waits).
 
-Each (strategy, N) runs in a fresh process: the model is built, the estimation is run once on 8
-rollouts (compiles every program), the kernel's peak-RSS counter is reset
+Each (strategy, N) runs in a fresh process: the model is built, the estimation is run once on 32
+rollouts (a warm-up step: compiles every program and brings the store's writers to their
+steady-state buffers, as a trainer is after its first step), the kernel's peak-RSS counter is reset
 (``/proc/self/clear_refs`` = 5), the measured run follows, and the peak (``VmHWM``) minus the
 resident size just before is reported. Results: benchmarks/results/trainer_memory.json and
 docs/img/trainer_memory.png.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, RESPONSE = 64, 448
+WARMUP = 32  # trajectories of the warm-up step: compiles every program, fills the writers' steady-state buffers
 SPILL_BUFFER_MIB = 64  # the trainer's vineppo_spill_buffer_mb: raw KV queued for writing at most
 
 
@@ -68,7 +70,9 @@ def child(strategy: str, n: int, folder: str) -> dict:
 
     def rollouts(count: int) -> list[Rollout]:
         return [
-            Rollout(rng.integers(0, 256, PROMPT).astype(np.int32), rng.integers(0, 256, RESPONSE).astype(np.int32), i)
+            Rollout(
+                rng.integers(0, 256, PROMPT).astype(np.int32), rng.integers(0, 256, RESPONSE).astype(np.int32), i, i
+            )
             for i in range(count)
         ]
 
@@ -90,7 +94,7 @@ def child(strategy: str, n: int, folder: str) -> dict:
             strategy, model, tokenizer, reward, rollouts(count), config, store=store, run=name, splitter=splitter
         )
 
-    run(8, "warmup")
+    run(WARMUP, "warmup")
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     start = time.perf_counter()

@@ -242,6 +242,11 @@ class StateValues:
     seconds: dict[str, float]
 
 
+def reward_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The stored fields reward functions receive: all but ``mc`` and vinekv's own ``vinekv_*``."""
+    return {k: v for k, v in fields.items() if k != "mc" and not k.startswith("vinekv_")}
+
+
 def score_completions(
     reward_fns: RewardFn | Sequence[RewardFn],
     tokenizer: Any,
@@ -308,7 +313,7 @@ def value_states(
 def _value_trajectory(store, run, model, tokenizer, reward_fns, config, digest, item, report) -> dict:
     info, starts, states, tid = item["info"], item["starts"], item["states"], item["tid"]
     response = info["response_token_ids"]
-    fields = {k: v for k, v in info["fields"].items() if k != "mc"}
+    fields = reward_fields(info["fields"])
     values = value_states(model, tokenizer, reward_fns, config, tid, response, starts, states, fields)
     stats, finished, tokens = values.stats, values.finished, values.branch_tokens
     store.annotate(

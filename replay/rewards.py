@@ -53,3 +53,23 @@ def score(
             raise ValueError(f"reward function {name!r} returned {got} values for {len(unique)} completions")
         total += weight * values
     return total[np.asarray(index, dtype=np.int64)]
+
+
+def weighted_sum(reward_fns: Sequence[RewardFn], weights: Sequence[float]) -> RewardFn:
+    """One reward function returning ``sum_i weights[i] * reward_fns[i](...)`` per completion."""
+    fns, weights = list(reward_fns), [float(w) for w in weights]
+    if len(fns) != len(weights) or not fns:
+        raise ValueError(f"{len(weights)} weights for {len(fns)} reward functions")
+
+    def combined(prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
+        total = np.zeros(len(completions))
+        for fn, weight in zip(fns, weights, strict=True):
+            values = np.asarray(list(fn(prompts=prompts, completions=completions, **fields)), dtype=np.float64)
+            if values.shape != total.shape:
+                name = getattr(fn, "__name__", fn)
+                raise ValueError(f"reward function {name!r} returned {values.size} values for {total.size} completions")
+            total += weight * values
+        return total.tolist()
+
+    combined.__name__ = "+".join(getattr(fn, "__name__", type(fn).__name__) for fn in fns)
+    return combined

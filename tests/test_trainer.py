@@ -42,7 +42,7 @@ def tokenizer():
     return tok
 
 
-def make_trainer(tmp_path, tokenizer, model=None, **overrides) -> VinePPOTrainer:
+def make_trainer(tmp_path, tokenizer, model=None, reward_funcs=even_bytes, **overrides) -> VinePPOTrainer:
     settings = dict(
         save_directory=str(tmp_path / "ckpt"),
         do_last_save=False,
@@ -74,7 +74,7 @@ def make_trainer(tmp_path, tokenizer, model=None, **overrides) -> VinePPOTrainer
     return VinePPOTrainer(
         arguments=VinePPOConfig(**settings),
         model=model or fresh_model(),
-        reward_funcs=even_bytes,
+        reward_funcs=reward_funcs,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         processing_class=tokenizer,
         step_splitter=every_4_chars,
@@ -169,7 +169,7 @@ def test_update_raises_logprobs_of_positive_advantage_tokens(tmp_path, tokenizer
     batches = record_batches(trainer)
     state = trainer.train().state
     out = {k: jnp.asarray(v) for k, v in batches[0][0].items()}
-    new = np.asarray(trainer._policy_logps(state, out))
+    new = np.asarray(trainer._completion_logps(state, out))
     old, adv = batches[0][0]["old_per_token_logps"], batches[0][0]["advantages"]
     mask = batches[0][0]["completion_mask"].astype(bool)
     delta = new - old
@@ -240,3 +240,40 @@ def test_trainer_input_errors(tmp_path, tokenizer):
 
     with pytest.raises(TypeError, match="must be a VinePPOConfig"):
         VinePPOTrainer(arguments=GRPOConfig(save_directory=str(tmp_path)), model=fresh_model(), reward_funcs=even_bytes)
+
+
+def constant_half(prompts, completions, **kwargs):
+    return [0.5] * len(completions)
+
+
+def test_grpo_options_reward_weights_accumulation_and_loss_cut(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        vineppo_mode="lite",
+        gradient_accumulation_steps=2,
+        total_batch_size=1,
+        max_loss_completion_tokens=8,
+        reward_funcs=[even_bytes, constant_half],
+        reward_weights=[2.0, 1.0],
+    )
+    batches = record_batches(trainer)
+    state = trainer.train().state
+    out, metrics = batches[0]
+    assert int(jax.device_get(state.step)) == 1
+    # one prompt row per completion row, so gradient accumulation slices consistent minibatches
+    rows = out["completion_ids"].shape[0]
+    assert rows % GROUP == 0 and out["prompt_ids"].shape[0] == rows
+    np.testing.assert_array_equal(out["prompt_ids"][:GROUP], np.repeat(out["prompt_ids"][:1], GROUP, 0))
+    assert out["advantages"].shape == (rows, 8)  # cut like GRPO cuts the completions
+    assert metrics["vineppo/trajectory_reward_mean"] == pytest.approx(2 * metrics["even_bytes"] + 0.5, abs=1e-5)
+
+
+def test_masked_out_completions_get_no_values(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, vineppo_mode="full", mask_truncated_completions=True)
+    out, metrics = trainer._preprocess_batch_input(trainer.model_state, prompt_batch(tokenizer), is_train=True)
+    mask = np.asarray(out["completion_mask"]).astype(bool)
+    kept = mask.any(axis=1)
+    assert not kept.all()  # a random model rarely ends within 16 tokens: those rows are masked out
+    assert np.all(np.asarray(out["advantages"])[~kept] == 0)
+    assert metrics["vineppo/branches"] == 2 * metrics["vineppo/states"]

@@ -24,6 +24,13 @@ def test_defaults_and_replay_settings():
     assert VinePPOConfig(vineppo_mode="full", vineppo_max_depth=32).replay_config().max_tokens == 32
     sampled = VinePPOConfig(generation_temperature=0.7, generation_top_p=0.9, generation_top_k=20).replay_config()
     assert (sampled.temperature, sampled.top_p, sampled.top_k) == (0.7, 0.9, 20)  # branches sample like rollouts
+    # unset, the settings each generation path would use are pinned for rollouts and branches alike
+    compiled = VinePPOConfig(use_esurge_generation=False)
+    assert (compiled.generation_temperature, compiled.generation_top_p, compiled.generation_top_k) == (1.0, 1.0, 0)
+    assert (compiled.replay_config().top_k, compiled.replay_config().top_p) == (0, 1.0)
+    esurge = VinePPOConfig(use_esurge_generation=True).replay_config()
+    assert (esurge.temperature, esurge.top_p, esurge.top_k) == (1.0, 1.0, 64)  # GRPOConfig sets t and p itself
+    assert VinePPOConfig(vineppo_mode="off").generation_top_k is None  # plain GRPO: untouched
     with pytest.raises(ValueError, match="runs no branch replay"):
         VinePPOConfig(vineppo_mode="off").replay_config()
 

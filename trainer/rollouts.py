@@ -16,11 +16,13 @@ class Rollout:
       prompt_ids: ``[P]`` prompt tokens (left padding removed).
       response_ids: ``[T]`` response tokens up to and including the first EOS (T >= 1).
       group: index of the prompt in the batch (rows of one group share it).
+      row: the completion's row in the batch.
     """
 
     prompt_ids: np.ndarray
     response_ids: np.ndarray
     group: int
+    row: int = 0
 
     @property
     def sequence(self) -> np.ndarray:
@@ -32,7 +34,11 @@ def split_rollouts(
     prompt_ids: np.ndarray, prompt_mask: np.ndarray, completion_ids: np.ndarray, completion_mask: np.ndarray
 ) -> list[Rollout]:
     """Rollouts of a GRPO batch: prompts ``[G, Lp]`` (left padded, mask 1 on tokens), completions
-    ``[G * n, Lc]`` grouped by prompt, their mask 1 up to and including the first EOS."""
+    ``[G * n, Lc]`` grouped by prompt, their mask 1 up to and including the first EOS.
+
+    Completions whose mask is all 0 (GRPO's ``mask_truncated_completions`` drops truncated ones
+    from the loss that way) have no rollout.
+    """
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
     completion_ids, completion_mask = np.asarray(completion_ids), np.asarray(completion_mask).astype(bool)
     groups, rows = prompt_ids.shape[0], completion_ids.shape[0]
@@ -43,16 +49,20 @@ def split_rollouts(
     out = []
     for row in range(rows):
         length = int(completion_mask[row].sum())
-        if length < 1:
-            raise ValueError(f"completion {row} is empty (its mask has no tokens)")
-        out.append(Rollout(prompts[row // per_group], completion_ids[row, :length].astype(np.int32), row // per_group))
+        if length:
+            response = completion_ids[row, :length].astype(np.int32)
+            out.append(Rollout(prompts[row // per_group], response, row // per_group, row))
     return out
 
 
-def pad_rows(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
-    """Right-pads 1-D float rows with zeros into ``[len(rows), width]`` (float32)."""
-    out = np.zeros((len(rows), width), np.float32)
-    for i, row in enumerate(rows):
+def pad_rows(
+    rows: Sequence[np.ndarray], width: int, at: Sequence[int] | None = None, height: int | None = None
+) -> np.ndarray:
+    """``[height, width]`` float32 zeros with 1-D row ``i`` written from the left into row ``at[i]``
+    (default: row i; ``height`` defaults to ``len(rows)``)."""
+    at = list(range(len(rows))) if at is None else list(at)
+    out = np.zeros((len(rows) if height is None else height, width), np.float32)
+    for i, row in zip(at, rows, strict=True):
         if len(row) > width:
             raise ValueError(f"row {i} has {len(row)} entries, more than the width {width}")
         out[i, : len(row)] = row

@@ -52,8 +52,9 @@ class EstimationStats:
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"capture": 0.0, "spill": 0.0, "replay": 0.0})
 
 
-def trajectory_id(index: int) -> str:
-    return f"{index:06d}"
+def trajectory_id(row: int) -> str:
+    """Store id (and branch-key id) of the rollout in batch row ``row``."""
+    return f"{row:06d}"
 
 
 def estimate_values(
@@ -73,14 +74,17 @@ def estimate_values(
 ) -> tuple[list[RolloutValues], EstimationStats]:
     """MC values of every rollout's states (step starts or anchors, per ``config.mode``).
 
-    ``disk`` needs ``store`` and ``run`` (a new run name); the run is deleted afterwards unless
-    ``keep_run``. ``rewards`` (one per rollout) are stored as a field with spilled rollouts.
+    ``disk`` needs ``store`` and ``run`` (a new run name); the run is deleted afterwards (also
+    when replay fails) unless ``keep_run``. ``rewards`` (one per rollout) are stored with the
+    spilled rollouts as field ``vinekv_reward``, their groups as ``vinekv_group``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     stats = EstimationStats()
     if not rollouts:
         return [], stats
+    if len({r.row for r in rollouts}) != len(rollouts):
+        raise ValueError("rollouts must have distinct rows (their row names their store entry and branch keys)")
     starts = [select_states(r.response_ids, tokenizer, config, splitter) for r in rollouts]
     if strategy == "disk":
         return _estimate_from_store(
@@ -112,7 +116,7 @@ def estimate_values(
     for chunk in chunks:
         for full in chunk:
             results.append(
-                _value_rollout(model, tokenizer, reward_fns, config, index, rollouts[index], starts[index], full, stats)
+                _value_rollout(model, tokenizer, reward_fns, config, rollouts[index], starts[index], full, stats)
             )
             index += 1
     return results, stats
@@ -132,12 +136,12 @@ def _recaptured_chunks(model, rollouts, batch_rows, fingerprint, stats):
         yield chunk
 
 
-def _value_rollout(model, tokenizer, reward_fns, config, index, rollout, starts, full: CachedState, stats):
+def _value_rollout(model, tokenizer, reward_fns, config, rollout, starts, full: CachedState, stats):
     prompt_len = len(rollout.prompt_ids)
     states = [full.prefix(prompt_len + int(b)) for b in starts]
     start = time.perf_counter()
     values = value_states(
-        model, tokenizer, reward_fns, config, trajectory_id(index), rollout.response_ids, starts, states
+        model, tokenizer, reward_fns, config, trajectory_id(rollout.row), rollout.response_ids, starts, states
     )
     stats.seconds["replay"] += time.perf_counter() - start
     stats.replay.add(values, len(rollout.response_ids))
@@ -150,30 +154,33 @@ def _estimate_from_store(
     if store is None or not run:
         raise ValueError("strategy 'disk' needs a store and a run name")
     fingerprint = policy_fingerprint(model)
-    start, chunk_bytes = time.perf_counter(), 0
-    captured = capture_sequences(model, [r.sequence for r in rollouts], batch_rows, fingerprint=fingerprint)
-    for index, (rollout, state) in enumerate(zip(rollouts, captured, strict=True)):
-        fields = {"group": rollout.group}
-        if rewards is not None:
-            fields["reward"] = float(rewards[index])
-        store.spill(run, trajectory_id(index), state, len(rollout.prompt_ids), **fields)
-        chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
-        stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
-    store.flush()
-    stats.seconds["spill"] += time.perf_counter() - start
-    stats.store_bytes = store.size(run).stored
-    start = time.perf_counter()
-    stats.replay = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
-    stats.seconds["replay"] += time.perf_counter() - start
-    results = []
-    for index, expected in enumerate(starts):
-        mc = store.trajectory_info(run, trajectory_id(index))["fields"]["mc"]
-        positions = np.asarray(mc["response_positions"], dtype=np.int64)
-        if not np.array_equal(positions, expected):
-            raise RuntimeError(
-                f"stored states {positions.tolist()} of trajectory {index} differ from {expected.tolist()}"
-            )
-        results.append(RolloutValues(positions, np.asarray(mc["mean"]), np.asarray(mc["var"])))
-    if not keep_run:
-        store.delete_run(run)
+    try:
+        start, chunk_bytes = time.perf_counter(), 0
+        captured = capture_sequences(model, [r.sequence for r in rollouts], batch_rows, fingerprint=fingerprint)
+        for index, (rollout, state) in enumerate(zip(rollouts, captured, strict=True)):
+            fields = {"vinekv_group": rollout.group}
+            if rewards is not None:
+                fields["vinekv_reward"] = float(rewards[index])
+            store.spill(run, trajectory_id(rollout.row), state, len(rollout.prompt_ids), **fields)
+            chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
+            stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
+        store.flush()
+        stats.seconds["spill"] += time.perf_counter() - start
+        stats.store_bytes = store.size(run).stored
+        start = time.perf_counter()
+        stats.replay = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
+        stats.seconds["replay"] += time.perf_counter() - start
+        results = []
+        for rollout, expected in zip(rollouts, starts, strict=True):
+            mc = store.trajectory_info(run, trajectory_id(rollout.row))["fields"]["mc"]
+            positions = np.asarray(mc["response_positions"], dtype=np.int64)
+            if not np.array_equal(positions, expected):
+                raise RuntimeError(
+                    f"run {run!r} trajectory {rollout.row}: stored states {positions.tolist()} "
+                    f"differ from {expected.tolist()}"
+                )
+            results.append(RolloutValues(positions, np.asarray(mc["mean"]), np.asarray(mc["var"])))
+    finally:
+        if not keep_run and run in store.runs():
+            store.delete_run(run)
     return results, stats

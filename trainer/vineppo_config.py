@@ -118,6 +118,23 @@ class VinePPOConfig(GRPOConfig):
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ValueError("invalid VinePPOConfig: " + "; ".join(errors))
+        if self.vineppo_mode != "off":
+            self._pin_sampling()
+
+    def _pin_sampling(self) -> None:
+        """Makes the rollouts' sampling settings explicit, so branches sample like rollouts.
+
+        Unset, EasyDeL's compiled ``generate`` would use the model's generation config (often
+        top-k 50) and eSurge its own defaults (temperature 0.7, top-p 0.95, top-k 64); the values
+        chosen here are the ones each path uses, now passed to it and to the branches alike.
+        """
+        if self.use_esurge_generation:  # eSurge reads `x or default`, so 0 cannot switch top-k off
+            defaults = {"generation_temperature": 0.7, "generation_top_p": 0.95, "generation_top_k": 64}
+        else:
+            defaults = {"generation_temperature": 1.0, "generation_top_p": 1.0, "generation_top_k": 0}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def replay_config(self, seed: int = 0) -> ReplayConfig:
         """The branch-replay settings of this mode (``off`` has none)."""
@@ -128,9 +145,9 @@ class VinePPOConfig(GRPOConfig):
             mode=self.vineppo_mode,
             branches=self.lite_num_branches if lite else self.vineppo_branches,
             max_tokens=self.lite_branch_max_len if lite else (self.vineppo_max_depth or self.max_completion_length),
-            temperature=self.generation_temperature if self.generation_temperature is not None else 1.0,
-            top_p=self.generation_top_p if self.generation_top_p is not None else 1.0,
-            top_k=self.generation_top_k or 0,
+            temperature=self.generation_temperature,
+            top_p=self.generation_top_p,
+            top_k=self.generation_top_k,
             delimiter=self.vineppo_step_delimiter,
             max_states=None if lite else self.vineppo_max_states,
             lite_anchor_stride=self.lite_anchor_stride,

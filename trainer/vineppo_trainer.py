@@ -27,17 +27,20 @@ import typing as tp
 import jax
 import jax.numpy as jnp
 import numpy as np
+from easydel.infra.base_module import EasyDeLBaseModule
 from easydel.infra.base_state import EasyDeLState
 from easydel.infra.errors import EasyDeLBreakRequest, EasyDeLTimerError
 from easydel.infra.loss_utils import LossMetrics
 from easydel.trainers.group_relative_policy_optimization.grpo_trainer import GRPOTrainer
 from easydel.trainers.training_utils import normalize_generation_model_kwargs
 from easydel.utils.compiling_utils import ejit
+from eformer import common_types
 
 from kvstore.capture import StalePolicyError
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.store import SnapshotStore
 from replay.branch_replay import score_completions
+from replay.rewards import weighted_sum
 from replay.steps import Splitter
 from trainer.advantages import normalize_batch, trajectory_advantages
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
@@ -76,7 +79,8 @@ class VinePPOTrainer(GRPOTrainer):
             raise TypeError(f"arguments must be a VinePPOConfig, got {type(arguments).__name__}")
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if arguments.vineppo_mode != "off":
-            bad = [type(f).__name__ for f in funcs if isinstance(f, EasyDeLState) or not callable(f)]
+            models = (EasyDeLState, EasyDeLBaseModule)
+            bad = [type(f).__name__ for f in funcs if isinstance(f, models) or not callable(f)]
             if bad:
                 raise ValueError(
                     f"vineppo_mode={arguments.vineppo_mode!r} scores branches with Python reward functions; "
@@ -95,6 +99,10 @@ class VinePPOTrainer(GRPOTrainer):
             reward_processing_classes=reward_processing_classes,
             data_tokenize_fn=data_tokenize_fn,
         )
+        if self.pruning_module is not None:
+            raise NotImplementedError("VinePPOTrainer does not support pruning_module")
+        weights = arguments.reward_weights or [1.0] * len(funcs)
+        self.branch_reward = weighted_sum(funcs, weights) if arguments.vineppo_mode != "off" else None
         self.initial_fingerprint = policy_fingerprint(self.model_state.model)
         self.snapshot_store: SnapshotStore | None = None
         if arguments.vineppo_offline_run is not None:
@@ -135,7 +143,9 @@ class VinePPOTrainer(GRPOTrainer):
             )
         config = self._prepare_generation_config(generation_config)
         if config is not None:
-            for key, value in {**(config_overrides or {}), **generate_kwargs}.items():
+            for key, value in (config_overrides or {}).items():
+                setattr(config, key, value)
+            for key, value in generate_kwargs.items():
                 if hasattr(config, key):
                     setattr(config, key, value)
         config_kwargs = {} if config is None else {"generation_config": config}
@@ -146,6 +156,11 @@ class VinePPOTrainer(GRPOTrainer):
         def generate(state: EasyDeLState, input_ids: jax.Array, attention_mask: jax.Array):
             module = state.model
             with module.mesh:
+                manager = getattr(module.config, "partition_manager", None) if shard_inputs else None
+                if manager is not None:  # as EasyDeL's: prompts sharded over batch and sequence
+                    axes = [common_types.BATCH, common_types.SEQUENCE_PARALLEL]
+                    input_ids = manager.shard(input_ids, axes=axes, mode=common_types.MODE_PREFILL)
+                    attention_mask = manager.shard(attention_mask, axes=axes, mode=common_types.MODE_PREFILL)
                 outputs = module.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -164,7 +179,7 @@ class VinePPOTrainer(GRPOTrainer):
         self, state: EasyDeLState, batch: dict[str, jax.Array], is_train: bool
     ) -> tuple[dict[str, jax.Array], dict[str, float | int | str]]:
         args = self.arguments
-        if args.vineppo_offline_run is not None:
+        if args.vineppo_offline_run is not None and is_train:
             return self._offline_batch(state, batch)
         out, metrics = super()._preprocess_batch_input(state, batch, is_train)
         if not is_train:
@@ -183,7 +198,7 @@ class VinePPOTrainer(GRPOTrainer):
                 args.vineppo_cache_strategy,
                 state.model,
                 self.processing_class,
-                self.reward_funcs,
+                self.branch_reward,
                 rollouts,
                 args.replay_config(seed=self._replay_seed(state)),
                 store=self.snapshot_store,
@@ -193,10 +208,11 @@ class VinePPOTrainer(GRPOTrainer):
                 splitter=self.step_splitter,
                 batch_rows=args.vineppo_capture_rows,
             )
-            token_adv = self._token_advantages(rollouts, values, rewards, completion_mask.shape[1])
+            token_adv = self._token_advantages(rollouts, values, rewards, completion_mask.shape)
             extra = _estimation_metrics(values, stats, rollouts, rewards)
-        out["advantages"] = jnp.asarray(self._finish_advantages(token_adv, completion_mask), dtype=jnp.float32)
-        out["old_per_token_logps"] = self._policy_logps(state, out)
+        out = _prompts_per_row(out)
+        out["advantages"] = self._final_advantages(token_adv, completion_mask)
+        out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))  # the rollout policy's
         metrics.update(extra)
         return out, metrics
 
@@ -211,13 +227,14 @@ class VinePPOTrainer(GRPOTrainer):
             rows = [i for i, r in enumerate(rollouts) if r.group == group]
             completions = [rollouts[i].response_ids for i in rows]
             rewards[rows] = score_completions(
-                self.reward_funcs, self.processing_class, rollouts[rows[0]].prompt_ids, completions
+                self.branch_reward, self.processing_class, rollouts[rows[0]].prompt_ids, completions
             )
         return rewards
 
     def _token_advantages(
-        self, rollouts: list[Rollout], values: list[RolloutValues], rewards: np.ndarray, width: int
+        self, rollouts: list[Rollout], values: list[RolloutValues], rewards: np.ndarray, shape: tuple[int, int]
     ) -> np.ndarray:
+        """``[N, Lc]`` token advantages; rows without a rollout (masked-out completions) stay 0."""
         args = self.arguments
         rows = [
             trajectory_advantages(
@@ -231,20 +248,38 @@ class VinePPOTrainer(GRPOTrainer):
             )
             for r, v, reward in zip(rollouts, values, rewards, strict=True)
         ]
-        return pad_rows(rows, width)
+        return pad_rows(rows, shape[1], at=[r.row for r in rollouts], height=shape[0])
 
-    def _finish_advantages(self, token_adv: np.ndarray, completion_mask: np.ndarray) -> np.ndarray:
+    def _final_advantages(self, token_adv: np.ndarray, completion_mask: np.ndarray) -> jax.Array:
+        """Baselined/whitened over the batch's real tokens, cut to ``max_loss_completion_tokens``
+        (GRPO's loss cuts the completions, but not per-token advantages or old log-probs)."""
         args = self.arguments
-        return normalize_batch(token_adv, completion_mask, args.vineppo_baseline, args.vineppo_whiten_advantages)
+        adv = normalize_batch(token_adv, completion_mask, args.vineppo_baseline, args.vineppo_whiten_advantages)
+        return self._cut(jnp.asarray(adv, dtype=jnp.float32))
 
-    def _policy_logps(self, state: EasyDeLState, out: dict[str, jax.Array]) -> jax.Array:
-        """Per-token log-probs ``[N, Lc]`` of the completions under ``state`` (the rollout policy),
-        computed exactly as the loss computes the current ones."""
-        factor = out["completion_ids"].shape[0] // out["prompt_ids"].shape[0]
-        ids = jnp.concatenate([out["prompt_ids"].repeat(factor, 0), out["completion_ids"]], axis=1)
-        mask = jnp.concatenate([out["prompt_mask"].repeat(factor, 0), out["completion_mask"]], axis=1)
+    def _cut(self, per_token: jax.Array) -> jax.Array:
+        """``[N, Lc]`` cut to ``max_loss_completion_tokens`` columns when set."""
+        limit = self.arguments.max_loss_completion_tokens
+        return per_token if limit is None else per_token[:, :limit]
+
+    def _completion_logps(self, state: EasyDeLState, out: dict[str, jax.Array]) -> jax.Array:
+        """Per-token log-probs ``[N, Lc]`` of the completions (prompts one row per completion)
+        under ``state``, by the function GRPO uses for reference log-probs (the loss computes the
+        current ones the same way), in chunks of ``ref_logps_chunk_size`` rows when set."""
+        width = out["prompt_ids"].shape[1]
+        if width != self.arguments.max_prompt_length:
+            raise ValueError(f"prompts are padded to {width} tokens, not max_prompt_length")
+        ids = jnp.concatenate([out["prompt_ids"], out["completion_ids"]], axis=1)
+        mask = jnp.concatenate([out["prompt_mask"], out["completion_mask"]], axis=1)
         kwargs = normalize_generation_model_kwargs(None, model_callable=state.model.__call__)
-        return self.compute_refmodel_logps(state.graphstate, state.graphother, ids, mask, kwargs)
+        chunk = self.ref_logps_chunk_size or ids.shape[0]
+        parts = [
+            self.compute_refmodel_logps(
+                state.graphstate, state.graphother, ids[lo : lo + chunk], mask[lo : lo + chunk], kwargs
+            )
+            for lo in range(0, ids.shape[0], chunk)
+        ]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
     # -- offline: MC-annotated trajectories from a store ----------------------------------------
 
@@ -278,27 +313,31 @@ class VinePPOTrainer(GRPOTrainer):
     ) -> tuple[dict[str, jax.Array], dict[str, float | int | str]]:
         args, store, run = self.arguments, self.snapshot_store, self.arguments.vineppo_offline_run
         prompt_ids, prompt_mask = (np.asarray(jax.device_get(batch[k])) for k in ("input_ids", "attention_mask"))
-        per_prompt = self.num_generations
-        width = args.max_completion_length
+        per_prompt, width = self.num_generations, args.max_completion_length
         rollouts, values, rewards = [], [], []
         for group, (ids, mask) in enumerate(zip(prompt_ids, prompt_mask.astype(bool), strict=True)):
             tids = self._offline_index.get(tuple(int(t) for t in ids[mask]), [])
             if len(tids) < per_prompt:
+                text = self.processing_class.decode(ids[mask].tolist())
                 raise ValueError(
-                    f"run {run!r} holds {len(tids)} trajectories for prompt {group} of the batch, "
-                    f"{per_prompt} (num_return_sequences) needed"
+                    f"run {run!r} holds {len(tids)} trajectories with the tokens of prompt {group} of the batch "
+                    f"({text!r}), {per_prompt} (num_return_sequences) needed; the run must come from the same "
+                    "dataset, tokenizer and chat template"
                 )
             for tid in tids[:per_prompt]:
                 info = store.trajectory_info(run, tid)
                 response = np.asarray(info["response_token_ids"], np.int32)
                 if len(response) > width:
-                    raise ValueError(f"trajectory {tid!r} has {len(response)} response tokens > max_completion_length")
-                rollouts.append(Rollout(ids[mask].astype(np.int32), response, group))
-                mc = info["fields"]["mc"]
+                    raise ValueError(
+                        f"trajectory {tid!r} of run {run!r} has {len(response)} response tokens, "
+                        f"more than max_completion_length={width}"
+                    )
+                rollouts.append(Rollout(ids[mask].astype(np.int32), response, group, len(rollouts)))
+                mc = info["fields"]["mc"]  # present: checked by _index_offline_run
                 values.append(
                     RolloutValues(np.asarray(mc["response_positions"]), np.asarray(mc["mean"]), np.asarray(mc["var"]))
                 )
-                reward = info["fields"].get("reward")
+                reward = info["fields"].get("vinekv_reward")
                 rewards.append(np.nan if reward is None else float(reward))
         rewards = np.asarray(rewards)
         missing = np.isnan(rewards)
@@ -306,24 +345,21 @@ class VinePPOTrainer(GRPOTrainer):
             rewards[missing] = self._score_rollouts([r for r, m in zip(rollouts, missing, strict=True) if m])
         completion_ids = np.full((len(rollouts), width), self.padding_value, np.int32)
         completion_mask = np.zeros((len(rollouts), width), np.int32)
-        for row, r in enumerate(rollouts):
-            completion_ids[row, : len(r.response_ids)] = r.response_ids
-            completion_mask[row, : len(r.response_ids)] = 1
-        token_adv = self._token_advantages(rollouts, values, rewards, width)
-        out = {
-            "prompt_ids": jnp.asarray(prompt_ids),
-            "prompt_mask": jnp.asarray(prompt_mask),
-            "completion_ids": jnp.asarray(completion_ids),
-            "completion_mask": jnp.asarray(completion_mask),
-            "advantages": jnp.asarray(self._finish_advantages(token_adv, completion_mask), dtype=jnp.float32),
-        }
-        kwargs = normalize_generation_model_kwargs(None, model_callable=self.ref_state.model.__call__)
-        ids = jnp.concatenate([out["prompt_ids"].repeat(per_prompt, 0), out["completion_ids"]], axis=1)
-        mask = jnp.concatenate([out["prompt_mask"].repeat(per_prompt, 0), out["completion_mask"]], axis=1)
-        out["ref_per_token_logps"] = self.compute_refmodel_logps(
-            self.ref_state.graphstate, self.ref_state.graphother, ids, mask, kwargs
+        for r in rollouts:
+            completion_ids[r.row, : len(r.response_ids)] = r.response_ids
+            completion_mask[r.row, : len(r.response_ids)] = 1
+        token_adv = self._token_advantages(rollouts, values, rewards, completion_ids.shape)
+        out = _prompts_per_row(
+            {
+                "prompt_ids": jnp.asarray(prompt_ids),
+                "prompt_mask": jnp.asarray(prompt_mask),
+                "completion_ids": jnp.asarray(completion_ids),
+                "completion_mask": jnp.asarray(completion_mask),
+            }
         )
-        out["old_per_token_logps"] = self._policy_logps(state, out)
+        out["advantages"] = self._final_advantages(token_adv, completion_mask)
+        out["ref_per_token_logps"] = self._completion_logps(self.ref_state, out)
+        out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))
         out["num_items_in_batch"] = jnp.sum(out["completion_mask"])
         metrics = {
             "reward_mean": float(rewards.mean()),
@@ -340,8 +376,6 @@ class VinePPOTrainer(GRPOTrainer):
         Each update advances ``state.step``; the step's metrics are the last update's, plus the
         preprocessing metrics and ``vineppo/replay_time_share`` (replay seconds / step seconds).
         """
-        if self.pruning_module is not None:
-            raise NotImplementedError("VinePPOTrainer does not support pruning_module")
         metrics = LossMetrics()
         start = time.perf_counter()
         try:
@@ -354,6 +388,10 @@ class VinePPOTrainer(GRPOTrainer):
                 )
         except (KeyboardInterrupt, EasyDeLTimerError, EasyDeLBreakRequest) as run_exception:
             return state, metrics, run_exception
+        except Exception as run_exception:
+            if self._is_memory_oom_exception(run_exception):  # as the base trainer: annotated, saved, stopped
+                return state, metrics, self._augment_memory_oom_exception(run_exception)
+            raise
         replay_s = informations.get("vineppo/replay_seconds", 0.0)
         informations["vineppo/replay_time_share"] = replay_s / max(time.perf_counter() - start, 1e-9)
         informations["vineppo/ppo_epochs"] = self.arguments.vineppo_ppo_epochs
@@ -364,6 +402,23 @@ class VinePPOTrainer(GRPOTrainer):
         )
         _log_batch(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
+
+
+def _prompts_per_row(out: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch with one prompt row per completion row.
+
+    GRPO keeps one row per prompt and repeats it inside the loss, but gradient accumulation
+    slices only the arrays with the completions' row count, which would pair completions with
+    other prompts; with every array row-aligned, slicing is consistent.
+    """
+    factor = out["completion_ids"].shape[0] // out["prompt_ids"].shape[0]
+    if factor == 1:
+        return out
+    return {
+        **out,
+        "prompt_ids": out["prompt_ids"].repeat(factor, 0),
+        "prompt_mask": out["prompt_mask"].repeat(factor, 0),
+    }
 
 
 def _estimation_metrics(
