@@ -13,9 +13,9 @@ token) with a small hidden size so capture runs in seconds. Replay: full mode, 2
 rollout, K = 2 branches of 4 tokens. Store codec int8 (the default), spill buffer 64 MiB
 (`vineppo_spill_buffer_mb`: raw KV queued for the background writers before a spill waits).
 
-Each (strategy, N) runs in a fresh process: the model is built, the estimation is run once on 32
-rollouts (a warm-up step: compiles every program and brings the store's writers to their
-steady-state buffers, as a trainer is after its first step), the kernel's peak-RSS counter is reset
+Each (strategy, N) runs in a fresh process: the model is built, the estimation is run once on 2
+rollouts (compiles every program; kept small because memory it frees stays with the allocator
+and would hide part of the measured run), the kernel's peak-RSS counter is reset
 (``/proc/self/clear_refs`` = 5), the measured run follows, and the peak (``VmHWM``) minus the
 resident size just before is reported. Results: benchmarks/results/trainer_memory.json and
 docs/img/trainer_memory.png.
@@ -35,7 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, RESPONSE = 64, 448
-WARMUP = 32  # trajectories of the warm-up step: compiles every program, fills the writers' steady-state buffers
+# Trajectories of the warm-up run: enough to compile every program (capture chunks are padded to 8
+# rows), few enough that the memory it frees, and the allocator keeps, hides nothing measured later.
+WARMUP = 2
 SPILL_BUFFER_MIB = 64  # the trainer's vineppo_spill_buffer_mb: raw KV queued for writing at most
 
 
