@@ -48,7 +48,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(strategy: str, n: int, folder: str) -> dict:
+def child(strategy: str, n: int, folder: str, codec: str = "int8") -> dict:
     from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
 
     silence_xla_logs()
@@ -83,7 +83,7 @@ def child(strategy: str, n: int, folder: str) -> dict:
 
     config = ReplayConfig(mode="full", branches=2, max_tokens=4, max_states=2, unfinished_reward=None)
     store = (
-        SnapshotStore.open(Path(folder) / "kv", codec="int8", max_inflight_bytes=SPILL_BUFFER_MIB * 2**20)
+        SnapshotStore.open(Path(folder) / "kv", codec=codec, max_inflight_bytes=SPILL_BUFFER_MIB * 2**20)
         if strategy == "disk"
         else None
     )
@@ -121,6 +121,7 @@ def child(strategy: str, n: int, folder: str) -> dict:
         "seconds": seconds,
         "accelerator_peak_bytes": device_peak,
         "spill_buffer_mib": SPILL_BUFFER_MIB if strategy == "disk" else None,
+        "codec": codec if strategy == "disk" else None,
         "values_finite": bool(all(np.all(np.isfinite(v.mean)) for v in values)),
     }
 
@@ -150,18 +151,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trajectories", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--strategies", nargs="+", default=["memory", "disk"])
+    parser.add_argument("--codec", default="int8", choices=["int8", "lossless"], help="store codec of disk")
     parser.add_argument("--child", nargs=2, metavar=("STRATEGY", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         with tempfile.TemporaryDirectory(dir=REPO / "benchmarks") as folder:
-            print(json.dumps(child(args.child[0], int(args.child[1]), folder)))
+            print(json.dumps(child(args.child[0], int(args.child[1]), folder, args.codec)))
         return
     rows = []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for n in args.trajectories:
         for strategy in args.strategies:  # interleaved, so drift hits both strategies alike
             out = subprocess.run(
-                [sys.executable, __file__, "--child", strategy, str(n)], env=env, capture_output=True, text=True
+                [sys.executable, __file__, "--child", strategy, str(n), "--codec", args.codec],
+                env=env,
+                capture_output=True,
+                text=True,
             )
             if out.returncode:
                 raise RuntimeError(f"{strategy} N={n} failed:\n{out.stderr[-3000:]}")
