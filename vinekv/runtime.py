@@ -10,13 +10,17 @@ DEFAULT_CACHE_DIR = ".jax_cache"
 
 
 def silence_xla_logs() -> None:
-    """Hides XLA's C++ log lines unless the user set TF_CPP_MIN_LOG_LEVEL.
+    """Hides XLA's C++ log lines and EasyDeL's INFO lines unless the user set
+    TF_CPP_MIN_LOG_LEVEL / LOGGING_LEVEL_ED.
 
     Call before jax is imported. Loading cached CPU programs makes XLA print a screenful of
     "Target machine feature +prefer-no-gather is not supported" per program: tuning flags of
     the compile host, harmless when the cache was written on this machine.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # EasyDeL's loggers read their level from LOGGING_LEVEL_ED when created (per-step INFO
+    # lines such as "No eSurge engines found to pause"); warnings and errors still show.
+    os.environ.setdefault("LOGGING_LEVEL_ED", "WARNING")
 
 
 def enable_compilation_cache(path: str | Path | None = None) -> Path:
