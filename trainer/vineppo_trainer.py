@@ -21,6 +21,7 @@ generating: each prompt of the batch takes the stored trajectories of the same p
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import typing as tp
 
@@ -88,7 +89,7 @@ class VinePPOTrainer(GRPOTrainer):
                 )
         self.step_splitter = step_splitter
         self.history: list[dict[str, float]] = []
-        self._session = time.strftime("%Y%m%d-%H%M%S")
+        self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # store run prefix
         super().__init__(
             arguments=arguments,
             model=model,
