@@ -22,7 +22,7 @@ class Rollout:
     prompt_ids: np.ndarray
     response_ids: np.ndarray
     group: int
-    row: int = 0
+    row: int
 
     @property
     def sequence(self) -> np.ndarray:

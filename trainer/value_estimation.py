@@ -85,45 +85,28 @@ def estimate_values(
         return [], stats
     if len({r.row for r in rollouts}) != len(rollouts):
         raise ValueError("rollouts must have distinct rows (their row names their store entry and branch keys)")
-    starts = [select_states(r.response_ids, tokenizer, config, splitter) for r in rollouts]
     if strategy == "disk":
         return _estimate_from_store(
-            model,
-            tokenizer,
-            reward_fns,
-            rollouts,
-            config,
-            starts,
-            stats,
-            store,
-            run,
-            keep_run,
-            rewards,
-            splitter,
-            batch_rows,
+            model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, splitter, batch_rows
         )
-    fingerprint = policy_fingerprint(model)
+    starts = [select_states(r.response_ids, tokenizer, config, splitter) for r in rollouts]
+    chunks = _captured_chunks(model, rollouts, batch_rows, policy_fingerprint(model), stats)
+    if strategy == "memory":  # every rollout's KV is captured and held before any branch
+        chunks = list(chunks)
+        stats.peak_kv_bytes = sum(s.nbytes for chunk in chunks for s in chunk)
     results: list[RolloutValues] = []
-    if strategy == "memory":
-        start = time.perf_counter()
-        kept = list(capture_sequences(model, [r.sequence for r in rollouts], batch_rows, fingerprint=fingerprint))
-        stats.seconds["capture"] += time.perf_counter() - start
-        stats.peak_kv_bytes = sum(s.nbytes for s in kept)
-        chunks = [kept]
-    else:
-        chunks = _recaptured_chunks(model, rollouts, batch_rows, fingerprint, stats)
-    index = 0
     for chunk in chunks:
         for full in chunk:
+            index = len(results)
             results.append(
                 _value_rollout(model, tokenizer, reward_fns, config, rollouts[index], starts[index], full, stats)
             )
-            index += 1
     return results, stats
 
 
-def _recaptured_chunks(model, rollouts, batch_rows, fingerprint, stats):
-    """Yields the captures of ``batch_rows`` rollouts at a time, each right before it is used."""
+def _captured_chunks(model, rollouts, batch_rows, fingerprint, stats):
+    """Yields the captures of ``batch_rows`` rollouts at a time (lazily: ``recompute`` captures
+    each chunk right before it is used)."""
     for lo in range(0, len(rollouts), batch_rows):
         start = time.perf_counter()
         chunk = list(
@@ -149,8 +132,9 @@ def _value_rollout(model, tokenizer, reward_fns, config, rollout, starts, full: 
 
 
 def _estimate_from_store(
-    model, tokenizer, reward_fns, rollouts, config, starts, stats, store, run, keep_run, rewards, splitter, batch_rows
+    model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, splitter, batch_rows
 ):
+    """Spill, `replay_run` (which picks the states from the stored responses), read values back."""
     if store is None or not run:
         raise ValueError("strategy 'disk' needs a store and a run name")
     fingerprint = policy_fingerprint(model)
@@ -171,14 +155,9 @@ def _estimate_from_store(
         stats.replay = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
         stats.seconds["replay"] += time.perf_counter() - start
         results = []
-        for rollout, expected in zip(rollouts, starts, strict=True):
+        for rollout in rollouts:
             mc = store.trajectory_info(run, trajectory_id(rollout.row))["fields"]["mc"]
             positions = np.asarray(mc["response_positions"], dtype=np.int64)
-            if not np.array_equal(positions, expected):
-                raise RuntimeError(
-                    f"run {run!r} trajectory {rollout.row}: stored states {positions.tolist()} "
-                    f"differ from {expected.tolist()}"
-                )
             results.append(RolloutValues(positions, np.asarray(mc["mean"]), np.asarray(mc["var"])))
     finally:
         if not keep_run and run in store.runs():
