@@ -22,7 +22,8 @@ from typing import Any
 _EXPORTS = {
     "CachedState": "kvstore.state",
     "KVLayout": "kvstore.state",
-    "StalePolicyError": "kvstore.capture",
+    "StalePolicyError": "kvstore.policy",
+    "check_policy": "kvstore.policy",
     "capture_sequences": "kvstore.capture",
     "capture_state": "kvstore.capture",
     "check_fingerprint": "kvstore.capture",

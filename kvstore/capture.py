@@ -17,18 +17,16 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from easydel.caching import TransformerCache
 
 from kvstore.dense_cache import cache_from_states, extract_state, forward_chunk, kv_layout
 from kvstore.fingerprint import policy_fingerprint
+from kvstore.policy import StalePolicyError, check_policy  # noqa: F401 (StalePolicyError: re-export)
 from kvstore.state import CachedState
 
 CAPTURE_BUCKET = 64  # capture widths are rounded up to this many tokens (fewer compiled shapes)
-
-
-class StalePolicyError(ValueError):
-    """A snapshot was made by another policy than the model asked to consume it."""
 
 
 def _token_matrix(ids: Any, name: str, vocab_size: int) -> np.ndarray:
@@ -47,12 +45,7 @@ def _token_matrix(ids: Any, name: str, vocab_size: int) -> np.ndarray:
 
 def check_fingerprint(state: CachedState, model: Any) -> None:
     """Raises `StalePolicyError` unless ``state`` was made by ``model``'s current weights."""
-    current = policy_fingerprint(model)
-    if state.fingerprint != current:
-        raise StalePolicyError(
-            f"snapshot fingerprint {state.fingerprint} != model fingerprint {current}: "
-            "the snapshot was made by another policy (weights or architecture changed)"
-        )
+    check_policy(state.fingerprint, policy_fingerprint(model), "the snapshot", "capture it again with this model")
 
 
 def capture_state(model: Any, prompt_ids: Any, position: int) -> CachedState:
@@ -120,6 +113,27 @@ def capture_sequences(
     after a token cannot change its KV). Every chunk has the same row count, so capturing the
     same sequences again gives bit-identical KV, whatever else is captured beside them.
     """
+    for state, _ in _capture(model, sequences, batch_rows, fingerprint, entropy=False):
+        yield state
+
+
+def capture_with_entropy(
+    model: Any, sequences: Sequence[Any], batch_rows: int = 8, *, fingerprint: str | None = None
+) -> Iterator[tuple[CachedState, np.ndarray]]:
+    """`capture_sequences`, each state with ``[len(seq)]`` float32 next-token entropies (nats):
+    entry p is the entropy of the policy's distribution after ``seq[:p + 1]`` (temperature 1),
+    from the same forward pass."""
+    yield from _capture(model, sequences, batch_rows, fingerprint, entropy=True)
+
+
+@jax.jit
+def next_token_entropy(logits: jax.Array) -> jax.Array:
+    """``[..., vocab]`` logits -> ``[...]`` entropy (nats) of their softmax."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -(jnp.exp(logp) * logp).sum(-1)
+
+
+def _capture(model, sequences, batch_rows, fingerprint, entropy):
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     vocab = kv_layout(model).vocab_size
@@ -133,6 +147,8 @@ def capture_sequences(
         for row, seq in enumerate(chunk):
             ids[row, : len(seq)] = seq
         cache = model.init_cache(batch_size=batch_rows, max_length=width)
-        _, cache = forward_chunk(model, cache, ids, split=split)
+        logits, cache = forward_chunk(model, cache, ids, split=split)
+        entropies = np.asarray(jax.device_get(next_token_entropy(logits))) if entropy else None
         for row, seq in enumerate(chunk):
-            yield extract_state(model, cache, ids, len(seq), rows=[row], fingerprint=fingerprint)
+            state = extract_state(model, cache, ids, len(seq), rows=[row], fingerprint=fingerprint)
+            yield state, (entropies[row, : len(seq)] if entropy else None)

@@ -22,6 +22,7 @@ from flax import nnx
 
 SAMPLES_PER_LEAF = 64
 
+
 # Config fields that define what the network computes. Runtime fields (attention kernel,
 # sharding, kv dtype, block sizes) are left out: they change how, not what.
 ARCH_FIELDS = (

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.codecs import KVCodec, get_codec
+from kvstore.policy import check_policy
 from kvstore.state import CachedState, KVLayout
 from kvstore.tensorstore_backend import TensorStoreBackend, group_json
 
@@ -474,13 +475,8 @@ class SnapshotStore:
         states = []
         for (run, tid, t), plan in zip(requests, plans, strict=True):
             info = plan["info"]
-            if fingerprint is not None and not allow_stale and info["fingerprint"] != fingerprint:
-                from kvstore.capture import StalePolicyError
-
-                raise StalePolicyError(
-                    f"trajectory {tid!r} of run {run!r} was made by policy {info['fingerprint']}, "
-                    f"the model is {fingerprint}; pass allow_stale=True to read it anyway"
-                )
+            if fingerprint is not None and not allow_stale:
+                check_policy(info["fingerprint"], fingerprint, f"trajectory {tid!r} of run {run!r}")
             layout = KVLayout.from_dict(info["layout"])
             blocks = [
                 self._decode_part(run, tid, part, layout.dtype, out_dtype or layout.dtype) for part in plan["parts"]

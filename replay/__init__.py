@@ -4,27 +4,31 @@ Public API:
   generate_branches, Branches      the sampler harness (EasyDeL SamplingParams; engine auto/vanilla)
   replay_run, ReplayConfig         offline replay of a stored run into MC values in the store
   mc_values, branch_returns, MCStats   MC value math
-  step_starts, lite_anchors, cap_states   which states to value
+  trajectory_states, select_states, step_starts, lite_anchors, valued_states   which states to value
+  MCRecord                         the MC values stored with a trajectory (``fields["mc"]``)
   score                            reward functions (prompts, completions, **fields)
-  decode, prefill, sample_tokens, row_keys_for   reproducible decoding from a dense cache
+  decode, prefill, sample_tokens, truncated_logits, row_keys_for   reproducible decoding
 """
 
-from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states
-from replay.decode import Decoded, decode, prefill, row_keys_for, sample_tokens
+from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, trajectory_states
+from replay.decode import Decoded, decode, prefill, row_keys_for, sample_tokens, truncated_logits
 from replay.rewards import score
-from replay.sampler import Branches, branch_keys, generate_branches
-from replay.steps import cap_states, lite_anchors, split_points, step_starts, token_boundaries
-from replay.values import MCStats, branch_returns, mc_values
+from replay.sampler import Branches, branch_keys, eos_token_ids, generate_branches
+from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states
+from replay.text import text_offsets
+from replay.values import MCRecord, MCStats, branch_returns, mc_values
 
 __all__ = [
     "Branches",
+    "MCRecord",
     "Decoded",
     "MCStats",
     "ReplayConfig",
     "ReplayReport",
     "branch_keys",
     "branch_returns",
-    "cap_states",
+    "content_length",
+    "eos_token_ids",
     "decode",
     "generate_branches",
     "lite_anchors",
@@ -37,5 +41,9 @@ __all__ = [
     "select_states",
     "split_points",
     "step_starts",
+    "text_offsets",
     "token_boundaries",
+    "trajectory_states",
+    "truncated_logits",
+    "valued_states",
 ]

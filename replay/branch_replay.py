@@ -1,13 +1,15 @@
 """Offline branch replay: a stored run's snapshots -> branches -> rewards -> MC values in the store.
 
 For every trajectory of a run: pick its states (step starts in full mode, anchors in Lite
-mode), read the longest of those prefixes from the store once (every state is a prefix of
-it; the next trajectory's read overlaps this one's decoding), sample K branches per state with
-`generate_branches`, score ``response prefix ++ branch`` with the reward functions, fold
-returns into MC values, and write them back next to the snapshot metadata
-(``fields["mc"]``), atomically per trajectory. A trajectory that already has values from the
-same replay settings is skipped, so a killed replay, run again, finishes the rest and gives the
-same values as an uninterrupted one.
+mode; `trajectory_states`), read the longest prefix a state needs from the store once (every
+state is a prefix of it; the next trajectory's read overlaps this one's decoding), sample K
+branches per valued state with `generate_branches` (each within the rollout's remaining token
+budget), score ``response prefix ++ branch`` with the reward functions, fold returns into MC
+values, and write them back next to the snapshot metadata (``fields["mc"]``, a `MCRecord`),
+atomically per trajectory. Branch i of a state has its own key: a trajectory already valued
+under the same settings gets only the branches it lacks (more K, adaptive rounds) and a settled
+one is skipped, so a killed replay, run again, finishes the rest and gives the same values as
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,17 @@ from tqdm.auto import tqdm
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
+from replay.decode import SAMPLERS
 from replay.rewards import RewardFn, score
 from replay.sampler import ENGINES, generate_branches
-from replay.steps import Splitter, cap_states, lite_anchors, step_starts
-from replay.values import MCStats, branch_returns, mc_values
+from replay.steps import SELECTIONS, Splitter, content_length, lite_anchors, step_starts, valued_states
+from replay.text import special_ids, text_offsets
+from replay.values import MCRecord, MCStats, branch_returns, branches_wanted, mc_values, ragged
 
 MODES = ("full", "lite")
+# Settings that change how many branches run, not what a branch returns: a stored run valued
+# with other values of these is extended, not redone.
+_COUNT_FIELDS = ("branches", "max_branches", "adaptive_ci", "max_rows", "engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +48,26 @@ class ReplayConfig:
 
     Attributes:
       mode: ``full`` (every step start) or ``lite`` (anchors).
-      branches: K continuations per state.
-      max_tokens: token budget of a branch.
+      branches: K continuations per state (with ``adaptive_ci``: per round).
+      max_tokens: token budget of a branch (``vineppo_max_depth`` / ``lite_branch_max_len``).
+      horizon: the rollouts' token budget (``max_completion_length``): a branch from response
+        position b gets at most ``horizon - b`` tokens, so its return is the return of the same
+        truncated episode as a rollout's. None: ``max_tokens`` only.
       temperature, top_p, top_k, stop: sampling settings of the branches.
+      stop_token_ids: tokens that end a branch besides the EOS ids (`replay.sampler.eos_token_ids`).
+      sampler: whose truncation order the branches reproduce: ``generate`` (EasyDeL's compiled
+        ``generate``: temperature, top-k, top-p) or ``esurge`` (top-k, top-p, then temperature).
       delimiter: step delimiter of full mode (``"\\n"``, as the VinePPO reference for GSM8K).
-      max_states: cap on states per trajectory in full mode (evenly spread), None for no cap.
+      max_states: cap on valued states per trajectory in full mode, None for no cap.
+      state_selection: which states a cap values: ``first`` | ``spread`` | ``entropy``
+        (`replay.steps.valued_states`); the others are filled backwards from the next value.
       lite_anchor_stride: Lite mode: also an anchor every this many response tokens.
       lite_quartiles: Lite mode: also anchors at 0 and the quartiles of the response.
-      unfinished_reward: return of a branch cut off at ``max_tokens`` (None: score the
-        truncated completion like a finished one).
+      unfinished_reward: return of a branch cut off by its budget (None: score the truncated
+        completion like a finished one).
+      max_branches: cap on branches per state with ``adaptive_ci`` (default ``branches``).
+      adaptive_ci: target 95% confidence half-width of a state's value: states above it get
+        another round of ``branches``, up to ``max_branches``. None: exactly ``branches``.
       seed: run seed of the branch PRNG keys.
       max_rows: rows (states x K) decoded together.
       engine: ``auto`` | ``vanilla`` | ``esurge``.
@@ -58,56 +76,88 @@ class ReplayConfig:
     mode: str = "full"
     branches: int = 8
     max_tokens: int = 256
+    horizon: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    sampler: str = "generate"
     delimiter: str = "\n"
     max_states: int | None = None
+    state_selection: str = "first"
     lite_anchor_stride: int | None = None
     lite_quartiles: bool = False
     unfinished_reward: float | None = 0.0
+    max_branches: int | None = None
+    adaptive_ci: float | None = None
     seed: int = 0
     max_rows: int = 64
     engine: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        for name in ("branches", "max_tokens", "max_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_states is not None and self.max_states < 1:
-            raise ValueError(f"max_states must be >= 1 or None, got {self.max_states}")
+        object.__setattr__(self, "stop_token_ids", tuple(sorted(int(i) for i in self.stop_token_ids)))
+        choices = {"mode": MODES, "engine": ENGINES, "sampler": SAMPLERS, "state_selection": SELECTIONS}
+        errors = [
+            f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+            for name, allowed in choices.items()
+            if getattr(self, name) not in allowed
+        ]
+        errors += [
+            f"{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("branches", "max_tokens", "max_rows")
+            if getattr(self, name) < 1
+        ]
+        errors += [
+            f"{name} must be >= 1 or None, got {getattr(self, name)}"
+            for name in ("max_states", "horizon", "max_branches")
+            if getattr(self, name) is not None and getattr(self, name) < 1
+        ]
+        if self.max_branches is not None and self.max_branches < self.branches:
+            errors.append(f"max_branches ({self.max_branches}) must be >= branches ({self.branches})")
+        if self.adaptive_ci is not None and not self.adaptive_ci > 0:
+            errors.append(f"adaptive_ci must be > 0 or None, got {self.adaptive_ci}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            errors.append(f"temperature must be >= 0, got {self.temperature}")
         if not self.delimiter:
-            raise ValueError("delimiter must be a non-empty string")
+            errors.append("delimiter must be a non-empty string")
+        if errors:
+            raise ValueError("invalid ReplayConfig: " + "; ".join(errors))
 
-    def sampling_params(self) -> Any:
+    @property
+    def branch_cap(self) -> int:
+        """Most branches a state gets."""
+        return self.max_branches if self.adaptive_ci is not None and self.max_branches else self.branches
+
+    def sampling_params(self, n: int | None = None) -> Any:
         from easydel.inference.sampling_params import SamplingParams
 
         return SamplingParams(
-            n=self.branches,
+            n=n or self.branches,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
         )
 
+    def branch_budgets(self, starts: np.ndarray) -> np.ndarray:
+        """``[S]`` token budget of a branch from each response position in ``starts``."""
+        budget = np.full(len(starts), self.max_tokens, np.int64)
+        return budget if self.horizon is None else np.minimum(budget, self.horizon - np.asarray(starts, np.int64))
+
     def digest(self) -> str:
-        """Identity of the settings that determine the values (engine and batching excluded)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_rows", "engine")}
+        """Identity of the settings that determine a branch's return (counts and batching excluded)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _COUNT_FIELDS}
         return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 @dataclasses.dataclass
 class ReplayReport:
-    """Counts and seconds (``read``, ``decode``, ``score``) of a replay."""
+    """Counts and seconds (``read``, ``decode``, ``score``) of a replay; ``branches_per_state``
+    holds the final K of every state valued (adaptive K varies it)."""
 
     trajectories: int = 0
     skipped: int = 0
@@ -115,6 +165,7 @@ class ReplayReport:
     branches: int = 0
     branch_tokens: int = 0
     rollout_tokens: int = 0
+    branches_per_state: list[int] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "score": 0.0})
 
     @property
@@ -122,35 +173,99 @@ class ReplayReport:
         return self.branch_tokens / self.seconds["decode"] if self.seconds["decode"] else 0.0
 
     def add(self, values: StateValues, response_len: int, read_seconds: float = 0.0) -> None:
-        """Counts one valued trajectory."""
+        """Counts one valued trajectory (the branches sampled now, not earlier ones)."""
+        counts = values.stats.count
         self.trajectories += 1
-        self.states += values.finished.shape[0]
-        self.branches += int(values.finished.size)
-        self.branch_tokens += values.branch_tokens
+        self.states += int((counts > 0).sum())
+        self.branches += values.new_branches
+        self.branch_tokens += values.new_tokens
         self.rollout_tokens += response_len
+        self.branches_per_state.extend(int(c) for c in counts if c > 0)
         self.seconds["read"] += read_seconds
         for name, seconds in values.seconds.items():
             self.seconds[name] += seconds
 
 
-def text_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
-    """Decoded text of ``ids`` and each token's ``(start, end)`` characters in it."""
-    ids = list(map(int, ids))
-    ends = [len(t) for t in tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))])]
-    ends = np.maximum.accumulate(np.asarray(ends, dtype=np.int64)) if ends else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
-    text = tokenizer.decode(ids)
-    return text, list(zip(starts.tolist(), ends.tolist(), strict=True))
+def trajectory_states(
+    response_ids: Sequence[int],
+    tokenizer: Any,
+    config: ReplayConfig,
+    splitter: Splitter | None = None,
+    entropy: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions [S], valued [S] bool)``: a response's states and which of them get branches.
+
+    Full mode: the step starts of the response without its trailing special tokens (a final EOS
+    belongs to the last step), valued per ``config.state_selection`` under ``config.max_states``
+    (``entropy``: the policy's next-token entropy at each response position, for the
+    ``entropy`` rule). Lite: the anchors, all valued. No state lies at or after the first
+    trailing special token (a response of special tokens only keeps the state at 0).
+    """
+    n = max(1, content_length(response_ids, special_ids(tokenizer)))
+    if config.mode == "lite":
+        anchors = lite_anchors(n, config.lite_anchor_stride, config.lite_quartiles)
+        return anchors, np.ones(len(anchors), bool)
+    text, offsets = text_offsets(tokenizer, response_ids[:n])
+    starts = step_starts(text, offsets, config.delimiter, splitter)
+    scores = None if entropy is None else np.asarray(entropy, np.float64)[starts]
+    return starts, valued_states(len(starts), config.max_states, config.state_selection, scores)
 
 
 def select_states(
-    response_ids: Sequence[int], tokenizer: Any, config: ReplayConfig, splitter: Splitter | None = None
+    response_ids: Sequence[int],
+    tokenizer: Any,
+    config: ReplayConfig,
+    splitter: Splitter | None = None,
+    entropy: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Response-token positions of the states to value (see `replay.steps`)."""
-    if config.mode == "lite":
-        return lite_anchors(len(response_ids), config.lite_anchor_stride, config.lite_quartiles)
-    text, offsets = text_offsets(tokenizer, response_ids)
-    return cap_states(step_starts(text, offsets, config.delimiter, splitter), config.max_states)
+    """Response-token positions of the states to branch from (the valued ones of `trajectory_states`)."""
+    starts, valued = trajectory_states(response_ids, tokenizer, config, splitter, entropy)
+    return starts[valued]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryPlan:
+    """What to value in one trajectory.
+
+    Attributes:
+      positions: ``[S]`` response positions of all its states (`trajectory_states`).
+      valued: ``[S]`` bool, the states that get branches.
+      prior: ``[S]`` returns sampled earlier under the same settings (empty where none).
+      prior_tokens: branch tokens of those earlier returns.
+    """
+
+    positions: np.ndarray
+    valued: np.ndarray
+    prior: tuple[tuple[float, ...], ...]
+    prior_tokens: int = 0
+
+    def wanted(self, config: ReplayConfig) -> np.ndarray:
+        """``[S]`` branches each state should have after the next round (0 where not valued)."""
+        wanted = branches_wanted(mc_values(ragged(self.prior)), config.branches, config.branch_cap, config.adaptive_ci)
+        return np.where(self.valued, wanted, 0)
+
+    def needed(self, config: ReplayConfig) -> np.ndarray:
+        """Indices of the states whose next round samples branches (their snapshots are read)."""
+        counts = np.asarray([len(r) for r in self.prior])
+        return np.flatnonzero(self.wanted(config) > counts)
+
+
+def plan_trajectory(
+    response_ids: Sequence[int],
+    tokenizer: Any,
+    config: ReplayConfig,
+    *,
+    splitter: Splitter | None = None,
+    entropy: Sequence[float] | None = None,
+    record: MCRecord | None = None,
+) -> TrajectoryPlan:
+    """The states of a response, with the returns of ``record`` when it holds these settings'."""
+    positions, valued = trajectory_states(response_ids, tokenizer, config, splitter, entropy)
+    reuse = (
+        record is not None and record.config == config.digest() and np.array_equal(record.response_positions, positions)
+    )
+    prior = record.returns if reuse else tuple(() for _ in positions)
+    return TrajectoryPlan(positions, valued, prior, record.branch_tokens if reuse else 0)
 
 
 def replay_run(
@@ -169,8 +284,11 @@ def replay_run(
 ) -> ReplayReport:
     """Computes MC values for the trajectories of ``run`` and writes them into the store.
 
-    Returns a `ReplayReport`; with ``metrics_path`` one JSON line per trajectory is appended
-    there (states, branches, tokens, MC variance, budget, time split).
+    A trajectory already valued under the same settings gets only the branches it lacks (more
+    ``branches``, adaptive rounds), drawn with their own keys: the result is what one run with
+    the final settings gives. Returns a `ReplayReport`; with ``metrics_path`` one JSON line per
+    trajectory is appended there (states, branches, tokens, MC variance, budget, time split).
+    ``vinekv_entropy`` fields (per response token) feed ``state_selection="entropy"``.
     """
     ids = list(trajectories) if trajectories is not None else store.trajectories(run)
     digest = config.digest()
@@ -178,41 +296,43 @@ def replay_run(
     report = ReplayReport()
     todo = []
     for tid in ids:
-        mc = store.trajectory_info(run, tid)["fields"].get("mc")
-        if mc is not None and mc.get("config") == digest:
+        record = stored_record(store.trajectory_info(run, tid)["fields"])
+        if record is not None and record.config == digest and _settled(record, config):
             report.skipped += 1
         else:
             todo.append(tid)
     metrics = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
     bar = tqdm(total=len(todo), desc=f"replay {run}", unit="traj", disable=not progress)
 
-    def plan(tid: str) -> dict[str, Any]:
+    def read(tid: str) -> dict[str, Any]:
         start = time.perf_counter()
         info = store.trajectory_info(run, tid)
-        response = info["response_token_ids"]
-        starts = select_states(response, tokenizer, config, splitter)
-        positions = [info["prompt_len"] + int(b) for b in starts]
-        # One read of the longest prefix serves every state: each snapshot is a prefix of it.
-        longest = store.read_prefix(
-            run, tid, max(positions), model=model, allow_stale=allow_stale, fingerprint=fingerprint
+        fields = info["fields"]
+        plan = plan_trajectory(
+            info["response_token_ids"],
+            tokenizer,
+            config,
+            splitter=splitter,
+            entropy=fields.get("vinekv_entropy"),
+            record=stored_record(fields),
         )
-        states = [longest.prefix(t) for t in positions]
-        return {
-            "tid": tid,
-            "info": info,
-            "starts": starts,
-            "positions": positions,
-            "states": states,
-            "read": time.perf_counter() - start,
-        }
+        needed = [int(plan.positions[i]) for i in plan.needed(config)]
+        states = {}
+        if needed:  # one read of the longest prefix serves every state: each is a prefix of it
+            prompt_len = info["prompt_len"]
+            longest = store.read_prefix(
+                run, tid, prompt_len + max(needed), model=model, allow_stale=allow_stale, fingerprint=fingerprint
+            )
+            states = {b: longest.prefix(prompt_len + b) for b in needed}
+        return {"tid": tid, "info": info, "plan": plan, "states": states, "read": time.perf_counter() - start}
 
     try:
         with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(plan, todo[0]) if todo else None
+            pending = reader.submit(read, todo[0]) if todo else None
             for i in range(len(todo)):
                 item = pending.result()
-                pending = reader.submit(plan, todo[i + 1]) if i + 1 < len(todo) else None
-                line = _value_trajectory(store, run, model, tokenizer, reward_fns, config, digest, item, report)
+                pending = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
+                line = _value_stored(store, run, model, tokenizer, reward_fns, config, item, report)
                 if metrics:
                     metrics.write(json.dumps(line) + "\n")
                     metrics.flush()
@@ -225,21 +345,44 @@ def replay_run(
     return report
 
 
+def stored_record(fields: dict[str, Any]) -> MCRecord | None:
+    """The trajectory's `MCRecord`, or None when it has none or one in an older format."""
+    mc = fields.get("mc")
+    if mc is None:
+        return None
+    try:
+        return MCRecord.from_fields(mc)
+    except ValueError:
+        return None
+
+
+def _settled(record: MCRecord, config: ReplayConfig) -> bool:
+    valued = record.stats.count > 0
+    plan = TrajectoryPlan(record.response_positions, valued, record.returns)
+    return plan.needed(config).size == 0
+
+
 @dataclasses.dataclass
 class StateValues:
     """MC values of one trajectory's states.
 
     Attributes:
-      stats: `MCStats` over the ``[S]`` states (mean, var, stderr of the K returns).
-      finished: ``[S, K]`` which branches ended (EOS/stop) within the token budget.
-      branch_tokens: tokens decoded over all branches.
+      returns: ``[S]`` per state, the returns of all its branches (earlier ones first).
+      new_branches, new_tokens: branches sampled and tokens decoded by this call.
+      unfinished: branches of this call cut off by their budget.
       seconds: wall time of ``decode`` and ``score``.
     """
 
-    stats: MCStats
-    finished: np.ndarray
-    branch_tokens: int
+    returns: tuple[tuple[float, ...], ...]
+    new_branches: int
+    new_tokens: int
+    unfinished: int
     seconds: dict[str, float]
+
+    @property
+    def stats(self) -> MCStats:
+        """`MCStats` over the ``[S]`` states (NaN where a state has no branch)."""
+        return mc_values(ragged(self.returns))
 
 
 def reward_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -270,73 +413,100 @@ def value_states(
     config: ReplayConfig,
     trajectory_id: str,
     response_ids: Sequence[int],
-    starts: np.ndarray,
-    states: Sequence[CachedState],
+    plan: TrajectoryPlan,
+    states: Mapping[int, CachedState],
     fields: dict[str, Any] | None = None,
 ) -> StateValues:
-    """MC values of ``states`` (state j = the prompt plus ``response_ids[:starts[j]]``).
+    """Samples the branches ``plan`` still lacks and folds all returns into MC values.
 
-    Samples K branches per state (keys from ``config.seed``, ``trajectory_id`` and the state
-    index), scores ``response[:start] ++ branch`` against the prompt, and folds the returns.
+    ``states`` maps a response position b to its snapshot (the prompt plus ``response[:b]``),
+    for every state in ``plan.needed(config)``. Branch i of the state at b is keyed by
+    ``(config.seed, trajectory_id, b, i)``; its completion ``response[:b] ++ branch`` is scored
+    against the prompt with ``fields``; adaptive rounds repeat until every state is settled.
     """
-    prompt_len = states[0].position - int(starts[0])
-    prompt_ids = states[0].token_ids[0, :prompt_len]
-    start = time.perf_counter()
-    branches = generate_branches(
-        model,
-        states,
-        config.sampling_params(),
-        engine=config.engine,
-        seed=config.seed,
-        tokenizer=tokenizer,
-        state_keys=[(trajectory_id, j) for j in range(len(states))],
-        max_rows=config.max_rows,
-    )
-    decode_s = time.perf_counter() - start
-    start = time.perf_counter()
-    completions = [
-        list(response_ids[: int(b)]) + branch.tolist()
-        for b, state_branches in zip(starts, branches, strict=True)
-        for branch in state_branches.tokens
-    ]
-    rewards = score_completions(reward_fns, tokenizer, prompt_ids, completions, fields)
-    finished = np.stack([b.finished for b in branches])
-    stats = mc_values(branch_returns(rewards.reshape(finished.shape), finished, config.unfinished_reward))
-    return StateValues(
-        stats=stats,
-        finished=finished,
-        branch_tokens=int(sum(b.lengths.sum() for b in branches)),
-        seconds={"decode": decode_s, "score": time.perf_counter() - start},
+    rows = [list(r) for r in plan.prior]
+    seconds = {"decode": 0.0, "score": 0.0}
+    new_branches = new_tokens = unfinished = 0
+    budgets = config.branch_budgets(plan.positions)
+    prompt_ids = None
+    while True:
+        current = TrajectoryPlan(plan.positions, plan.valued, tuple(map(tuple, rows)))
+        wanted, todo = current.wanted(config), current.needed(config)
+        if todo.size == 0:
+            break
+        missing = [int(plan.positions[i]) for i in todo if int(plan.positions[i]) not in states]
+        if missing:
+            raise ValueError(f"no snapshot given for the states at response positions {missing}")
+        counts = np.asarray([len(rows[i]) for i in todo])
+        for n in np.unique(wanted[todo] - counts):  # one call per branch count (usually one)
+            idx = todo[wanted[todo] - counts == n]
+            snaps = [states[int(plan.positions[i])] for i in idx]
+            if prompt_ids is None:
+                prompt_ids = snaps[0].token_ids[0, : snaps[0].position - int(plan.positions[idx[0]])]
+            start = time.perf_counter()
+            branches = generate_branches(
+                model,
+                snaps,
+                config.sampling_params(int(n)),
+                engine=config.engine,
+                seed=config.seed,
+                tokenizer=tokenizer,
+                state_keys=[(trajectory_id, int(plan.positions[i])) for i in idx],
+                max_rows=config.max_rows,
+                max_tokens=budgets[idx],
+                first_branch=[len(rows[i]) for i in idx],
+                sampler=config.sampler,
+            )
+            seconds["decode"] += time.perf_counter() - start
+            start = time.perf_counter()
+            completions = [
+                list(response_ids[: int(plan.positions[i])]) + branch.tolist()
+                for i, state_branches in zip(idx, branches, strict=True)
+                for branch in state_branches.tokens
+            ]
+            rewards = score_completions(reward_fns, tokenizer, prompt_ids, completions, fields)
+            finished = np.stack([b.finished for b in branches])
+            returns = branch_returns(rewards.reshape(finished.shape), finished, config.unfinished_reward)
+            for i, state_returns in zip(idx, returns, strict=True):
+                rows[i].extend(state_returns.tolist())
+            seconds["score"] += time.perf_counter() - start
+            new_branches += int(finished.size)
+            new_tokens += int(sum(b.lengths.sum() for b in branches))
+            unfinished += int((~finished).sum())
+    return StateValues(tuple(map(tuple, rows)), new_branches, new_tokens, unfinished, seconds)
+
+
+def trajectory_record(config: ReplayConfig, prompt_len: int, plan: TrajectoryPlan, values: StateValues) -> MCRecord:
+    """The `MCRecord` of a valued trajectory."""
+    return MCRecord(
+        config=config.digest(),
+        mode=config.mode,
+        prompt_len=prompt_len,
+        response_positions=plan.positions,
+        returns=values.returns,
+        branch_tokens=plan.prior_tokens + values.new_tokens,
     )
 
 
-def _value_trajectory(store, run, model, tokenizer, reward_fns, config, digest, item, report) -> dict:
-    info, starts, states, tid = item["info"], item["starts"], item["states"], item["tid"]
+def _value_stored(store, run, model, tokenizer, reward_fns, config, item, report) -> dict:
+    info, plan, tid = item["info"], item["plan"], item["tid"]
     response = info["response_token_ids"]
-    fields = reward_fields(info["fields"])
-    values = value_states(model, tokenizer, reward_fns, config, tid, response, starts, states, fields)
-    stats, finished, tokens = values.stats, values.finished, values.branch_tokens
-    store.annotate(
-        run,
-        tid,
-        mc={
-            "config": digest,
-            "mode": config.mode,
-            "positions": item["positions"],
-            "response_positions": [int(b) for b in starts],
-            **stats.to_dict(),
-            "branch_tokens": tokens,
-        },
+    values = value_states(
+        model, tokenizer, reward_fns, config, tid, response, plan, item["states"], reward_fields(info["fields"])
     )
+    record = trajectory_record(config, info["prompt_len"], plan, values)
+    store.annotate(run, tid, mc=record.to_fields())
     report.add(values, len(response), item["read"])
+    stats = values.stats
     return {
         "trajectory": tid,
-        "states": len(states),
-        "branches": int(finished.size),
-        "branch_tokens": tokens,
-        "budget_branch_tokens_per_rollout_token": tokens / max(1, len(response)),
-        "mc_mean": stats.mean.tolist(),
-        "mc_var_mean": float(stats.var.mean()),
-        "unfinished": int((~finished).sum()),
+        "states": int((stats.count > 0).sum()),
+        "branches": values.new_branches,
+        "branches_per_state": stats.count.tolist(),
+        "branch_tokens": values.new_tokens,
+        "budget_branch_tokens_per_rollout_token": values.new_tokens / max(1, len(response)),
+        "mc_mean": [None if np.isnan(m) else m for m in stats.mean.tolist()],
+        "mc_var_mean": float(np.nanmean(stats.var)) if np.any(stats.count > 0) else 0.0,
+        "unfinished": values.unfinished,
         "seconds": {"read": item["read"], **values.seconds},
     }

@@ -38,6 +38,49 @@ class Decoded:
     next_logits: jax.Array
 
 
+SAMPLERS = ("generate", "esurge")
+
+
+def truncated_logits(
+    logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0, sampler: str = "generate"
+) -> jax.Array:
+    """``[batch, vocab]`` float32 logits of the sampling distribution (``-inf`` outside it).
+
+    ``generate`` (EasyDeL's compiled ``generate``, Hugging Face's warper order): divide by the
+    temperature, keep the tokens at least as likely as the k-th (ties kept), then keep the
+    smallest most-likely prefix of the *renormalised top-k* distribution whose mass reaches
+    ``top_p``: a token is kept iff the mass before it, in descending order with ties broken by
+    lower index, is ``< top_p``. ``esurge`` (eSurge's sampler): the same top-k, then top-p on
+    the untempered distribution keeping every token tied at the boundary (a token is kept iff
+    the mass of strictly more likely tokens is ``< top_p``), and only then the temperature.
+    """
+    logits = logits.astype(jnp.float32)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler == "generate":
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        if sampler == "generate":
+            order = jnp.argsort(-logits, axis=-1, stable=True)
+            sorted_p = jnp.take_along_axis(probs, order, axis=-1)
+            keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p
+            rows = jnp.arange(logits.shape[0])[:, None]
+            keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+        else:  # mass of strictly more likely tokens, per token
+            sorted_p = -jnp.sort(-probs, axis=-1)
+            before = jnp.cumsum(sorted_p, axis=-1) - sorted_p
+            first = jax.vmap(lambda sp, p: jnp.searchsorted(-sp, -p, side="left"))(sorted_p, probs)
+            keep = jnp.take_along_axis(before, first, axis=-1) < top_p
+        logits = jnp.where(keep, logits, -jnp.inf)
+    if sampler == "esurge":
+        logits = logits / temperature
+    return logits
+
+
 def sample_tokens(
     logits: jax.Array,
     row_keys: jax.Array,
@@ -45,8 +88,9 @@ def sample_tokens(
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    sampler: str = "generate",
 ) -> tuple[jax.Array, jax.Array]:
-    """Draws one token per row.
+    """Draws one token per row from `truncated_logits`.
 
     Args:
       logits: ``[batch, vocab]``.
@@ -54,7 +98,8 @@ def sample_tokens(
       positions: ``[batch]`` absolute position of the token being drawn.
       temperature: 0 for greedy.
       top_k: keep the ``top_k`` most likely tokens (0: all).
-      top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+      top_p: nucleus mass (1: all).
+      sampler: whose order of temperature, top-k and top-p to follow (`truncated_logits`).
 
     Returns:
       ``(tokens [batch] int32, logprobs [batch] float32)``; the log-probability is under the
@@ -66,24 +111,17 @@ def sample_tokens(
         logp = jax.nn.log_softmax(logits, axis=-1)
     else:
         logp = jax.nn.log_softmax(logits / temperature, axis=-1)
-        allowed = logp
-        if top_k:
-            kth = jax.lax.top_k(logp, top_k)[0][:, -1:]
-            allowed = jnp.where(logp < kth, -jnp.inf, allowed)
-        if top_p < 1.0:
-            order = jnp.argsort(-logp, axis=-1)
-            sorted_p = jnp.take_along_axis(jnp.exp(logp), order, axis=-1)
-            keep_sorted = (jnp.cumsum(sorted_p, axis=-1) - sorted_p) < top_p  # mass before each token
-            keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logp.shape[0])[:, None], order].set(keep_sorted)
-            allowed = jnp.where(keep, allowed, -jnp.inf)
+        allowed = truncated_logits(logits, temperature, top_k, top_p, sampler)
         keys = jax.vmap(jax.random.fold_in)(row_keys, positions)
         tokens = jax.vmap(jax.random.categorical)(keys, allowed)
     tokens = tokens.astype(jnp.int32)
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-def _step(graphdef, graphstate, graphother, cache, logits, row_keys, temperature, top_k=0, top_p=1.0):
-    tokens, logprobs = sample_tokens(logits, row_keys, cache.views[0].indexs, temperature, top_k, top_p)
+def _step(
+    graphdef, graphstate, graphother, cache, logits, row_keys, temperature, top_k=0, top_p=1.0, sampler="generate"
+):
+    tokens, logprobs = sample_tokens(logits, row_keys, cache.views[0].indexs, temperature, top_k, top_p, sampler)
     new_logits, cache = forward_split(graphdef, graphstate, graphother, cache, tokens[:, None])
     return tokens, logprobs, new_logits[:, -1], cache
 
@@ -92,7 +130,7 @@ def _step(graphdef, graphstate, graphother, cache, logits, row_keys, temperature
 def decode_step_fn():
     """The jitted sample-then-forward step (model split; sampling settings static)."""
     donate = () if jax.default_backend() == "cpu" else (3,)
-    return jax.jit(_step, static_argnums=(0, 6, 7, 8), donate_argnums=donate)
+    return jax.jit(_step, static_argnums=(0, 6, 7, 8, 9), donate_argnums=donate)
 
 
 def row_keys_for(seed: int, batch: int) -> jax.Array:
@@ -138,7 +176,7 @@ def decode(
     with model.mesh:
         for _ in range(num_tokens):
             tok, lp, logits, cache = step(
-                graphdef, graphstate, graphother, cache, logits, row_keys, float(temperature), 0, 1.0
+                graphdef, graphstate, graphother, cache, logits, row_keys, float(temperature), 0, 1.0, "generate"
             )
             tokens.append(tok)
             logprobs.append(lp)

@@ -8,6 +8,8 @@ items are scored once.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,6 +17,25 @@ from typing import Any
 import numpy as np
 
 RewardFn = Callable[..., Sequence[float]]
+
+
+@functools.cache
+def _parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature (some builtins): pass everything
+        return frozenset(), True
+    names = frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def accepted_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``kwargs`` that ``fn`` accepts (all of them when it takes ``**kwargs``)."""
+    try:
+        names, takes_any = _parameters(fn)
+    except TypeError:  # unhashable callable
+        names, takes_any = _parameters.__wrapped__(fn)
+    return dict(kwargs) if takes_any else {k: v for k, v in kwargs.items() if k in names}
 
 
 def score(
@@ -45,7 +66,8 @@ def score(
     kwargs = {name: [extra.get(name) for _, _, extra in unique] for name in field_names}
     total = np.zeros(len(unique))
     for fn, weight in zip(fns, weights, strict=True):
-        values = fn(prompts=[k[0] for k in unique], completions=[k[1] for k in unique], **kwargs)
+        call = {"prompts": [k[0] for k in unique], "completions": [k[1] for k in unique], **kwargs}
+        values = fn(**accepted_kwargs(fn, call))
         values = np.asarray(list(values), dtype=np.float64)
         if values.shape != (len(unique),):
             got = values.shape[0] if values.ndim else "a scalar"
@@ -64,7 +86,8 @@ def weighted_sum(reward_fns: Sequence[RewardFn], weights: Sequence[float]) -> Re
     def combined(prompts: Sequence[str], completions: Sequence[str], **fields: Any) -> list[float]:
         total = np.zeros(len(completions))
         for fn, weight in zip(fns, weights, strict=True):
-            values = np.asarray(list(fn(prompts=prompts, completions=completions, **fields)), dtype=np.float64)
+            call = accepted_kwargs(fn, {"prompts": prompts, "completions": completions, **fields})
+            values = np.asarray(list(fn(**call)), dtype=np.float64)
             if values.shape != total.shape:
                 name = getattr(fn, "__name__", fn)
                 raise ValueError(f"reward function {name!r} returned {values.size} values for {total.size} completions")

@@ -30,7 +30,7 @@ import numpy as np
 
 from kvstore.dense_cache import cache_from_states, forward_chunk
 from kvstore.state import CachedState
-from replay.decode import decode_step_fn
+from replay.decode import SAMPLERS, decode_step_fn
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,25 @@ class _Plan:
     stop_ids: frozenset[int]
     eos_ids: frozenset[int]
     stop_strings: tuple[str, ...]
+    sampler: str
+
+    @property
+    def sampling(self) -> tuple[float, int, float, str]:
+        """The decode step's static sampling arguments."""
+        return self.temperature, self.top_k, self.top_p, self.sampler
+
+
+def eos_token_ids(model: Any, tokenizer: Any = None) -> frozenset[int]:
+    """The EOS ids a rollout of ``model`` ends at, as EasyDeL's GRPO trainer cuts completions
+    (``_eos_token_id``): the tokenizer's EOS and the model's generation-config EOS (an id or a
+    list); ``model.config``'s EOS only when neither is set."""
+
+    def ids(value: Any) -> set[int]:
+        return set() if value is None else {int(i) for i in np.atleast_1d(value)}
+
+    found = ids(getattr(tokenizer, "eos_token_id", None))
+    found |= ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    return frozenset(found or ids(model.config.get_text_config().eos_token_id))
 
 
 def resolve_engine(engine: str) -> str:
@@ -104,7 +123,7 @@ def _log_auto_once() -> None:
     logger.info("engine 'auto' -> 'vanilla': eSurge snapshot injection is not available yet")
 
 
-def _plan(model: Any, params: Any, tokenizer: Any) -> _Plan:
+def _plan(model: Any, params: Any, tokenizer: Any, sampler: str) -> _Plan:
     for name, neutral in _UNSUPPORTED.items():
         value = getattr(params, name, neutral)
         if value not in (neutral, [], {}):
@@ -128,8 +147,8 @@ def _plan(model: Any, params: Any, tokenizer: Any) -> _Plan:
         stop = (params.stop,)
     if stop and tokenizer is None:
         raise ValueError(f"stop strings {stop} need a tokenizer: pass tokenizer=... to generate_branches")
-    eos = model.config.get_text_config().eos_token_id
-    eos_ids = frozenset() if params.ignore_eos or eos is None else frozenset(np.atleast_1d(eos).tolist())
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     return _Plan(
         k=k,
         max_tokens=int(params.max_tokens),
@@ -137,8 +156,9 @@ def _plan(model: Any, params: Any, tokenizer: Any) -> _Plan:
         top_k=int(params.top_k),
         top_p=float(params.top_p),
         stop_ids=frozenset(params.stop_token_ids or ()),
-        eos_ids=eos_ids,
+        eos_ids=frozenset() if params.ignore_eos else eos_token_ids(model, tokenizer),
         stop_strings=stop,
+        sampler=sampler,
     )
 
 
@@ -150,12 +170,17 @@ def _fold_keys(base: jax.Array, trajectory: jax.Array, index: jax.Array, branch:
     return jax.vmap(fold)(trajectory, index, branch)
 
 
-def branch_keys(seed: int, state_keys: Sequence[tuple[str | int, int]], k: int) -> np.ndarray:
-    """``[len(state_keys) * k]`` PRNG keys: state by state, branches 0..k-1 within each."""
+def branch_keys(
+    seed: int, state_keys: Sequence[tuple[str | int, int]], k: int, first_branch: int | Sequence[int] = 0
+) -> np.ndarray:
+    """``[len(state_keys) * k]`` PRNG keys: state by state, branches ``first..first+k-1`` within
+    each (``first_branch``: one int, or one per state). Branch i of a state has one key, so
+    sampling branches 8..15 later gives what a run of 16 would have drawn for them."""
     traj = [t if isinstance(t, int) else zlib.crc32(str(t).encode()) for t, _ in state_keys]
     traj = np.repeat(np.asarray(traj, dtype=np.int64) & 0x7FFFFFFF, k).astype(np.int32)
     index = np.repeat(np.asarray([i for _, i in state_keys], dtype=np.int32), k)
-    branch = np.tile(np.arange(k, dtype=np.int32), len(state_keys))
+    first = np.broadcast_to(np.asarray(first_branch, dtype=np.int32), (len(state_keys),))
+    branch = (np.repeat(first, k) + np.tile(np.arange(k, dtype=np.int32), len(state_keys))).astype(np.int32)
     return np.asarray(_fold_keys(jax.random.PRNGKey(seed), traj, index, branch))
 
 
@@ -177,6 +202,9 @@ def generate_branches(
     tokenizer: Any = None,
     state_keys: Sequence[tuple[str | int, int]] | None = None,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_tokens: Sequence[int] | None = None,
+    first_branch: int | Sequence[int] = 0,
+    sampler: str = "generate",
 ) -> list[Branches]:
     """K = ``sampling_params.n`` continuations of every snapshot.
 
@@ -186,16 +214,20 @@ def generate_branches(
       sampling_params: EasyDeL `SamplingParams`.
       engine: ``"auto"`` | ``"vanilla"`` | ``"esurge"``.
       seed: run seed of the branch keys.
-      tokenizer: needed for stop strings.
+      tokenizer: needed for stop strings; its EOS also ends a branch (as it ends a rollout).
       state_keys: one ``(trajectory_id, state_index)`` per state for the branch keys; default
         ``(crc32 of the prefix tokens, position)``.
       max_rows: rows (states x K) decoded together, before rounding up to a power of two.
+      max_tokens: token budget per state (default ``sampling_params.max_tokens`` for all).
+      first_branch: index of each state's first branch (one int or one per state): the K
+        branches are ``first..first+K-1``, keyed by index (`branch_keys`).
+      sampler: whose truncation order to reproduce, ``"generate"`` or ``"esurge"`` (`sample_tokens`).
 
     Returns:
       one `Branches` per state, in order.
     """
     resolve_engine(engine)
-    plan = _plan(model, sampling_params, tokenizer)
+    plan = _plan(model, sampling_params, tokenizer, sampler)
     states = [s.select(r) for s in cached_states for r in range(s.batch)]
     if not states:
         return []
@@ -205,23 +237,30 @@ def generate_branches(
     keys = _default_state_keys(states) if state_keys is None else list(state_keys)
     if len(keys) != len(states):
         raise ValueError(f"{len(keys)} state_keys for {len(states)} states")
-    all_keys = branch_keys(seed, keys, plan.k)
+    budgets = np.full(len(states), plan.max_tokens, np.int64) if max_tokens is None else np.asarray(max_tokens)
+    if budgets.shape != (len(states),) or np.any(budgets < 1):
+        raise ValueError(f"max_tokens must give one budget >= 1 per state ({len(states)}), got {budgets.tolist()}")
+    all_keys = branch_keys(seed, keys, plan.k, first_branch)
     per_group = max(1, max_rows // plan.k)
     out: list[Branches] = []
     for start in range(0, len(states), per_group):
-        group = states[start : start + per_group]
-        out.extend(_run_group(model, group, all_keys[start * plan.k : (start + len(group)) * plan.k], plan, tokenizer))
+        stop = start + per_group
+        group_keys = all_keys[start * plan.k : min(stop, len(states)) * plan.k]
+        out.extend(_run_group(model, states[start:stop], group_keys, budgets[start:stop], plan, tokenizer))
     return out
 
 
-def _run_group(model: Any, group: list[CachedState], keys: np.ndarray, plan: _Plan, tokenizer: Any) -> list[Branches]:
+def _run_group(
+    model: Any, group: list[CachedState], keys: np.ndarray, budgets: np.ndarray, plan: _Plan, tokenizer: Any
+) -> list[Branches]:
     rows = len(group) * plan.k
     padded = _bucket_rows(rows)
     pad_states = (padded - rows + plan.k - 1) // plan.k
     filler = [group[-1]] * pad_states
     prefixes = [s.prefix(s.position - 1) for s in [*group, *filler]]
+    steps = int(budgets.max())
     longest = max(s.position for s in group)
-    max_length = -(-(longest + plan.max_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
+    max_length = -(-(longest + steps) // LENGTH_BUCKET) * LENGTH_BUCKET
     cache = cache_from_states(model, prefixes, max_length=max_length, repeats=plan.k)
     total = cache.views[0].key.shape[0]
     last = np.repeat([s.token_ids[0, -1] for s in [*group, *filler]], plan.k)[:, None].astype(np.int32)
@@ -230,21 +269,24 @@ def _run_group(model: Any, group: list[CachedState], keys: np.ndarray, plan: _Pl
     row_keys = np.concatenate([keys, np.repeat(keys[-1:], total - rows, axis=0)])
     step = decode_step_fn()
     graphdef, graphstate, graphother = split
-    tokens = np.zeros((total, plan.max_tokens), np.int32)
-    logprobs = np.zeros((total, plan.max_tokens), np.float32)
+    tokens = np.zeros((total, steps), np.int32)
+    logprobs = np.zeros((total, steps), np.float32)
+    row_budget = np.repeat(budgets, plan.k)
     reasons: list[str | None] = [None] * rows
-    lengths = np.full(rows, plan.max_tokens, np.int64)
+    lengths = row_budget.copy()
     logits = logits[:, -1]
     with model.mesh:
-        for i in range(plan.max_tokens):
-            tok, lp, logits, cache = step(
-                graphdef, graphstate, graphother, cache, logits, row_keys, plan.temperature, plan.top_k, plan.top_p
-            )
+        for i in range(steps):
+            tok, lp, logits, cache = step(graphdef, graphstate, graphother, cache, logits, row_keys, *plan.sampling)
             tokens[:, i], logprobs[:, i] = jax.device_get((tok, lp))
             for r in range(rows):
-                if reasons[r] is None and (reason := _finish(tokens[r, : i + 1], plan, tokenizer)):
+                if (
+                    reasons[r] is None
+                    and i < row_budget[r]
+                    and (reason := _finish(tokens[r, : i + 1], plan, tokenizer))
+                ):
                     reasons[r], lengths[r] = reason, i + 1
-            if all(reasons):
+            if all(reasons[r] is not None or i + 1 >= row_budget[r] for r in range(rows)):
                 break
     result = []
     for s in range(len(group)):

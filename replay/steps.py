@@ -6,6 +6,10 @@ response tokens", so the state's snapshot covers ``prompt_len + b`` trajectory p
 A response ``"a\\nb\\nc"`` split at ``"\\n"`` has steps ``["a\\n", "b\\n", "c"]``; step ``j`` covers
 response tokens ``[b_j, b_{j+1})`` with ``b_0 = 0`` and ``b_S = len(response)``. The states whose
 values VinePPO estimates are ``s_j = b_j`` for ``j = 0..S-1`` (``V(s_S)`` is terminal).
+
+Steps come from the response text without its trailing special tokens: ``"a\\nb\\n<eos>"`` has
+steps ``["a\\n", "b\\n<eos>"]``, so a final EOS belongs to the last step and no state starts at
+or after it (`content_length`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 Splitter = Callable[[str], Sequence[int]]
+
+
+def content_length(response_ids: Sequence[int], special_ids: Sequence[int]) -> int:
+    """Response tokens before the trailing run of special tokens (EOS, padding, ...)."""
+    special = set(map(int, special_ids))
+    n = len(response_ids)
+    while n and int(response_ids[n - 1]) in special:
+        n -= 1
+    return n
 
 
 def split_points(text: str, delimiter: str = "\n") -> list[int]:
@@ -56,23 +69,41 @@ def step_starts(
     return np.concatenate([[0], token_boundaries(points, offsets)]).astype(np.int64)
 
 
-def cap_states(starts: np.ndarray, max_states: int | None, scores: np.ndarray | None = None) -> np.ndarray:
-    """Keeps at most ``max_states`` of the step starts; ``b_0 = 0`` is always kept.
+SELECTIONS = ("first", "spread", "entropy")
 
-    Without ``scores`` the kept starts are spread evenly over the list (by spacing); with
-    ``scores`` (one per start, e.g. the policy's entropy at that position) the highest-scoring
-    ones are kept. Returns the kept starts, sorted.
+
+def valued_states(
+    num_states: int, max_states: int | None, rule: str = "first", scores: np.ndarray | None = None
+) -> np.ndarray:
+    """``[num_states]`` bool: which of a response's step starts get MC values under a cap.
+
+    Every step keeps its own state; the cap decides only which states are *valued* (branched
+    from). The others are filled backwards from the next valued one, ``V_i = r_i + gamma V_{i+1}``
+    (`trainer.advantages.fill_values`). Rules, with ``N = max_states``:
+
+    - ``first``: the first N starts (the VinePPO reference's rule);
+    - ``spread``: N starts spread evenly over the list by index (first and last kept);
+    - ``entropy``: ``b_0`` and the N - 1 other starts with the highest ``scores`` (one per start:
+      the policy's next-token entropy there, in nats), ties to the earlier start.
     """
-    if max_states is None or len(starts) <= max_states:
-        return starts
-    if max_states < 1:
+    if rule not in SELECTIONS:
+        raise ValueError(f"state selection must be one of {SELECTIONS}, got {rule!r}")
+    if max_states is not None and max_states < 1:
         raise ValueError(f"max_states must be >= 1, got {max_states}")
-    if scores is None:
-        picks = np.unique(np.round(np.linspace(0, len(starts) - 1, max_states)).astype(np.int64))
+    if rule == "entropy" and (scores is None or len(scores) != num_states):
+        got = "none" if scores is None else len(scores)
+        raise ValueError(f"state selection 'entropy' needs one entropy per step start ({num_states}), got {got}")
+    valued = np.zeros(num_states, bool)
+    if max_states is None or num_states <= max_states:
+        valued[:] = True
+    elif rule == "first":
+        valued[:max_states] = True
+    elif rule == "spread":
+        valued[np.round(np.linspace(0, num_states - 1, max_states)).astype(np.int64)] = True
     else:
-        rest = np.argsort(-np.asarray(scores[1:]), kind="stable")[: max_states - 1] + 1
-        picks = np.concatenate([[0], rest])
-    return np.sort(starts[picks])
+        valued[0] = True
+        valued[np.argsort(-np.asarray(scores[1:]), kind="stable")[: max_states - 1] + 1] = True
+    return valued
 
 
 def lite_anchors(response_len: int, stride: int | None = None, quartiles: bool = False) -> np.ndarray:

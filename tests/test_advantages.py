@@ -120,3 +120,18 @@ def test_normalize_batch_zeroes_padding_then_baselines_and_whitens():
     np.testing.assert_allclose([picked.mean(), picked.std()], [0.0, 1.0], atol=1e-6)
     with pytest.raises(ValueError, match="baseline must be"):
         normalize_batch(adv, mask, "learned")
+
+
+def test_capped_states_per_rule_as_documented():
+    """docs/advantages.md, "Capped states": five steps, N = 2, reward 1, gamma 1."""
+    from replay.steps import valued_states
+
+    uncapped = np.array([0.4, 0.5, 0.7, 0.6, 0.9])
+    rewards = np.array([0, 0, 0, 0, 1.0])
+    np.testing.assert_allclose(vineppo_advantages(uncapped, rewards), [0.1, 0.2, -0.1, 0.3, 0.1], atol=1e-12)
+    entropy = np.array([0.0, 0.2, 1.5, 0.3, 0.1])
+    expected = {"first": [0.1, 0.5, 0, 0, 0], "spread": [0.5, 0, 0, 0, 0.1], "entropy": [0.3, 0, 0.3, 0, 0]}
+    for rule, want in expected.items():
+        valued = valued_states(5, 2, rule, entropy)
+        got = vineppo_advantages(np.where(valued, uncapped, np.nan), rewards)
+        np.testing.assert_allclose(got, want, atol=1e-12, err_msg=rule)

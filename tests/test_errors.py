@@ -81,7 +81,7 @@ def test_cache_capacity(tiny_model, token_seq, state):
 
 def test_stale_fingerprint_refused_only_when_checked(tiny_model, token_seq, state):
     stale = dataclasses.replace(state, fingerprint="0" * 32)
-    with pytest.raises(StalePolicyError, match="snapshot was made by another policy"):
+    with pytest.raises(StalePolicyError, match="the snapshot was made by policy"):
         resume_from_state(tiny_model, stale, token_seq[:, 12:13], check_policy=True)
     resume_from_state(tiny_model, stale, token_seq[:, 12:13])  # the caller did not ask for a check
     resume_from_state(tiny_model, state, token_seq[:, 12:13], check_policy=True)

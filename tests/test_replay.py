@@ -137,11 +137,35 @@ def test_select_states(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     response = list(RESPONSES[0])  # "2+3\n=5\nA: 5": steps start at 0, 4, 7
     np.testing.assert_array_equal(select_states(response, tok, ReplayConfig()), [0, 4, 7])
-    np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(max_states=2)), [0, 7])
+    np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(max_states=2)), [0, 4])  # first
+    spread = ReplayConfig(max_states=2, state_selection="spread")
+    np.testing.assert_array_equal(select_states(response, tok, spread), [0, 7])
     np.testing.assert_array_equal(select_states(response, tok, ReplayConfig(mode="lite")), [10])
     np.testing.assert_array_equal(
         select_states(response, tok, ReplayConfig(mode="lite", lite_anchor_stride=4)), [0, 4, 8, 10]
     )
+
+
+@pytest.mark.parametrize("mode", ["full", "lite"])
+def test_no_state_at_or_after_trailing_special_tokens(tokenizer_dir, mode):
+    """``"a=1\nb=2\n<eos>"``: EOS belongs to the last step ``"b=2\n<eos>"``; before the fix the
+    split after the last newline survived and EOS got a state (and K branches) of its own."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    body = list(b"a=1\nb=2\n")
+    config = ReplayConfig(mode=mode)
+    for tail in ([eos], [eos, pad, pad], []):
+        states = select_states(body + tail, tok, config)
+        assert states.max() < len(body), (tail, states)
+        if mode == "full":
+            np.testing.assert_array_equal(states, [0, 4])
+        else:
+            np.testing.assert_array_equal(states, [len(body) - 1])
+    # a special token inside the response is text like any other; only the trailing run is cut
+    inner = list(b"a\n") + [eos] + list(b"b\n") + [eos]
+    np.testing.assert_array_equal(select_states(inner, tok, ReplayConfig()), [0, 2])
 
 
 def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, tokenizer_dir, stored_run, tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from replay.rewards import score
-from replay.steps import cap_states, lite_anchors, split_points, step_starts, token_boundaries
-from replay.values import branch_returns, mc_values
+from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states
+from replay.values import MCRecord, branch_returns, branches_wanted, mc_values, ragged
 
 
 def test_split_points_and_token_boundaries():
@@ -25,12 +25,24 @@ def test_split_points_and_token_boundaries():
         split_points(text, "")
 
 
-def test_cap_states_by_spacing_and_by_score():
-    starts = np.array([0, 3, 7, 12, 20, 31])
-    np.testing.assert_array_equal(cap_states(starts, None), starts)
-    np.testing.assert_array_equal(cap_states(starts, 3), [0, 7, 31])  # list indices round(0, 2.5, 5) = 0, 2, 5
-    np.testing.assert_array_equal(cap_states(starts, 3, scores=np.array([0, 5, 1, 9, 2, 0])), [0, 3, 12])
-    np.testing.assert_array_equal(cap_states(starts, 1), [0])
+def test_valued_states_per_rule():
+    n = 6  # step starts [0, 3, 7, 12, 20, 31], say
+    assert valued_states(n, None).all() and valued_states(n, 6, "spread").all()
+    np.testing.assert_array_equal(np.flatnonzero(valued_states(n, 3)), [0, 1, 2])  # first: the reference's
+    np.testing.assert_array_equal(np.flatnonzero(valued_states(n, 3, "spread")), [0, 2, 5])  # round(0, 2.5, 5)
+    entropy = np.array([0, 5, 1, 9, 2, 0.0])
+    np.testing.assert_array_equal(np.flatnonzero(valued_states(n, 3, "entropy", entropy)), [0, 1, 3])
+    np.testing.assert_array_equal(np.flatnonzero(valued_states(n, 1, "entropy", entropy)), [0])
+    with pytest.raises(ValueError, match="needs one entropy per step start"):
+        valued_states(n, 3, "entropy")
+    with pytest.raises(ValueError, match="must be one of"):
+        valued_states(n, 3, "random")
+
+
+def test_content_length_strips_trailing_special_tokens():
+    assert content_length([5, 10, 256], [256, 257]) == 2
+    assert content_length([5, 256, 10, 256, 257, 257], [256, 257]) == 3  # only the trailing run
+    assert content_length([256], [256]) == 0 and content_length([], [256]) == 0
 
 
 def test_lite_anchors():
@@ -80,3 +92,28 @@ def test_score_dedupes_and_passes_fields():
     assert calls == [3]  # the two identical items were scored once
     with pytest.raises(ValueError, match="returned 1 values for 3 completions"):
         score(lambda prompts, completions, **kw: [1.0], prompts, completions, fields)
+
+
+def test_ragged_mc_values_and_adaptive_rounds():
+    returns = ragged([[1.0, 0.0, 1.0, 1.0], [], [0.5], [1.0, 1.0]])
+    stats = mc_values(returns)
+    np.testing.assert_array_equal(stats.count, [4, 0, 1, 2])
+    np.testing.assert_allclose(stats.mean[[0, 2, 3]], [0.75, 0.5, 1.0])
+    assert np.isnan(stats.mean[1]) and np.isnan(stats.var[1])
+    np.testing.assert_allclose(stats.var[[0, 2, 3]], [0.25, 0.0, 0.0])
+    # fixed K: everyone to the cap; adaptive (target 0.3): state 0's half-width 1.96 * 0.25 = 0.49
+    # gets 4 more (capped at 6), the empty state its first round, settled states keep theirs
+    np.testing.assert_array_equal(branches_wanted(stats, 4, 4, None), [4, 4, 4, 4])
+    np.testing.assert_array_equal(branches_wanted(stats, 4, 6, 0.3), [6, 4, 1, 2])
+    np.testing.assert_array_equal(branches_wanted(stats, 4, 16, 0.5), [4, 4, 1, 2])  # 0.49 <= 0.5
+
+
+def test_mc_record_round_trip():
+    record = MCRecord("abc", "full", 7, [0, 3, 5], [[1.0, 0.0], [], [1.0, 1.0, 1.0]], branch_tokens=12)
+    fields = record.to_fields()
+    assert fields["positions"] == [7, 10, 12] and fields["mean"] == [0.5, None, 1.0] and fields["count"] == [2, 0, 3]
+    again = MCRecord.from_fields(fields)
+    assert again.returns == record.returns and again.branch_tokens == 12
+    np.testing.assert_array_equal(again.response_positions, [0, 3, 5])
+    with pytest.raises(ValueError, match="older vinekv"):
+        MCRecord.from_fields({"mean": [0.5]})

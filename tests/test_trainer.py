@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 
 from kvstore.capture import StalePolicyError
 from kvstore.store import SnapshotStore
+from trainer.rollouts import Rollout
 from trainer.vineppo_config import VinePPOConfig
 from trainer.vineppo_trainer import VinePPOTrainer
 from vinekv.models import BYTE_VOCAB, build_model, build_tokenizer
@@ -42,7 +43,7 @@ def tokenizer():
     return tok
 
 
-def make_trainer(tmp_path, tokenizer, model=None, reward_funcs=even_bytes, **overrides) -> VinePPOTrainer:
+def _settings(tmp_path, **overrides) -> dict:
     settings = dict(
         save_directory=str(tmp_path / "ckpt"),
         do_last_save=False,
@@ -71,8 +72,12 @@ def make_trainer(tmp_path, tokenizer, model=None, reward_funcs=even_bytes, **ove
         vineppo_codec="lossless",
     )
     settings.update(overrides)
+    return settings
+
+
+def make_trainer(tmp_path, tokenizer, model=None, reward_funcs=even_bytes, **overrides) -> VinePPOTrainer:
     return VinePPOTrainer(
-        arguments=VinePPOConfig(**settings),
+        arguments=VinePPOConfig(**_settings(tmp_path, **overrides)),
         model=model or fresh_model(),
         reward_funcs=reward_funcs,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
@@ -277,3 +282,118 @@ def test_masked_out_completions_get_no_values(tmp_path, tokenizer):
     assert not kept.all()  # a random model rarely ends within 16 tokens: those rows are masked out
     assert np.all(np.asarray(out["advantages"])[~kept] == 0)
     assert metrics["vineppo/branches"] == 2 * metrics["vineppo/states"]
+
+
+# -- fidelity: task fields, truncation rule, adaptive K, the paper's preset ---------------------
+
+ANSWERS = ["19", "12"]
+
+
+def answer_in_completion(prompts, completions, answer, **kwargs):
+    """A task reward that needs the dataset's ``answer`` column (as GSM8K-style rewards do)."""
+    answer_in_completion.seen.append(list(answer))
+    return [float(a in c) + 0.1 * (len(c) % 3) for c, a in zip(completions, answer, strict=True)]
+
+
+answer_in_completion.seen = []
+
+
+@pytest.mark.parametrize("strategy", ["memory", "disk"])
+def test_every_rollout_and_branch_is_scored_with_its_dataset_row(tmp_path, tokenizer, strategy):
+    answer_in_completion.seen.clear()
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        reward_funcs=answer_in_completion,
+        vineppo_mode="full",
+        vineppo_cache_strategy=strategy,
+        vineppo_keep_snapshots=True,
+    )
+    trainer._dataset_rows[True] = Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS, "vinekv_row": [0, 1]})
+    batch = {**prompt_batch(tokenizer), "vinekv_row": jnp.asarray([1, 0])}  # prompts of rows 1, 0 (swapped)
+    batch["input_ids"], batch["attention_mask"] = batch["input_ids"][::-1], batch["attention_mask"][::-1]
+    out, metrics = trainer._preprocess_batch_input(trainer.model_state, batch, is_train=True)
+    calls = answer_in_completion.seen
+    # GRPO's own scoring: one answer per completion, prompt-major
+    assert calls[0] == [ANSWERS[1]] * GROUP + [ANSWERS[0]] * GROUP
+    # rollouts and branches: each call scores one prompt's items, all with that prompt's answer
+    assert len(calls) > 3 and all(len(set(c)) == 1 for c in calls[1:])
+    assert {c[0] for c in calls[1:]} == set(ANSWERS)
+    if strategy == "disk":  # the fields went into the store with each trajectory (offline replay scores the same)
+        store = SnapshotStore.open(str(tmp_path / "kv"), mode="r")
+        (run,) = store.runs()
+        info = store.trajectory_info(run, "000000")
+        assert info["fields"]["answer"] == ANSWERS[1]
+
+
+def test_training_step_with_a_task_field(tmp_path, tokenizer):
+    trainer = VinePPOTrainer(
+        arguments=VinePPOConfig(**_settings(tmp_path, vineppo_mode="lite")),
+        model=fresh_model(),
+        reward_funcs=answer_in_completion,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS}),
+        processing_class=tokenizer,
+    )
+    answer_in_completion.seen.clear()
+    state = trainer.train().state
+    assert int(jax.device_get(state.step)) == 1
+    assert answer_in_completion.seen and all(set(c) <= set(ANSWERS) for c in answer_in_completion.seen)
+    assert set(answer_in_completion.seen[0]) == set(ANSWERS)  # both prompts' rows reached GRPO's scoring
+
+
+def test_truncated_rollouts_get_the_unfinished_reward(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, vineppo_mode="full", vineppo_unfinished_reward=-1.0)
+    prompt = np.frombuffer(b"Q: 1?\n", np.uint8).astype(np.int32)
+    eos = tokenizer.eos_token_id
+    rollouts = [
+        Rollout(prompt, np.array([50, 51, eos], np.int32), 0, 0),  # finished
+        Rollout(prompt, np.arange(60, 60 + COMPLETION_LEN, dtype=np.int32), 0, 1),  # cut off by the budget
+    ]
+    rewards = trainer._score_rollouts(rollouts, [{}, {}])
+    assert rewards[1] == -1.0 and rewards[0] == pytest.approx(even_bytes([""], ["23"])[0])
+    trainer.arguments.vineppo_unfinished_reward = None  # scored as they are, like truncated branches
+    assert trainer._score_rollouts(rollouts, [{}, {}])[1] == pytest.approx(
+        even_bytes([""], [bytes(range(60, 60 + COMPLETION_LEN)).decode()])[0]
+    )
+    assert trainer.rollout_stop_ids == {eos}
+    replay = trainer.arguments.replay_config(stop_token_ids=tuple(trainer.rollout_stop_ids))
+    assert replay.horizon == COMPLETION_LEN and replay.stop_token_ids == (eos,) and replay.sampler == "generate"
+
+
+def test_adaptive_k_in_training_records_k_per_state(tmp_path, tokenizer):
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        vineppo_mode="full",
+        vineppo_branches=2,
+        vineppo_max_branches=6,
+        vineppo_adaptive_ci=0.01,
+        vineppo_cache_strategy="disk",
+        vineppo_keep_snapshots=True,
+    )
+    out, metrics = trainer._preprocess_batch_input(trainer.model_state, prompt_batch(tokenizer), is_train=True)
+    store = SnapshotStore.open(str(tmp_path / "kv"), mode="r")
+    (run,) = store.runs()
+    counts = np.concatenate(
+        [np.asarray(store.trajectory_info(run, t)["fields"]["mc"]["count"]) for t in store.trajectories(run)]
+    )
+    counts = counts[counts > 0]
+    assert set(counts.tolist()) <= {2, 4, 6} and counts.max() == 6  # even-byte rewards disagree: up to the cap
+    assert metrics["vineppo/branches_per_state"] == pytest.approx(counts.mean())
+    assert metrics["vineppo/branches_per_state_max"] == 6 and metrics["vineppo/branches"] == counts.sum()
+
+
+def test_paper_preset():
+    config = VinePPOConfig.paper_preset(save_directory="/tmp/preset", vineppo_branches=4)
+    assert config.vineppo_branches == 4  # overrides win
+    assert (config.vineppo_mode, config.vineppo_step_delimiter, config.vineppo_state_selection) == (
+        "full",
+        "\n",
+        "first",
+    )
+    assert (config.beta, config.epsilon, config.epsilon_high, config.vineppo_ppo_epochs) == (1e-4, 0.2, 0.2, 2)
+    assert config.vineppo_whiten_advantages and config.vineppo_unfinished_reward == 0.0
+    assert (config.generation_temperature, config.generation_top_p) == (0.6, 0.9)
+    assert VinePPOConfig.paper_preset(save_directory="/tmp/preset").vineppo_branches == 9
+    plain = VinePPOConfig(save_directory="/tmp/preset")
+    assert (plain.beta, plain.vineppo_branches, plain.vineppo_whiten_advantages) == (0.04, 8, False)

@@ -19,6 +19,7 @@ _EXPORTS = {
     "VinePPOConfig": "trainer.vineppo_config",
     "VinePPOTrainer": "trainer.vineppo_trainer",
     "estimate_values": "trainer.value_estimation",
+    "ppo_token_loss": "trainer.losses",
     "Rollout": "trainer.rollouts",
     "split_rollouts": "trainer.rollouts",
     **{

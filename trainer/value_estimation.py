@@ -13,32 +13,31 @@ state index, branch index)``, so with the lossless codec they give identical val
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from kvstore.capture import capture_sequences
+from kvstore.capture import capture_with_entropy
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
-from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, value_states
+from replay.branch_replay import (
+    ReplayConfig,
+    ReplayReport,
+    plan_trajectory,
+    replay_run,
+    trajectory_record,
+    value_states,
+)
 from replay.rewards import RewardFn
 from replay.steps import Splitter
+from replay.values import MCRecord
 from trainer.rollouts import Rollout
 
 STRATEGIES = ("memory", "disk", "recompute")
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutValues:
-    """MC values of one rollout: ``positions`` ``[S]`` (response positions of the states),
-    ``mean``/``var`` ``[S]`` of the K branch returns."""
-
-    positions: np.ndarray
-    mean: np.ndarray
-    var: np.ndarray
 
 
 @dataclasses.dataclass
@@ -57,6 +56,17 @@ def trajectory_id(row: int) -> str:
     return f"{row:06d}"
 
 
+def needs_entropy(config: ReplayConfig) -> bool:
+    """Whether state selection reads the policy's per-token entropy."""
+    return config.mode == "full" and config.max_states is not None and config.state_selection == "entropy"
+
+
+def response_entropy(entropy: np.ndarray | None, prompt_len: int, response_len: int) -> np.ndarray | None:
+    """``[T]`` entropy at each response position b (the distribution of response token b), from a
+    sequence's per-position entropies (`kvstore.capture.capture_with_entropy`)."""
+    return None if entropy is None else entropy[prompt_len - 1 : prompt_len - 1 + response_len]
+
+
 def estimate_values(
     strategy: str,
     model: Any,
@@ -69,14 +79,17 @@ def estimate_values(
     run: str | None = None,
     keep_run: bool = False,
     rewards: Sequence[float] | None = None,
+    fields: Sequence[dict[str, Any]] | None = None,
     splitter: Splitter | None = None,
     batch_rows: int = 8,
-) -> tuple[list[RolloutValues], EstimationStats]:
-    """MC values of every rollout's states (step starts or anchors, per ``config.mode``).
+) -> tuple[list[MCRecord], EstimationStats]:
+    """MC values (one `MCRecord` per rollout) of every rollout's states, per ``config.mode``.
 
-    ``disk`` needs ``store`` and ``run`` (a new run name); the run is deleted afterwards (also
-    when replay fails) unless ``keep_run``. ``rewards`` (one per rollout) are stored with the
-    spilled rollouts as field ``vinekv_reward``, their groups as ``vinekv_group``.
+    ``fields`` (one dict per rollout: its dataset row) go to the reward functions with every
+    branch and, under ``disk``, into the store with the trajectory. ``disk`` needs ``store``
+    and ``run`` (a new run name); the run is deleted afterwards (also when replay fails) unless
+    ``keep_run``. ``rewards`` (one per rollout) are stored as field ``vinekv_reward``, the
+    groups as ``vinekv_group``.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -85,80 +98,104 @@ def estimate_values(
         return [], stats
     if len({r.row for r in rollouts}) != len(rollouts):
         raise ValueError("rollouts must have distinct rows (their row names their store entry and branch keys)")
+    fields = [{} for _ in rollouts] if fields is None else list(fields)
+    if len(fields) != len(rollouts):
+        raise ValueError(f"{len(fields)} field dicts for {len(rollouts)} rollouts")
     if strategy == "disk":
         return _estimate_from_store(
-            model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, splitter, batch_rows
+            model,
+            tokenizer,
+            reward_fns,
+            rollouts,
+            config,
+            stats,
+            store,
+            run,
+            keep_run,
+            rewards,
+            fields,
+            splitter,
+            batch_rows,
         )
-    starts = [select_states(r.response_ids, tokenizer, config, splitter) for r in rollouts]
-    chunks = _captured_chunks(model, rollouts, batch_rows, policy_fingerprint(model), stats)
+    chunks = _captured_chunks(model, rollouts, batch_rows, needs_entropy(config), stats)
     if strategy == "memory":  # every rollout's KV is captured and held before any branch
         chunks = list(chunks)
-        stats.peak_kv_bytes = sum(s.nbytes for chunk in chunks for s in chunk)
-    results: list[RolloutValues] = []
+        stats.peak_kv_bytes = sum(s.nbytes for chunk in chunks for s, _ in chunk)
+    results: list[MCRecord] = []
     for chunk in chunks:
-        for full in chunk:
-            index = len(results)
+        for full, entropy in chunk:
+            rollout = rollouts[len(results)]
             results.append(
-                _value_rollout(model, tokenizer, reward_fns, config, rollouts[index], starts[index], full, stats)
+                _value_rollout(
+                    model, tokenizer, reward_fns, config, rollout, full, entropy, fields[len(results)], splitter, stats
+                )
             )
     return results, stats
 
 
-def _captured_chunks(model, rollouts, batch_rows, fingerprint, stats):
-    """Yields the captures of ``batch_rows`` rollouts at a time (lazily: ``recompute`` captures
-    each chunk right before it is used)."""
+def _captured_chunks(model, rollouts, batch_rows, entropy, stats):
+    """Yields ``(state, entropy or None)`` for ``batch_rows`` rollouts at a time (lazily:
+    ``recompute`` captures each chunk right before it is used)."""
+    fingerprint = policy_fingerprint(model)
     for lo in range(0, len(rollouts), batch_rows):
         start = time.perf_counter()
-        chunk = list(
-            capture_sequences(
-                model, [r.sequence for r in rollouts[lo : lo + batch_rows]], batch_rows, fingerprint=fingerprint
-            )
-        )
+        sequences = [r.sequence for r in rollouts[lo : lo + batch_rows]]
+        captured = capture_with_entropy(model, sequences, batch_rows, fingerprint=fingerprint)
+        chunk = [(s, e if entropy else None) for s, e in captured]
         stats.seconds["capture"] += time.perf_counter() - start
-        stats.peak_kv_bytes = max(stats.peak_kv_bytes, sum(s.nbytes for s in chunk))
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, sum(s.nbytes for s, _ in chunk))
         yield chunk
 
 
-def _value_rollout(model, tokenizer, reward_fns, config, rollout, starts, full: CachedState, stats):
-    prompt_len = len(rollout.prompt_ids)
-    states = [full.prefix(prompt_len + int(b)) for b in starts]
+def _value_rollout(model, tokenizer, reward_fns, config, rollout, full: CachedState, entropy, fields, splitter, stats):
+    prompt_len, response = len(rollout.prompt_ids), rollout.response_ids
+    plan = plan_trajectory(
+        response, tokenizer, config, splitter=splitter, entropy=response_entropy(entropy, prompt_len, len(response))
+    )
+    states = {int(b): full.prefix(prompt_len + int(b)) for b in plan.positions[plan.needed(config)]}
     start = time.perf_counter()
     values = value_states(
-        model, tokenizer, reward_fns, config, trajectory_id(rollout.row), rollout.response_ids, starts, states
+        model, tokenizer, reward_fns, config, trajectory_id(rollout.row), response, plan, states, fields
     )
     stats.seconds["replay"] += time.perf_counter() - start
-    stats.replay.add(values, len(rollout.response_ids))
-    return RolloutValues(np.asarray(starts), values.stats.mean, values.stats.var)
+    stats.replay.add(values, len(response))
+    return trajectory_record(config, prompt_len, plan, values)
 
 
 def _estimate_from_store(
-    model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, splitter, batch_rows
+    model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, fields, splitter, batch_rows
 ):
     """Spill, `replay_run` (which picks the states from the stored responses), read values back."""
     if store is None or not run:
         raise ValueError("strategy 'disk' needs a store and a run name")
-    fingerprint = policy_fingerprint(model)
+    entropy = needs_entropy(config)
     try:
         start, chunk_bytes = time.perf_counter(), 0
-        captured = capture_sequences(model, [r.sequence for r in rollouts], batch_rows, fingerprint=fingerprint)
-        for index, (rollout, state) in enumerate(zip(rollouts, captured, strict=True)):
-            fields = {"vinekv_group": rollout.group}
+        for index, (rollout, (state, ent)) in enumerate(
+            zip(
+                rollouts,
+                itertools.chain.from_iterable(_captured_chunks(model, rollouts, batch_rows, entropy, stats)),
+                strict=True,
+            )
+        ):
+            extra = {**fields[index], "vinekv_group": rollout.group}
             if rewards is not None:
-                fields["vinekv_reward"] = float(rewards[index])
-            store.spill(run, trajectory_id(rollout.row), state, len(rollout.prompt_ids), **fields)
+                extra["vinekv_reward"] = float(rewards[index])
+            if entropy:
+                prompt_len = len(rollout.prompt_ids)
+                extra["vinekv_entropy"] = response_entropy(ent, prompt_len, len(rollout.response_ids)).tolist()
+            store.spill(run, trajectory_id(rollout.row), state, len(rollout.prompt_ids), **extra)
             chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
             stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
         store.flush()
-        stats.seconds["spill"] += time.perf_counter() - start
+        stats.seconds["spill"] += time.perf_counter() - start - stats.seconds["capture"]
         stats.store_bytes = store.size(run).stored
         start = time.perf_counter()
         stats.replay = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
         stats.seconds["replay"] += time.perf_counter() - start
-        results = []
-        for rollout in rollouts:
-            mc = store.trajectory_info(run, trajectory_id(rollout.row))["fields"]["mc"]
-            positions = np.asarray(mc["response_positions"], dtype=np.int64)
-            results.append(RolloutValues(positions, np.asarray(mc["mean"]), np.asarray(mc["var"])))
+        results = [
+            MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"]) for r in rollouts
+        ]
     finally:
         if not keep_run and run in store.runs():
             store.delete_run(run)

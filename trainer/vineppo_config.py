@@ -9,10 +9,36 @@ from easydel.trainers.group_relative_policy_optimization.grpo_config import GRPO
 from kvstore.codecs import CODECS
 from replay.branch_replay import ReplayConfig
 from replay.sampler import ENGINES
+from replay.steps import SELECTIONS
 from trainer.value_estimation import STRATEGIES
 
 MODES = ("off", "lite", "full")
 BASELINES = ("none", "batch")
+
+# The VinePPO reference's hyper-parameters where GRPO's defaults differ (Kazemnejad et al. 2024;
+# McGill-NLP/VinePPO at efe7228, configs/; docs/training.md cites the file and line of each).
+PAPER_PRESET: dict[str, object] = {
+    "vineppo_mode": "full",
+    "vineppo_branches": 9,  # episode_generators/9rolls.jsonnet: samples 9
+    "vineppo_step_delimiter": "\n",  # tasks/gsm8k.py: intermediate_step_delimiter
+    "vineppo_state_selection": "first",  # math_episode_generator_with_mc_advantages.py: max_step_for_value_estimation
+    "vineppo_unfinished_reward": 0.0,  # math_episode_generator.jsonnet: unfinished_response_penalty 0.0
+    "vineppo_gamma": 1.0,  # advantages: r_i + V_{i+1} - V_i
+    "vineppo_whiten_advantages": True,  # trainers/ppo_MATH.jsonnet: whiten_advantages true
+    "vineppo_ppo_epochs": 2,  # trainers/ppo_MATH.jsonnet: num_epochs_per_iteration 2
+    "beta": 1e-4,  # trainers/refKl0.0001.jsonnet (a loss term: trainers/klLoss.jsonnet)
+    "epsilon": 0.2,  # trainers/ppo_MATH.jsonnet: cliprange 0.2
+    "epsilon_high": 0.2,
+    "loss_type": "bnpo",  # ppo_trainer.py: masked_mean over the batch's response tokens
+    "temperature": 0.6,  # polIter_*_ppo_MATH.jsonnet: sampling temperature, rollouts and MC alike
+    "top_p": 0.9,
+    "top_k": 0,
+    "learning_rate": 1e-6,  # trainers/ppo_MATH.jsonnet
+    "weight_decay": 0.0,
+    "clip_grad": 1.0,
+    "num_return_sequences": 8,  # polIter_*_ppo_MATH.jsonnet: num_rollouts_per_sample 8
+    "max_completion_length": 1024,  # polIter_*_ppo_MATH.jsonnet: max_tokens 1024
+}
 
 
 @dataclass
@@ -30,7 +56,19 @@ class VinePPOConfig(GRPOConfig):
     vineppo_max_depth: int | None = field(
         default=None, metadata={"help": "full mode: token budget of a branch (default: max_completion_length)"}
     )
-    vineppo_max_states: int | None = field(default=None, metadata={"help": "full mode: cap on states per response"})
+    vineppo_max_states: int | None = field(
+        default=None, metadata={"help": "full mode: cap on valued states per response (the rest filled backwards)"}
+    )
+    vineppo_state_selection: str = field(
+        default="first", metadata={"help": "full mode: which states a cap values: first | spread | entropy"}
+    )
+    vineppo_adaptive_ci: float | None = field(
+        default=None,
+        metadata={"help": "adaptive K: target 95% CI half-width of a value; rounds of K branches until met"},
+    )
+    vineppo_max_branches: int | None = field(
+        default=None, metadata={"help": "adaptive K: cap on branches per state (default: the first round's K)"}
+    )
     vineppo_engine: str = field(default="auto", metadata={"help": "auto | esurge | vanilla"})
     vineppo_cache_strategy: str = field(default="memory", metadata={"help": "memory | disk | recompute"})
     vineppo_store: str | None = field(default=None, metadata={"help": "snapshot store path (required for disk)"})
@@ -107,6 +145,19 @@ class VinePPOConfig(GRPOConfig):
                 f"vineppo_max_states must be >= 1 or None, got {self.vineppo_max_states}",
             ),
             (
+                self.vineppo_state_selection in SELECTIONS,
+                f"vineppo_state_selection must be one of {SELECTIONS}, got {self.vineppo_state_selection!r}",
+            ),
+            (
+                self.vineppo_adaptive_ci is None or self.vineppo_adaptive_ci > 0,
+                f"vineppo_adaptive_ci must be > 0 or None, got {self.vineppo_adaptive_ci}",
+            ),
+            (
+                self.vineppo_max_branches is None or self.vineppo_max_branches >= self._first_round(),
+                f"vineppo_max_branches must be >= the first round's K ({self._first_round()}) or None, "
+                f"got {self.vineppo_max_branches}",
+            ),
+            (
                 self.lite_anchor_stride is None or self.lite_anchor_stride >= 1,
                 f"lite_anchor_stride must be >= 1 or None, got {self.lite_anchor_stride}",
             ),
@@ -114,6 +165,16 @@ class VinePPOConfig(GRPOConfig):
             (0.0 <= self.vineppo_lambda <= 1.0, f"vineppo_lambda must be in [0, 1], got {self.vineppo_lambda}"),
             (self.vineppo_ppo_epochs >= 1, f"vineppo_ppo_epochs must be >= 1, got {self.vineppo_ppo_epochs}"),
             (bool(self.vineppo_step_delimiter), "vineppo_step_delimiter must be a non-empty string"),
+            (
+                self.loss_type != "cispo",
+                "loss_type='cispo' is not supported: VinePPOTrainer's PPO loss (trainer.ppo_step) does not "
+                "implement it",
+            ),
+            (
+                self.delta is None,
+                f"delta must be None, got {self.delta}: VinePPOTrainer's PPO loss (trainer.ppo_step) does not "
+                "implement two-sided clipping",
+            ),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:
@@ -136,22 +197,45 @@ class VinePPOConfig(GRPOConfig):
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
-    def replay_config(self, seed: int = 0) -> ReplayConfig:
-        """The branch-replay settings of this mode (``off`` has none)."""
+    @classmethod
+    def paper_preset(cls, **overrides: object) -> VinePPOConfig:
+        """A config with the VinePPO reference's hyper-parameters (`PAPER_PRESET`: K = 9, step
+        delimiter ``"\\n"``, KL 1e-4, whitened advantages, 2 PPO epochs, clip 0.2, T 0.6 / top-p 0.9,
+        ...), ``overrides`` on top. GSM8K in the paper also caps valued states: its
+        ``max_step_for_value_estimation=25`` is ``vineppo_max_states=26`` here (the prompt state
+        counts). GRPO's defaults stay the defaults of a plain ``VinePPOConfig()``."""
+        return cls(**{**PAPER_PRESET, **overrides})
+
+    def _first_round(self) -> int:
+        return self.lite_num_branches if self.vineppo_mode == "lite" else self.vineppo_branches
+
+    def replay_config(self, seed: int = 0, stop_token_ids: tuple[int, ...] = ()) -> ReplayConfig:
+        """The branch-replay settings of this mode (``off`` has none).
+
+        A branch from response position b gets ``min(budget, max_completion_length - b)`` tokens
+        (budget: ``vineppo_max_depth`` / ``lite_branch_max_len``), samples like the rollouts'
+        generation path, and stops on ``stop_token_ids`` besides the EOS ids.
+        """
         if self.vineppo_mode == "off":
             raise ValueError("vineppo_mode='off' runs no branch replay")
         lite = self.vineppo_mode == "lite"
         return ReplayConfig(
             mode=self.vineppo_mode,
-            branches=self.lite_num_branches if lite else self.vineppo_branches,
+            branches=self._first_round(),
             max_tokens=self.lite_branch_max_len if lite else (self.vineppo_max_depth or self.max_completion_length),
+            horizon=self.max_completion_length,
             temperature=self.generation_temperature,
             top_p=self.generation_top_p,
             top_k=self.generation_top_k,
+            stop_token_ids=tuple(stop_token_ids),
+            sampler="esurge" if self.use_esurge_generation else "generate",
             delimiter=self.vineppo_step_delimiter,
             max_states=None if lite else self.vineppo_max_states,
+            state_selection=self.vineppo_state_selection,
             lite_anchor_stride=self.lite_anchor_stride,
             unfinished_reward=self.vineppo_unfinished_reward,
+            max_branches=self.vineppo_max_branches,
+            adaptive_ci=self.vineppo_adaptive_ci,
             seed=seed,
             engine=self.vineppo_engine,
         )

@@ -33,19 +33,25 @@ from easydel.infra.base_state import EasyDeLState
 from easydel.infra.errors import EasyDeLBreakRequest, EasyDeLTimerError
 from easydel.infra.loss_utils import LossMetrics
 from easydel.trainers.group_relative_policy_optimization.grpo_trainer import GRPOTrainer
+from easydel.trainers.trainer_protocol import TrainerConfigureFunctionOutput
 from easydel.trainers.training_utils import normalize_generation_model_kwargs
 from easydel.utils.compiling_utils import ejit
 from eformer import common_types
+from jax.sharding import NamedSharding, PartitionSpec
 
-from kvstore.capture import StalePolicyError
 from kvstore.fingerprint import policy_fingerprint
+from kvstore.policy import check_policy
 from kvstore.store import SnapshotStore
-from replay.branch_replay import score_completions
+from replay.branch_replay import reward_fields, score_completions
 from replay.rewards import weighted_sum
 from replay.steps import Splitter
+from replay.values import MCRecord, branch_returns
 from trainer.advantages import normalize_batch, trajectory_advantages
+from trainer.losses import ppo_token_loss
+from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
-from trainer.value_estimation import EstimationStats, RolloutValues, estimate_values
+from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
+from trainer.value_estimation import EstimationStats, estimate_values
 from trainer.vineppo_config import VinePPOConfig
 
 logger = logging.getLogger(__name__)
@@ -80,8 +86,7 @@ class VinePPOTrainer(GRPOTrainer):
             raise TypeError(f"arguments must be a VinePPOConfig, got {type(arguments).__name__}")
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if arguments.vineppo_mode != "off":
-            models = (EasyDeLState, EasyDeLBaseModule)
-            bad = [type(f).__name__ for f in funcs if isinstance(f, models) or not callable(f)]
+            bad = [type(f).__name__ for f in funcs if not _is_python_reward(f)]
             if bad:
                 raise ValueError(
                     f"vineppo_mode={arguments.vineppo_mode!r} scores branches with Python reward functions; "
@@ -90,10 +95,14 @@ class VinePPOTrainer(GRPOTrainer):
         self.step_splitter = step_splitter
         self.history: list[dict[str, float]] = []
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # store run prefix
+        train_dataset, eval_dataset = with_row_index(train_dataset), with_row_index(eval_dataset)
+        self._dataset_rows = {True: train_dataset, False: eval_dataset}
+        self.task_fields = FieldInjector()  # GRPO's own reward calls get the rows' fields too
+        wrapped = [self.task_fields.wrap(f) if _is_python_reward(f) else f for f in funcs]
         super().__init__(
             arguments=arguments,
             model=model,
-            reward_funcs=reward_funcs,
+            reward_funcs=wrapped if isinstance(reward_funcs, list) else wrapped[0],
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -104,6 +113,7 @@ class VinePPOTrainer(GRPOTrainer):
             raise NotImplementedError("VinePPOTrainer does not support pruning_module")
         weights = arguments.reward_weights or [1.0] * len(funcs)
         self.branch_reward = weighted_sum(funcs, weights) if arguments.vineppo_mode != "off" else None
+        self.rollout_stop_ids = frozenset(int(i) for i in self._eos_token_id)  # where GRPO cuts completions
         self.initial_fingerprint = policy_fingerprint(self.model_state.model)
         self.snapshot_store: SnapshotStore | None = None
         if arguments.vineppo_offline_run is not None:
@@ -116,6 +126,40 @@ class VinePPOTrainer(GRPOTrainer):
                 codec=arguments.vineppo_codec,
                 max_inflight_bytes=arguments.vineppo_spill_buffer_mb * 2**20,
             )
+
+    # -- the PPO step -------------------------------------------------------------------------
+
+    def configure_functions(self) -> TrainerConfigureFunctionOutput:
+        """GRPO's jitted train/eval steps replaced by `trainer.ppo_step.ppo_step` with `ppo_token_loss`.
+
+        ``super()`` still builds ``compute_refmodel_logps``, the checkpoint manager and GRPO's static
+        argument tuples; both steps are rebuilt as GRPO builds them and the loss is appended to both
+        tuples (position 19), so `_execute_train_step`'s call is unchanged.
+        """
+        out = super().configure_functions()
+        replicated = NamedSharding(mesh=self.model.mesh, spec=PartitionSpec())
+        train = ejit(
+            ppo_step,
+            in_shardings=(self.state_shardings, replicated),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=(0,),
+            static_argnums=STATIC_ARGNUMS,
+        )
+        evaluate = ejit(
+            ppo_step,
+            in_shardings=(self.state_shardings, replicated),
+            out_shardings=replicated,
+            static_argnums=STATIC_ARGNUMS,
+        )
+        train.static_argnums_ = evaluate.static_argnums_ = STATIC_ARGNUMS
+        self._train_shared_fn_static_args = (*self._train_shared_fn_static_args, ppo_token_loss)
+        self._eval_shared_fn_static_args = (*self._eval_shared_fn_static_args, ppo_token_loss)
+        return TrainerConfigureFunctionOutput(
+            sharded_training_step_function=train,
+            sharded_evaluation_step_function=evaluate,
+            mesh=out.mesh,
+            checkpoint_manager=out.checkpoint_manager,
+        )
 
     # -- generation with a fresh key per step ------------------------------------------------
 
@@ -176,12 +220,34 @@ class VinePPOTrainer(GRPOTrainer):
 
     # -- preprocessing -------------------------------------------------------------------------
 
+    def _get_preprocess_transform(self) -> tp.Any:
+        """GRPO's prompt tokenization, keeping each example's ``vinekv_row`` (pre-tokenized
+        datasets keep their integer columns as they are)."""
+        if super()._get_preprocess_transform() is None:
+            return None
+        return KeepRowTransform(
+            tokenizer=self.processing_class,
+            max_prompt_length=self.arguments.max_prompt_length,
+            tools=getattr(self.arguments, "tools", None),
+            skip_apply_chat_template=self.arguments.skip_apply_chat_template,
+        )
+
+    def _prompt_fields(self, batch: dict[str, jax.Array], is_train: bool) -> list[dict[str, tp.Any]]:
+        """One dict of task fields per prompt of ``batch``: its dataset row but the prompt."""
+        prompts = batch["input_ids"].shape[0]
+        dataset = self._dataset_rows[is_train]
+        if ROW_COLUMN not in batch or dataset is None:
+            return [{} for _ in range(prompts)]
+        return [row_fields(dataset[int(i)]) for i in np.asarray(jax.device_get(batch[ROW_COLUMN]))]
+
     def _preprocess_batch_input(
         self, state: EasyDeLState, batch: dict[str, jax.Array], is_train: bool
     ) -> tuple[dict[str, jax.Array], dict[str, float | int | str]]:
         args = self.arguments
+        prompt_fields = self._prompt_fields(batch, is_train)
         if args.vineppo_offline_run is not None and is_train:
             return self._offline_batch(state, batch)
+        self.task_fields.fields = [f for f in prompt_fields for _ in range(self.num_generations)]
         out, metrics = super()._preprocess_batch_input(state, batch, is_train)
         if not is_train:
             return out, metrics
@@ -194,18 +260,20 @@ class VinePPOTrainer(GRPOTrainer):
             rollouts = split_rollouts(
                 *jax.device_get((out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]))
             )
-            rewards = self._score_rollouts(rollouts)
+            fields = [prompt_fields[r.group] for r in rollouts]
+            rewards = self._score_rollouts(rollouts, fields)
             values, stats = estimate_values(
                 args.vineppo_cache_strategy,
                 state.model,
                 self.processing_class,
                 self.branch_reward,
                 rollouts,
-                args.replay_config(seed=self._replay_seed(state)),
+                args.replay_config(seed=self._replay_seed(state), stop_token_ids=tuple(self.rollout_stop_ids)),
                 store=self.snapshot_store,
                 run=f"{self._session}-step{int(jax.device_get(state.step)):07d}",
                 keep_run=args.vineppo_keep_snapshots,
                 rewards=rewards,
+                fields=fields,
                 splitter=self.step_splitter,
                 batch_rows=args.vineppo_capture_rows,
             )
@@ -221,19 +289,22 @@ class VinePPOTrainer(GRPOTrainer):
         """Branch seed of this step: fresh every step, reproducible from ``generation_seed``."""
         return (self.arguments.generation_seed or 0) * 1_000_003 + int(jax.device_get(state.step))
 
-    def _score_rollouts(self, rollouts: list[Rollout]) -> np.ndarray:
-        """``[N]`` rewards of the rollouts, scored like their branches (`score_completions`)."""
+    def _score_rollouts(self, rollouts: list[Rollout], fields: list[dict[str, tp.Any]]) -> np.ndarray:
+        """``[N]`` returns of the rollouts: scored like their branches (`score_completions`, with
+        each rollout's task fields), and ``vineppo_unfinished_reward`` for a rollout cut off by
+        the token budget (not ending in a stop token) when that is set, as for branches."""
         rewards = np.zeros(len(rollouts))
         for group in sorted({r.group for r in rollouts}):
             rows = [i for i, r in enumerate(rollouts) if r.group == group]
             completions = [rollouts[i].response_ids for i in rows]
             rewards[rows] = score_completions(
-                self.branch_reward, self.processing_class, rollouts[rows[0]].prompt_ids, completions
+                self.branch_reward, self.processing_class, rollouts[rows[0]].prompt_ids, completions, fields[rows[0]]
             )
-        return rewards
+        finished = np.array([int(r.response_ids[-1]) in self.rollout_stop_ids for r in rollouts])
+        return branch_returns(rewards, finished, self.arguments.vineppo_unfinished_reward)
 
     def _token_advantages(
-        self, rollouts: list[Rollout], values: list[RolloutValues], rewards: np.ndarray, shape: tuple[int, int]
+        self, rollouts: list[Rollout], values: list[MCRecord], rewards: np.ndarray, shape: tuple[int, int]
     ) -> np.ndarray:
         """``[N, Lc]`` token advantages; rows without a rollout (masked-out completions) stay 0."""
         args = self.arguments
@@ -241,8 +312,8 @@ class VinePPOTrainer(GRPOTrainer):
             trajectory_advantages(
                 args.vineppo_mode,
                 len(r.response_ids),
-                v.positions,
-                v.mean,
+                v.response_positions,
+                v.stats.mean,
                 float(reward),
                 args.vineppo_gamma,
                 args.vineppo_lambda,
@@ -290,17 +361,19 @@ class VinePPOTrainer(GRPOTrainer):
         index: dict[tuple[int, ...], list[str]] = {}
         for tid in store.trajectories(run):
             info = store.trajectory_info(run, tid)
-            if not args.vineppo_allow_stale and info["fingerprint"] != self.initial_fingerprint:
-                raise StalePolicyError(
-                    f"trajectory {tid!r} of run {run!r} was made by policy {info['fingerprint']}, but the trainer "
-                    f"starts from {self.initial_fingerprint}; set vineppo_allow_stale=True to train on it anyway"
+            if not args.vineppo_allow_stale:
+                check_policy(
+                    info["fingerprint"],
+                    self.initial_fingerprint,
+                    f"trajectory {tid!r} of run {run!r}",
+                    "set vineppo_allow_stale=True to train on it anyway",
                 )
-            mc = info["fields"].get("mc")
-            if mc is None:
+            if "mc" not in info["fields"]:
                 raise ValueError(f"trajectory {tid!r} of run {run!r} has no MC values: run `vinekv replay` on it first")
-            if mc["mode"] != args.vineppo_mode:
+            record = MCRecord.from_fields(info["fields"]["mc"])
+            if record.mode != args.vineppo_mode:
                 raise ValueError(
-                    f"trajectory {tid!r} of run {run!r} has {mc['mode']!r} MC values, the config asks for "
+                    f"trajectory {tid!r} of run {run!r} has {record.mode!r} MC values, the config asks for "
                     f"vineppo_mode={args.vineppo_mode!r}"
                 )
             prompt = tuple(store.token_ids(run, tid)[: info["prompt_len"]])
@@ -315,7 +388,7 @@ class VinePPOTrainer(GRPOTrainer):
         args, store, run = self.arguments, self.snapshot_store, self.arguments.vineppo_offline_run
         prompt_ids, prompt_mask = (np.asarray(jax.device_get(batch[k])) for k in ("input_ids", "attention_mask"))
         per_prompt, width = self.num_generations, args.max_completion_length
-        rollouts, values, rewards = [], [], []
+        rollouts, values, rewards, fields = [], [], [], []
         for group, (ids, mask) in enumerate(zip(prompt_ids, prompt_mask.astype(bool), strict=True)):
             tids = self._offline_index.get(tuple(int(t) for t in ids[mask]), [])
             if len(tids) < per_prompt:
@@ -334,16 +407,14 @@ class VinePPOTrainer(GRPOTrainer):
                         f"more than max_completion_length={width}"
                     )
                 rollouts.append(Rollout(ids[mask].astype(np.int32), response, group, len(rollouts)))
-                mc = info["fields"]["mc"]  # present: checked by _index_offline_run
-                values.append(
-                    RolloutValues(np.asarray(mc["response_positions"]), np.asarray(mc["mean"]), np.asarray(mc["var"]))
-                )
+                values.append(MCRecord.from_fields(info["fields"]["mc"]))  # present: checked by _index_offline_run
                 reward = info["fields"].get("vinekv_reward")
                 rewards.append(np.nan if reward is None else float(reward))
+                fields.append(reward_fields(info["fields"]))
         rewards = np.asarray(rewards)
-        missing = np.isnan(rewards)
-        if missing.any():
-            rewards[missing] = self._score_rollouts([r for r, m in zip(rollouts, missing, strict=True) if m])
+        missing = np.flatnonzero(np.isnan(rewards))
+        if missing.size:
+            rewards[missing] = self._score_rollouts([rollouts[i] for i in missing], [fields[i] for i in missing])
         completion_ids = np.full((len(rollouts), width), self.padding_value, np.int32)
         completion_mask = np.zeros((len(rollouts), width), np.int32)
         for r in rollouts:
@@ -405,6 +476,11 @@ class VinePPOTrainer(GRPOTrainer):
         return state, metrics.replace(other_metrics=informations), None
 
 
+def _is_python_reward(fn: tp.Any) -> bool:
+    """A reward function vinekv can call (not an EasyDeL reward model)."""
+    return callable(fn) and not isinstance(fn, EasyDeLState | EasyDeLBaseModule)
+
+
 def _prompts_per_row(out: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """The batch with one prompt row per completion row.
 
@@ -423,17 +499,22 @@ def _prompts_per_row(out: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def _estimation_metrics(
-    values: list[RolloutValues], stats: EstimationStats, rollouts: list[Rollout], rewards: np.ndarray
+    values: list[MCRecord], stats: EstimationStats, rollouts: list[Rollout], rewards: np.ndarray
 ) -> dict[str, float]:
     """Step metrics: MC value mean/variance, branch counts and budget, store bytes, replay seconds."""
-    means = np.concatenate([v.mean for v in values]) if values else np.zeros(0)
-    variances = np.concatenate([v.var for v in values]) if values else np.zeros(0)
+    all_stats = [v.stats for v in values]
+    counts = np.concatenate([s.count for s in all_stats]) if values else np.zeros(0, np.int64)
+    valued = counts > 0
+    means = np.concatenate([s.mean for s in all_stats])[valued] if values else np.zeros(0)
+    variances = np.concatenate([s.var for s in all_stats])[valued] if values else np.zeros(0)
     rollout_tokens = sum(len(r.response_ids) for r in rollouts)
     report = stats.replay
     return {
-        "vineppo/mc_value_mean": float(np.nanmean(means)) if means.size else 0.0,
-        "vineppo/mc_value_var": float(np.nanmean(variances)) if variances.size else 0.0,
-        "vineppo/states": float(means.size),
+        "vineppo/mc_value_mean": float(np.mean(means)) if means.size else 0.0,
+        "vineppo/mc_value_var": float(np.mean(variances)) if variances.size else 0.0,
+        "vineppo/states": float(valued.sum()),
+        "vineppo/branches_per_state": float(counts[valued].mean()) if valued.any() else 0.0,
+        "vineppo/branches_per_state_max": float(counts.max()) if counts.size else 0.0,
         "vineppo/branches": float(report.branches),
         "vineppo/branch_tokens": float(report.branch_tokens),
         "vineppo/budget_branch_tokens_per_rollout_token": report.branch_tokens / max(rollout_tokens, 1),

@@ -8,7 +8,8 @@ vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|reco
 vinekv inspect STORE [--run RUN]
     list a snapshot store's runs, trajectories and sizes.
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
-    branch replay of a stored run into MC values written back into the store.
+    branch replay of a stored run into MC values written back into the store; run again with
+    more --branches (or adaptive rounds) it samples only the branches each state lacks.
 """
 
 from __future__ import annotations
@@ -113,9 +114,17 @@ def _replay(args: argparse.Namespace) -> int:
         mode=args.mode,
         branches=args.branches,
         max_tokens=args.max_tokens,
+        horizon=args.horizon,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        sampler=args.sampler,
         max_states=args.max_states,
+        state_selection=args.state_selection,
         lite_anchor_stride=args.anchor_stride,
+        unfinished_reward=None if args.unfinished_reward.lower() == "none" else float(args.unfinished_reward),
+        max_branches=args.max_branches,
+        adaptive_ci=args.adaptive_ci,
         seed=args.seed,
         engine=args.engine,
     )
@@ -164,13 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--run", required=True)
     replay.add_argument("--model", default="tiny", help="tiny[:family[:seed]] or module:factory -> (model, tokenizer)")
     replay.add_argument("--reward", default="letters", help="'letters' (demo toy) or module:function")
-    replay.add_argument("--mode", choices=["full", "lite"], default="full")
-    replay.add_argument("--branches", type=int, default=8)
-    replay.add_argument("--max-tokens", type=int, default=64)
+    replay.add_argument(
+        "--mode", choices=["full", "lite"], default="full", help="full: every step start; lite: anchors"
+    )
+    replay.add_argument(
+        "--branches",
+        type=int,
+        default=8,
+        help="K branches per state (adaptive: per round); a run valued with fewer gets only the missing ones",
+    )
+    replay.add_argument("--max-tokens", type=int, default=64, help="token budget of a branch")
+    replay.add_argument(
+        "--horizon", type=int, help="the rollouts' token budget: a branch from response position b gets <= horizon - b"
+    )
     replay.add_argument("--temperature", type=float, default=1.0)
-    replay.add_argument("--max-states", type=int)
-    replay.add_argument("--anchor-stride", type=int)
-    replay.add_argument("--seed", type=int, default=0)
+    replay.add_argument("--top-p", type=float, default=1.0)
+    replay.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    replay.add_argument(
+        "--sampler",
+        choices=["generate", "esurge"],
+        default="generate",
+        help="whose order of temperature/top-k/top-p to follow: the rollouts' generation path",
+    )
+    replay.add_argument("--max-states", type=int, help="full mode: cap on valued states per trajectory")
+    replay.add_argument(
+        "--state-selection", choices=["first", "spread", "entropy"], default="first", help="which states a cap values"
+    )
+    replay.add_argument("--anchor-stride", type=int, help="lite mode: also an anchor every N response tokens")
+    replay.add_argument(
+        "--unfinished-reward",
+        default="0",
+        help="return of a branch cut off by its budget, or 'none' to score it as it is (default 0)",
+    )
+    replay.add_argument("--max-branches", type=int, help="adaptive K: cap on branches per state")
+    replay.add_argument("--adaptive-ci", type=float, help="adaptive K: target 95%% CI half-width of a state's value")
+    replay.add_argument("--seed", type=int, default=0, help="run seed of the branch keys")
     replay.add_argument("--engine", choices=["auto", "vanilla", "esurge"], default="auto")
     replay.add_argument("--metrics", help="append one JSON line per trajectory here")
     replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
