@@ -19,33 +19,20 @@ from pathlib import Path
 import numpy as np
 
 from replay.text import prefix_ends, text_offsets
-from vinekv.models import build_tokenizer
+from vinekv.models import build_bpe_tokenizer, build_tokenizer
 
 TOKENS = 4096
 
 
-def bpe_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+def arithmetic_corpus() -> list[str]:
     rng = random.Random(0)
-    lines = [
-        f"{a}+{b}={a + b}\nthen x2\n#### {2 * (a + b)}\n"
-        for a, b in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(400))
-    ]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    core.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core), "\n".join(lines)
+    pairs = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(400)]
+    return [f"{a}+{b}={a + b}\nthen x2\n#### {2 * (a + b)}\n\n" for a, b in pairs]
 
 
 def main() -> None:
-    bpe, corpus = bpe_tokenizer()
-    byte = build_tokenizer()
+    corpus = "\n".join(arithmetic_corpus())
+    bpe, byte = build_bpe_tokenizer(arithmetic_corpus()), build_tokenizer()
     rows = []
     for name, tok, text in (("byte-level", byte, corpus), ("bpe", bpe, corpus * 4)):
         ids = tok.encode(text, add_special_tokens=False)[:TOKENS]

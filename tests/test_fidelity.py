@@ -19,6 +19,7 @@ from replay.text import prefix_ends, text_offsets
 from replay.values import MCRecord
 from tests.conftest import no_cache_logits
 from trainer.advantages import trajectory_advantages
+from vinekv.models import build_bpe_tokenizer
 
 PROMPT = b"Q: 2+3?\n"
 
@@ -30,28 +31,16 @@ def byte_tok(tokenizer_dir):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
+def arithmetic_corpus() -> list[str]:
+    rng = random.Random(0)
+    pairs = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(400)]
+    return [f"{a}+{b}={a + b}\nthen x2\n#### {2 * (a + b)}\n\n" for a, b in pairs]
+
+
 @pytest.fixture(scope="module")
 def bpe_tok():
     """A BPE tokenizer trained on arithmetic text: multi-character tokens, some spanning newlines."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(0)
-    lines = [
-        f"{a}+{b}={a + b}\nthen x2\n#### {2 * (a + b)}\n\n"
-        for a, b in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(400))
-    ]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|eos|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(lines, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|eos|>", pad_token="<|pad|>")
+    tok = build_bpe_tokenizer(arithmetic_corpus())
     assert any("\n" in tok.decode([i])[:-1] for i in range(len(tok)))  # tokens spanning a newline
     return tok
 

@@ -110,6 +110,25 @@ def build_tokenizer(save_dir: str | Path | None = None) -> Any:
     return tokenizer
 
 
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int = 400) -> Any:
+    """A byte-level BPE tokenizer trained on ``corpus`` (multi-character tokens, merges may span
+    newlines), with the byte tokenizer's ``<|eos|>`` and ``<|pad|>`` as special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
 def _byte_of(ch: str) -> int:
     """Inverse of GPT-2's byte-to-unicode map for one alphabet character."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
