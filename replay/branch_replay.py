@@ -146,7 +146,15 @@ class ReplayConfig:
     def branch_budgets(self, starts: np.ndarray) -> np.ndarray:
         """``[S]`` token budget of a branch from each response position in ``starts``."""
         budget = np.full(len(starts), self.max_tokens, np.int64)
-        return budget if self.horizon is None else np.minimum(budget, self.horizon - np.asarray(starts, np.int64))
+        if self.horizon is None:
+            return budget
+        starts = np.asarray(starts, np.int64)
+        if np.any(starts >= self.horizon):
+            raise ValueError(
+                f"horizon {self.horizon} leaves no token for a branch from response positions "
+                f"{starts[starts >= self.horizon].tolist()}: it must exceed every rollout's length"
+            )
+        return np.minimum(budget, self.horizon - starts)
 
     def digest(self) -> str:
         """Identity of the settings that determine a branch's return (counts and batching excluded)."""

@@ -9,12 +9,15 @@ reward functions: GRPO's own scoring (through `FieldInjector`), the rollouts', a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from easydel.trainers.prompt_transforms import GRPOPreprocessTransform
 
 from replay.rewards import accepted_kwargs
+
+logger = logging.getLogger(__name__)
 
 ROW_COLUMN = "vinekv_row"
 # Columns that are the prompt itself or the trainer's tokenization, not task fields.
@@ -25,8 +28,11 @@ def with_row_index(dataset: Any) -> Any:
     """``dataset`` with an int column ``vinekv_row`` = row index (None stays None)."""
     if dataset is None or ROW_COLUMN in getattr(dataset, "column_names", ()):
         return dataset
-    if not hasattr(dataset, "map") or not hasattr(dataset, "column_names"):
-        raise TypeError(f"the dataset must be a `datasets.Dataset` (got {type(dataset).__name__})")
+    if not hasattr(dataset, "map") or not hasattr(dataset, "__getitem__"):
+        logger.warning(
+            "%s is not a `datasets.Dataset`: its columns will not reach the reward functions", type(dataset).__name__
+        )
+        return dataset
     return dataset.map(lambda _, index: {ROW_COLUMN: index}, with_indices=True)
 
 
