@@ -2,7 +2,8 @@
 
 A reward function is called as ``fn(prompts=[...], completions=[...], **kwargs)`` and returns one
 float per completion; each kwarg is a list aligned with the completions, carrying per-trajectory
-fields stored with the rollout (a gold answer, say). Identical (prompt, completion, fields)
+fields stored with the rollout (a gold answer, say). A function gets only the keyword arguments
+it declares, all of them when it takes ``**kwargs`` (`accepted_kwargs`). Identical (prompt, completion, fields)
 items are scored once.
 """
 

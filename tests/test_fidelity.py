@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import no_cache_logits
 from easydel.inference.sampling_params import SamplingParams
 
 from kvstore import SnapshotStore, capture_state
@@ -17,7 +18,6 @@ from replay.branch_replay import ReplayConfig, plan_trajectory, replay_run, traj
 from replay.sampler import generate_branches
 from replay.text import prefix_ends, text_offsets
 from replay.values import MCRecord
-from tests.conftest import no_cache_logits
 from trainer.advantages import trajectory_advantages
 from vinekv.models import build_bpe_tokenizer
 

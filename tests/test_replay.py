@@ -128,7 +128,12 @@ def test_mc_estimates_match_exact_values(tiny_model, stored_run):
 
 
 def _answer_reward(prompts, completions, answer, **kwargs):
-    return [1.0 if c.rstrip().endswith(a) else 0.0 for c, a in zip(completions, answer, strict=True)]
+    """Half for ending with the stored answer, half the fraction of even bytes: values strictly
+    between 0 and 1, so comparisons of resumed and fresh values compare something."""
+    return [
+        0.5 * c.rstrip().endswith(a) + 0.5 * sum(b % 2 == 0 for b in c.encode()) / max(1, len(c.encode()))
+        for c, a in zip(completions, answer, strict=True)
+    ]
 
 
 def test_select_states(tokenizer_dir):
@@ -173,7 +178,7 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     path, _, _ = stored_run
-    config = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=0.0)
+    config = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=None)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     shutil.copytree(path, whole)
     shutil.copytree(path, broken)
@@ -186,6 +191,8 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
         assert report.branches == 4 * 6 and report.branch_tokens <= 4 * 6 * 6
         expected = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
     assert expected["t0"]["positions"] == [8, 12, 15] and expected["t0"]["count"] == [4, 4, 4]
+    means = [m for mc in expected.values() for m in mc["mean"]]
+    assert all(0 < m < 1 for m in means) and len(set(means)) > 1, means
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [x["trajectory"] for x in lines] == ["t0", "t1", "t2"] and lines[0]["branches"] == 12
 

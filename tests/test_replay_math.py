@@ -117,3 +117,14 @@ def test_mc_record_round_trip():
     np.testing.assert_array_equal(again.response_positions, [0, 3, 5])
     with pytest.raises(ValueError, match="older vinekv"):
         MCRecord.from_fields({"mean": [0.5]})
+
+
+def test_reward_functions_get_only_the_arguments_they_declare():
+    def plain(prompts, completions):  # no **kwargs: the stored answer field must not be passed
+        return [float(len(c)) for c in completions]
+
+    def wants_answer(completions, answer):
+        return [float(c == a) for c, a in zip(completions, answer, strict=True)]
+
+    got = score([plain, wants_answer], ["q", "q"], ["4", "12"], [{"answer": "4"}, {"answer": "4"}])
+    np.testing.assert_allclose(got, [2.0, 2.0])

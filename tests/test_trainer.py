@@ -8,82 +8,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from datasets import Dataset
-from transformers import GenerationConfig
+from trainer_kit import (
+    COMPLETION_LEN,
+    GROUP,
+    PROMPTS,
+    even_bytes,
+    fresh_model,
+    left_padded_tokenizer,
+    make_trainer,
+    prompt_batch,
+    trainer_settings,
+)
 
 from kvstore.capture import StalePolicyError
 from kvstore.store import SnapshotStore
 from trainer.rollouts import Rollout
 from trainer.vineppo_config import VinePPOConfig
 from trainer.vineppo_trainer import VinePPOTrainer
-from vinekv.models import BYTE_VOCAB, build_model, build_tokenizer
-
-PROMPTS = ["Q: 12+7?\n", "Q: 3*4?\n"]
-PROMPT_LEN, COMPLETION_LEN, GROUP = 16, 16, 4
-
-
-def even_bytes(prompts, completions, **kwargs):
-    """Fraction of the completion's bytes that are even: a reward every token moves a little."""
-    return [sum(b % 2 == 0 for b in c.encode()) / max(1, len(c.encode())) for c in completions]
-
-
-def every_4_chars(text: str) -> list[int]:
-    return list(range(4, len(text), 4))
-
-
-def fresh_model(seed: int = 0):
-    model = build_model("llama", seed=seed)
-    model.generation_config = GenerationConfig(eos_token_id=BYTE_VOCAB, pad_token_id=BYTE_VOCAB + 1, do_sample=True)
-    return model
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = build_tokenizer()
-    tok.padding_side = "left"
-    return tok
-
-
-def _settings(tmp_path, **overrides) -> dict:
-    settings = dict(
-        save_directory=str(tmp_path / "ckpt"),
-        do_last_save=False,
-        max_prompt_length=PROMPT_LEN,
-        max_completion_length=COMPLETION_LEN,
-        total_batch_size=len(PROMPTS),
-        num_return_sequences=GROUP,
-        use_esurge_generation=False,
-        shuffle_train_dataset=False,
-        max_training_steps=1,
-        learning_rate=1e-3,
-        beta=0.0,
-        do_eval=False,
-        use_wandb=False,
-        progress_bar_type="json",
-        track_memory=False,
-        report_steps=1,
-        log_steps=1,
-        vineppo_branches=2,
-        vineppo_max_depth=6,
-        lite_num_branches=2,
-        lite_branch_max_len=6,
-        lite_anchor_stride=8,
-        vineppo_unfinished_reward=None,
-        vineppo_store=str(tmp_path / "kv"),
-        vineppo_codec="lossless",
-    )
-    settings.update(overrides)
-    return settings
-
-
-def make_trainer(tmp_path, tokenizer, model=None, reward_funcs=even_bytes, **overrides) -> VinePPOTrainer:
-    return VinePPOTrainer(
-        arguments=VinePPOConfig(**_settings(tmp_path, **overrides)),
-        model=model or fresh_model(),
-        reward_funcs=reward_funcs,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-        processing_class=tokenizer,
-        step_splitter=every_4_chars,
-    )
+    return left_padded_tokenizer()
 
 
 def record_batches(trainer: VinePPOTrainer) -> list[tuple[dict, dict]]:
@@ -103,11 +49,6 @@ def record_batches(trainer: VinePPOTrainer) -> list[tuple[dict, dict]]:
     trainer._preprocess_batch_input = preprocess_and_keep
     trainer._execute_train_step = execute_and_keep
     return seen
-
-
-def prompt_batch(tokenizer) -> dict[str, jax.Array]:
-    enc = tokenizer(PROMPTS, padding="max_length", max_length=PROMPT_LEN, return_tensors="np")
-    return {"input_ids": jnp.asarray(enc["input_ids"]), "attention_mask": jnp.asarray(enc["attention_mask"])}
 
 
 @pytest.mark.parametrize("strategy", ["memory", "disk", "recompute"])
@@ -274,16 +215,6 @@ def test_grpo_options_reward_weights_accumulation_and_loss_cut(tmp_path, tokeniz
     assert metrics["vineppo/trajectory_reward_mean"] == pytest.approx(2 * metrics["even_bytes"] + 0.5, abs=1e-5)
 
 
-def test_masked_out_completions_get_no_values(tmp_path, tokenizer):
-    trainer = make_trainer(tmp_path, tokenizer, vineppo_mode="full", mask_truncated_completions=True)
-    out, metrics = trainer._preprocess_batch_input(trainer.model_state, prompt_batch(tokenizer), is_train=True)
-    mask = np.asarray(out["completion_mask"]).astype(bool)
-    kept = mask.any(axis=1)
-    assert not kept.all()  # a random model rarely ends within 16 tokens: those rows are masked out
-    assert np.all(np.asarray(out["advantages"])[~kept] == 0)
-    assert metrics["vineppo/branches"] == 2 * metrics["vineppo/states"]
-
-
 # -- fidelity: task fields, truncation rule, adaptive K, the paper's preset ---------------------
 
 ANSWERS = ["19", "12"]
@@ -328,7 +259,7 @@ def test_every_rollout_and_branch_is_scored_with_its_dataset_row(tmp_path, token
 
 def test_training_step_with_a_task_field(tmp_path, tokenizer):
     trainer = VinePPOTrainer(
-        arguments=VinePPOConfig(**_settings(tmp_path, vineppo_mode="lite")),
+        arguments=VinePPOConfig(**trainer_settings(tmp_path, vineppo_mode="lite")),
         model=fresh_model(),
         reward_funcs=answer_in_completion,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS}),

@@ -85,7 +85,10 @@ def build_model(
     config_cls, model_cls = classes[family]
     fields = {k: v for k, v in dataclasses.asdict(shape).items() if v is not None}
     config = config_cls(**fields, eos_token_id=BYTE_VOCAB, pad_token_id=BYTE_VOCAB + 1, bos_token_id=None)
-    config.add_basic_configurations(attn_mechanism=attn_mechanism, kvdtype=kv_dtype)
+    # attn_dtype: EasyDeL's default is bfloat16 even with float32 KV, which makes attention rounding
+    # depend on the padded width (a chunk captured at width 64 != the same tokens alone); attention
+    # in the KV dtype keeps a cached and an uncached forward rounding alike
+    config.add_basic_configurations(attn_mechanism=attn_mechanism, kvdtype=kv_dtype, attn_dtype=kv_dtype)
     return model_cls(config=config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed))
 
 
