@@ -24,7 +24,7 @@ from kvstore.capture import StalePolicyError
 from kvstore.store import SnapshotStore
 from trainer.rollouts import Rollout
 from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import VinePPOTrainer
+from trainer.vineppo_trainer import VinePPOTrainer, rollout_stop_ids
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +287,7 @@ def test_truncated_rollouts_get_the_unfinished_reward(tmp_path, tokenizer):
         even_bytes([""], [bytes(range(60, 60 + COMPLETION_LEN)).decode()])[0]
     )
     assert trainer.rollout_stop_ids == {eos}
+    assert rollout_stop_ids([eos, 65], {"eos_token_id": [7]}) == {eos, 65, 7}
     replay = trainer.arguments.replay_config(stop_token_ids=tuple(trainer.rollout_stop_ids))
     assert replay.horizon == COMPLETION_LEN and replay.stop_token_ids == (eos,) and replay.sampler == "generate"
 

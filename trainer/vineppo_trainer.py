@@ -113,7 +113,7 @@ class VinePPOTrainer(GRPOTrainer):
             raise NotImplementedError("VinePPOTrainer does not support pruning_module")
         weights = arguments.reward_weights or [1.0] * len(funcs)
         self.branch_reward = weighted_sum(funcs, weights) if arguments.vineppo_mode != "off" else None
-        self.rollout_stop_ids = frozenset(int(i) for i in self._eos_token_id)  # where GRPO cuts completions
+        self.rollout_stop_ids = rollout_stop_ids(self._eos_token_id, arguments.generation_extra_kwargs)
         self.initial_fingerprint = policy_fingerprint(self.model_state.model)
         self.snapshot_store: SnapshotStore | None = None
         if arguments.vineppo_offline_run is not None:
@@ -474,6 +474,15 @@ class VinePPOTrainer(GRPOTrainer):
         )
         _log_batch(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
+
+
+def rollout_stop_ids(mask_eos_ids: tp.Any, generation_kwargs: dict[str, tp.Any] | None) -> frozenset[int]:
+    """Where a rollout ends: the EOS ids GRPO cuts ``completion_mask`` at (``_eos_token_id``:
+    tokenizer and generation-config EOS) and any ``eos_token_id`` given in the generation
+    kwargs (the compiled ``generate`` stops there too)."""
+    extra = (generation_kwargs or {}).get("eos_token_id")
+    ids = list(np.atleast_1d(mask_eos_ids)) + ([] if extra is None else list(np.atleast_1d(extra)))
+    return frozenset(int(i) for i in ids if i is not None)
 
 
 def _is_python_reward(fn: tp.Any) -> bool:
