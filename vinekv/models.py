@@ -69,8 +69,11 @@ def build_model(
     dtype: Any = jnp.float32,
     kv_dtype: Any = jnp.float32,
     attn_mechanism: str = "vanilla",
+    eos_token_id: int = BYTE_VOCAB,
+    pad_token_id: int = BYTE_VOCAB + 1,
 ) -> Any:
-    """A randomly initialised EasyDeL causal LM of the given family and shape."""
+    """A randomly initialised EasyDeL causal LM of the given family and shape (special token ids
+    default to the byte tokenizer's)."""
     import easydel as ed
     from flax import nnx
 
@@ -84,7 +87,7 @@ def build_model(
         raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
     config_cls, model_cls = classes[family]
     fields = {k: v for k, v in dataclasses.asdict(shape).items() if v is not None}
-    config = config_cls(**fields, eos_token_id=BYTE_VOCAB, pad_token_id=BYTE_VOCAB + 1, bos_token_id=None)
+    config = config_cls(**fields, eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
     # attn_dtype: EasyDeL's default is bfloat16 even with float32 KV, which makes attention rounding
     # depend on the padded width (a chunk captured at width 64 != the same tokens alone); attention
     # in the KV dtype keeps a cached and an uncached forward rounding alike
