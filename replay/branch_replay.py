@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,11 @@ from replay.steps import SELECTIONS, Splitter, content_length, lite_anchors, ste
 from replay.text import special_ids, text_offsets
 from replay.values import MCRecord, MCStats, branch_returns, branches_wanted, mc_values, ragged
 
+logger = logging.getLogger(__name__)
+
 MODES = ("full", "lite")
+# Above this share of branches cut off by their budget, a replay warns (values may only say "too short").
+TRUNCATION_WARNING = 0.5
 # Settings that change how many branches run, not what a branch returns: a stored run valued
 # with other values of these is extended, not redone.
 _COUNT_FIELDS = ("branches", "max_branches", "adaptive_ci", "max_rows", "engine")
@@ -171,6 +176,7 @@ class ReplayReport:
     skipped: int = 0
     states: int = 0
     branches: int = 0
+    unfinished: int = 0
     branch_tokens: int = 0
     rollout_tokens: int = 0
     branches_per_state: list[int] = dataclasses.field(default_factory=list)
@@ -180,12 +186,33 @@ class ReplayReport:
     def tokens_per_second(self) -> float:
         return self.branch_tokens / self.seconds["decode"] if self.seconds["decode"] else 0.0
 
+    def warn_if_mostly_truncated(self, config: ReplayConfig) -> None:
+        """Logs a warning when most branches hit their token budget and returned
+        ``unfinished_reward`` instead of the task's outcome."""
+        if (
+            config.unfinished_reward is not None
+            and self.branches
+            and self.unfinished / self.branches > TRUNCATION_WARNING
+        ):
+            logger.warning(
+                "%d of %d branches (%.0f%%) were cut off by their token budget (max_tokens=%d, horizon=%s) and "
+                "returned unfinished_reward=%s: the MC values mostly measure the budget; raise the budget "
+                "(vineppo_max_depth / lite_branch_max_len) or check that the policy emits EOS",
+                self.unfinished,
+                self.branches,
+                100 * self.unfinished / self.branches,
+                config.max_tokens,
+                config.horizon,
+                config.unfinished_reward,
+            )
+
     def add(self, values: StateValues, response_len: int, read_seconds: float = 0.0) -> None:
         """Counts one valued trajectory (the branches sampled now, not earlier ones)."""
         counts = values.stats.count
         self.trajectories += 1
         self.states += int((counts > 0).sum())
         self.branches += values.new_branches
+        self.unfinished += values.unfinished
         self.branch_tokens += values.new_tokens
         self.rollout_tokens += response_len
         self.branches_per_state.extend(int(c) for c in counts if c > 0)
@@ -350,6 +377,7 @@ def replay_run(
         bar.close()
         if metrics:
             metrics.close()
+    report.warn_if_mostly_truncated(config)
     return report
 
 

@@ -21,21 +21,35 @@ RewardFn = Callable[..., Sequence[float]]
 
 
 @functools.cache
-def _parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
+def _parameters(fn: Callable[..., Any]) -> tuple[frozenset[str], frozenset[str], bool]:
+    """(accepted names, required names, takes **kwargs) of ``fn``."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # no signature (some builtins): pass everything
-        return frozenset(), True
-    names = frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+        return frozenset(), frozenset(), True
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)]
+    required = frozenset(p.name for p in named if p.default is p.empty)
+    return frozenset(p.name for p in named), required, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
 def accepted_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``kwargs`` that ``fn`` accepts (all of them when it takes ``**kwargs``)."""
+    """The entries of ``kwargs`` that ``fn`` accepts (all of them when it takes ``**kwargs``).
+
+    Raises a `TypeError` naming the convention when ``fn`` requires an argument that is not
+    given: reward functions are called by keyword, ``fn(prompts=..., completions=..., **fields)``.
+    """
     try:
-        names, takes_any = _parameters(fn)
+        names, required, takes_any = _parameters(fn)
     except TypeError:  # unhashable callable
-        names, takes_any = _parameters.__wrapped__(fn)
+        names, required, takes_any = _parameters.__wrapped__(fn)
+    missing = sorted(required - set(kwargs))
+    if missing:
+        name = getattr(fn, "__name__", type(fn).__name__)
+        raise TypeError(
+            f"reward function {name!r} requires {missing}, which is not given: reward functions are called by "
+            f"keyword as fn(prompts=[...], completions=[...], **fields) with one list per dataset column or stored "
+            f"field ({sorted(kwargs)} here); write e.g. `def {name}(prompts, completions, **fields)`"
+        )
     return dict(kwargs) if takes_any else {k: v for k, v in kwargs.items() if k in names}
 
 

@@ -273,3 +273,28 @@ def test_entropy_recorded_at_capture_and_used_for_selection(tiny_model, byte_tok
     config = ReplayConfig(max_states=2, state_selection="entropy")
     positions, valued = trajectory_states(ids, byte_tok, config, entropy=entropy)
     np.testing.assert_array_equal(positions[valued], [0, 6])
+
+
+def test_a_replay_of_mostly_truncated_branches_warns(tiny_model, byte_tok, stored, tmp_path, caplog):
+    path = tmp_path / "short"
+    shutil.copytree(stored, path)
+    with SnapshotStore.open(path) as store, caplog.at_level("WARNING", logger="replay.branch_replay"):
+        report = replay_run(
+            store, "r", tiny_model, byte_tok, constant, ReplayConfig(branches=2, max_tokens=2), progress=False
+        )
+    assert report.unfinished > report.branches / 2
+    assert "cut off by their token budget" in caplog.text and "unfinished_reward=0.0" in caplog.text
+    caplog.clear()
+    shutil.rmtree(path)
+    shutil.copytree(stored, path)
+    with SnapshotStore.open(path) as store, caplog.at_level("WARNING", logger="replay.branch_replay"):
+        replay_run(
+            store,
+            "r",
+            tiny_model,
+            byte_tok,
+            constant,
+            ReplayConfig(branches=2, max_tokens=2, unfinished_reward=None),
+            progress=False,
+        )
+    assert "cut off" not in caplog.text  # scored as they are: nothing silently zeroed

@@ -128,3 +128,10 @@ def test_reward_functions_get_only_the_arguments_they_declare():
 
     got = score([plain, wants_answer], ["q", "q"], ["4", "12"], [{"answer": "4"}, {"answer": "4"}])
     np.testing.assert_allclose(got, [2.0, 2.0])
+
+
+def test_a_reward_with_other_argument_names_gets_a_clear_error():
+    with pytest.raises(TypeError, match=r"requires \['c', 'p'\].*called by keyword as fn\(prompts="):
+        score(lambda p, c, **k: [1.0], ["q"], ["x"], [{}])
+    with pytest.raises(TypeError, match=r"requires \['answer'\].*\['completions', 'prompts'\] here"):
+        score(lambda prompts, completions, answer: [1.0], ["q"], ["x"], [{}])

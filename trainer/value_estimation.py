@@ -130,6 +130,7 @@ def estimate_values(
                     model, tokenizer, reward_fns, config, rollout, full, entropy, fields[len(results)], splitter, stats
                 )
             )
+    stats.replay.warn_if_mostly_truncated(config)
     return results, stats
 
 

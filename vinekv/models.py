@@ -8,6 +8,7 @@ back to characters, which step splitting needs.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,144 @@ def _byte_of(ch: str) -> int:
         return code
     missing = [b for b in range(256) if b not in printable]
     return missing[code - 256]
+
+
+# Weight files of a Hugging Face model folder, in the order EasyDeL's converter looks for them.
+HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: Any = jnp.bfloat16,
+    param_dtype: Any = None,
+    kv_dtype: Any = None,
+    attn_mechanism: str = "vanilla",
+    sharding_axis_dims: tuple[int, ...] | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """Loads a causal LM and its tokenizer from a local Hugging Face model folder.
+
+    The folder holds ``config.json``, the weights (``model.safetensors``, sharded
+    ``model.safetensors.index.json`` + shards, or the ``pytorch_model.bin`` equivalents), the
+    tokenizer files and optionally ``generation_config.json``: what ``save_pretrained`` or
+    ``huggingface-cli download`` writes. Nothing is downloaded (``local_files_only``).
+
+    The weights go through EasyDeL's own converter
+    (``easydel.AutoEasyDeLModelForCausalLM.from_pretrained(..., from_torch=True)``) in its
+    ``streaming`` mode: tensors are read from the safetensors files one at a time and cast
+    straight to ``param_dtype`` (EasyDeL's default ``full`` mode first builds the torch model in
+    float16, which rounds float32 weights and overflows bfloat16 ones).
+
+    Args:
+      path: the model folder.
+      dtype: compute dtype (``jnp.bfloat16`` for real runs, ``jnp.float32`` for exact checks).
+      param_dtype: dtype the weights are stored in (default ``dtype``).
+      kv_dtype: dtype of the KV cache (default ``dtype``). Attention is computed in it too:
+        EasyDeL's default ``attn_dtype`` is bfloat16 whatever the KV dtype, which makes a
+        cached and an uncached forward round differently (see `build_model`).
+      attn_mechanism: EasyDeL attention kernel (``"vanilla"`` everywhere; ``"flash_attn2"``,
+        ``"ragged_page_attention_v3"``... where the accelerator supports them).
+      sharding_axis_dims: mesh sizes for EasyDeL's ``("dp", "fsdp", "ep", "tp", "sp")`` axes
+        (default ``(1, -1, 1, 1, 1)``: every device on fsdp); e.g. ``(1, 1, 1, 8, 1)`` for 8-way
+        tensor parallelism.
+      **kwargs: passed on to EasyDeL's ``from_pretrained`` (``precision``, ``partition_rules``,
+        ``quantization_config``, ...); a ``config_kwargs`` dict is merged over the attention
+        settings above.
+
+    Returns:
+      ``(model, tokenizer)``. The model's ``generation_config`` is the folder's
+      ``generation_config.json`` when present, else built from ``config.json``'s eos/pad ids
+      (EasyDeL's GRPO needs one); a missing eos/pad id is taken from the tokenizer (pad falls
+      back to eos). The tokenizer pads on the left (prompts for generation) and, if it has no
+      pad token, pads with its eos token.
+
+    Example::
+
+        import jax.numpy as jnp
+        from vinekv.models import load_model
+
+        # e.g. `huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir ~/models/qwen2.5-0.5b`
+        model, tokenizer = load_model("~/models/qwen2.5-0.5b", dtype=jnp.bfloat16)
+        ids = tokenizer(["2+2="], return_tensors="np").input_ids
+        with model.mesh:
+            logits = model(input_ids=jnp.asarray(ids)).logits
+
+    Raises:
+      FileNotFoundError: the folder, its ``config.json``, its weights (or a shard an index names)
+        or its tokenizer files are missing; the message names the folder and what is missing.
+    """
+    folder = _check_model_folder(path)
+    import easydel as ed
+    from transformers import AutoTokenizer, GenerationConfig
+
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    config_kwargs = {"attn_mechanism": attn_mechanism, "kvdtype": kv_dtype, "attn_dtype": kv_dtype}
+    config_kwargs.update(kwargs.pop("config_kwargs", None) or {})
+    if sharding_axis_dims is not None:
+        kwargs["sharding_axis_dims"] = tuple(sharding_axis_dims)
+    kwargs.setdefault("torch_load_mode", "streaming")
+    kwargs.setdefault("verbose", False)
+    model = ed.AutoEasyDeLModelForCausalLM.from_pretrained(
+        str(folder),
+        dtype=dtype,
+        param_dtype=dtype if param_dtype is None else param_dtype,
+        config_kwargs=config_kwargs,
+        from_torch=True,
+        local_files_only=True,
+        **kwargs,
+    )
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"model folder {folder} has no usable tokenizer (tokenizer.json / tokenizer_config.json): {err}"
+        ) from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    if (folder / "generation_config.json").is_file():
+        generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+    else:
+        generation_config = GenerationConfig(
+            eos_token_id=getattr(model.config, "eos_token_id", None),
+            pad_token_id=getattr(model.config, "pad_token_id", None),
+            bos_token_id=getattr(model.config, "bos_token_id", None),
+        )
+    if generation_config.eos_token_id is None:
+        generation_config.eos_token_id = tokenizer.eos_token_id
+    if generation_config.pad_token_id is None:
+        pad = tokenizer.pad_token_id
+        eos = generation_config.eos_token_id
+        generation_config.pad_token_id = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+    model.generation_config = generation_config
+    return model, tokenizer
+
+
+def _check_model_folder(path: str | Path) -> Path:
+    """``path`` as an absolute folder holding config.json and weights, or a clear error."""
+    folder = Path(path).expanduser().resolve()
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"model path {folder} is not a folder (expected a Hugging Face model folder)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json (is it a Hugging Face model folder?)")
+    weights = next((name for name in HF_WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
+        present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise FileNotFoundError(
+            f"model folder {folder} has no weights: expected one of {', '.join(HF_WEIGHT_FILES)} (found: {present})"
+        )
+    if weights.endswith(".index.json"):
+        shards = sorted(set(json.loads((folder / weights).read_text()).get("weight_map", {}).values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if not shards or missing:
+            raise FileNotFoundError(
+                f"model folder {folder}: {weights} names missing weight shards {missing}"
+                if missing
+                else f"model folder {folder}: {weights} has no weight_map"
+            )
+    return folder
