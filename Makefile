@@ -1,5 +1,6 @@
-# Two entry points: `make demo` runs the main jobs (snapshot/replay demo, then VinePPO training)
-# on the built-in tiny default, `make test` runs the suite.
+# Two entry points: `make demo` runs the main jobs (the snapshot/replay demo, then VinePPO on the
+# built-in arithmetic task from its cached warm-up, then a look into the job's store), `make test`
+# runs the suite.
 # Both create the project-local virtualenv .venv on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -17,7 +18,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/vinekv demo
-	$(VENV)/bin/vinekv train
+	$(VENV)/bin/vinekv train --output runs/train
+	$(VENV)/bin/vinekv inspect runs/train/kv
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -1,74 +1,80 @@
-"""Configuration of the VinePPO training job (`vinekv train`)."""
+"""Configuration of the VinePPO training job (`vinekv train`): the built-in arithmetic task."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from configs.demo import DemoConfig
-from vinekv.models import FAMILIES
-
-REWARDS = ("letters",)
-# Trainer settings of the built-in job: 6 updates (3 batches x 2 PPO epochs) of full VinePPO on
-# 2 prompts x 4 responses of 32 tokens, K = 4 branches of 16 tokens at up to 4 step starts each.
+# Trainer settings of the built-in job: 6 batches of 8 problems x 4 responses (12 updates with 2
+# PPO epochs) of full VinePPO, K = 4 branches per step start within each rollout's remaining
+# 40-token budget, advantages whitened, PPO's token-mean loss, snapshots spilled to the store.
 DEFAULT_TRAINER: dict[str, Any] = {
     "vineppo_mode": "full",
     "vineppo_cache_strategy": "disk",
     "vineppo_codec": "int8",
     "vineppo_branches": 4,
-    "vineppo_max_depth": 16,
-    "vineppo_max_states": 4,
-    "vineppo_unfinished_reward": None,  # a random model rarely ends a branch: score truncated ones
     "vineppo_ppo_epochs": 2,
-    "max_training_steps": 6,
-    "total_batch_size": 2,
+    "vineppo_whiten_advantages": True,
+    "vineppo_keep_snapshots": True,
+    "max_training_steps": 12,
+    "total_batch_size": 8,
     "num_return_sequences": 4,
-    "max_prompt_length": 64,
-    "max_completion_length": 32,
+    "max_prompt_length": 32,
+    "max_completion_length": 40,
     "learning_rate": 1e-4,
     "beta": 0.0,
+    "loss_type": "bnpo",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """VinePPO on a tiny random model with a toy reward: the whole training loop, end to end.
+    """VinePPO on the arithmetic task, from the cached supervised warm-up, end to end.
 
     Attributes:
-      family: model family of the tiny random model.
-      seed: seeds the model weights (and, through ``generation_seed``, the sampling keys).
-      prompts: prompt texts; each step takes ``total_batch_size`` of them.
-      reward: ``letters`` (fraction of ASCII letters in the completion).
-      step_every_chars: full mode: a reasoning step every this many characters (a random model
-        writes no natural step delimiters); 0 uses ``vineppo_step_delimiter``.
-      store: snapshot store path for ``disk``; empty for a temporary one.
-      plot: PNG of the per-step metrics; empty for none.
+      seed: seeds the training problems and (through ``generation_seed``) the sampling keys.
+      warmup: `vinekv.tasks.warmup.WarmupConfig` fields over its defaults (the policy to start
+        from; cached after its first run).
+      train_problems: problems the trainer draws its batches from (seed ``seed + 1``).
+      eval_problems: held-out problems for the accuracy before and after (seed ``eval_seed``).
+      eval_seed: seed of the held-out problems.
+      output: folder of the job's store (``kv/``), checkpoints and plot.
+      plot: write ``<output>/vinekv-train.png`` of the per-step metrics.
       trainer: `VinePPOConfig` fields (EasyDeL's GRPOConfig fields too), over `DEFAULT_TRAINER`.
     """
 
-    family: str = "llama"
     seed: int = 0
-    prompts: tuple[str, ...] = DemoConfig.prompts
-    reward: str = "letters"
-    step_every_chars: int = 8
-    store: str = ""
-    plot: str = "vinekv-train.png"
+    warmup: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_problems: int = 2000
+    eval_problems: int = 200
+    eval_seed: int = 12345
+    output: str = "runs/train"
+    plot: bool = True
     trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from trainer.vineppo_config import VinePPOConfig
+        from vinekv.tasks.warmup import WarmupConfig
 
-        object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "trainer", {**DEFAULT_TRAINER, **self.trainer})
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if not self.prompts or any(not p for p in self.prompts):
-            raise ValueError("prompts must be a non-empty list of non-empty strings")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
-        if self.step_every_chars < 0:
-            raise ValueError(f"step_every_chars must be >= 0, got {self.step_every_chars}")
+        for name in ("train_problems", "eval_problems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.output:
+            raise ValueError("output must name a folder")
         known = {f.name for f in dataclasses.fields(VinePPOConfig)}
         unknown = sorted(set(self.trainer) - known)
         if unknown:
             raise ValueError(f"trainer: unknown VinePPOConfig fields {unknown}")
+        warmup_fields = {f.name for f in dataclasses.fields(WarmupConfig)} - {"shape"}
+        unknown = sorted(set(self.warmup) - warmup_fields)
+        if unknown:
+            raise ValueError(f"warmup: unknown WarmupConfig fields {unknown}; known: {sorted(warmup_fields)}")
+
+    def warmup_config(self) -> Any:
+        from vinekv.tasks.warmup import WarmupConfig
+
+        fields = dict(self.warmup)
+        if "task_steps" in fields:
+            fields["task_steps"] = tuple(fields["task_steps"])
+        return WarmupConfig(**fields)

@@ -130,3 +130,27 @@ def test_accuracy_matches_a_plain_greedy_decoder(short_warmup):
                 out.append(nxt)
         solved.append(reward([prompt], [tok.decode(out)], [answer])[0])
     assert accuracy(model, tok, data, max_new_tokens=24, batch_size=4) == pytest.approx(np.mean(solved))
+
+
+def test_the_training_job_end_to_end(tmp_path, monkeypatch, capsys):
+    """`vinekv train` on a short warm-up: accuracies before/after, the store's runs, the plot."""
+    from vinekv.cli import main
+
+    monkeypatch.setenv("VINEKV_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "train.toml"
+    config.write_text(
+        f'output = "{tmp_path / "out"}"\neval_problems = 8\ntrain_problems = 64\n'
+        "[warmup]\nsteps = 20\ntrain_problems = 256\nwarmup_steps = 5\n"
+        "[trainer]\nmax_training_steps = 2\ntotal_batch_size = 2\nvineppo_branches = 2\n"
+    )
+    assert main(["train", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (8 problems): greedy" in out and "1 runs kept, one per batch" in out
+    assert (tmp_path / "out" / "vinekv-train.png").stat().st_size > 0
+    from kvstore import SnapshotStore
+
+    with SnapshotStore.open(tmp_path / "out" / "kv", mode="r") as store:
+        (run,) = store.runs()
+        info = store.trajectory_info(run, store.trajectories(run)[0])
+    assert "answer" in info["fields"] and "mc" in info["fields"]  # the task's answer went into the store
+    assert (tmp_path / "cache").is_dir()

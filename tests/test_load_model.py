@@ -8,11 +8,14 @@ The folders hold tiny randomly initialised models that ``transformers`` writes w
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from replay.decode import decode, prefill
 from vinekv.models import BYTE_VOCAB, TINY_VOCAB, build_tokenizer, load_model
@@ -20,9 +23,13 @@ from vinekv.models import BYTE_VOCAB, TINY_VOCAB, build_tokenizer, load_model
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-# float32 on both sides: the two implementations differ only in summation order, rotary tables
-# and RMSNorm rounding; logits of these tiny models (|logit| < 1) agree to ~3e-5 here.
-LOGIT_ATOL = 2e-4
+# float32 on both sides. Weights are drawn with std 0.1 (Llama) / 0.2 (Qwen2, whose tied embeddings
+# otherwise make it repeat its input): with HF's default 0.02 a random model repeats one token and
+# its attention is nearly uniform. Measured max |logit diff|: 2.9e-6 (Llama, |logit| < 3) and
+# 1.6e-5 (Qwen2, |logit| < 6.4); torch float32 vs float64 is ~1e-6. With EasyDeL's own bfloat16
+# RoPE table (what `set_rope_table_dtype` replaces) it is 5.7e-3 / 5.2e-2, and greedy tokens differ
+# from transformers' once weights are a little larger.
+LOGIT_ATOL = 1e-4
 NEW_TOKENS = 16
 SHAPE = dict(
     vocab_size=TINY_VOCAB,
@@ -41,28 +48,36 @@ SHAPE = dict(
 def _write_folder(folder, family: str):
     torch.manual_seed(0)
     if family == "llama":
-        config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False)
+        config = transformers.LlamaConfig(**SHAPE, initializer_range=0.1, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(config)
     else:
-        config = transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True)
+        config = transformers.Qwen2Config(**SHAPE, initializer_range=0.2, tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(config)
         with torch.no_grad():  # HF initialises biases to zero: make them matter
             for name, param in model.named_parameters():
                 if name.endswith("bias"):
-                    param.normal_(0.0, 0.02)
+                    param.normal_(0.0, 0.2)
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)
     build_tokenizer(folder)
     return model
 
 
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """family -> (folder, torch model); Qwen2's folder has no generation_config.json."""
+    out = {}
+    for family in ("llama", "qwen2"):
+        folder = tmp_path_factory.mktemp(family)
+        out[family] = folder, _write_folder(folder, family)
+    (out["qwen2"][0] / "generation_config.json").unlink()
+    return out
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def pair(request, tmp_path_factory):
-    """(torch model, EasyDeL model, tokenizer, folder); Qwen2's folder has no generation_config.json."""
-    folder = tmp_path_factory.mktemp(request.param)
-    torch_model = _write_folder(folder, request.param)
-    if request.param == "qwen2":
-        (folder / "generation_config.json").unlink()
+def pair(request, folders):
+    """(torch model, EasyDeL model, tokenizer, folder) of one family."""
+    folder, torch_model = folders[request.param]
     model, tokenizer = load_model(folder, dtype=jnp.float32, kv_dtype=jnp.float32)
     return torch_model, model, tokenizer, folder
 
@@ -83,7 +98,7 @@ def test_logits_match_transformers(pair):
 
 def test_greedy_decoding_matches_transformers_generate(pair):
     torch_model, model, tokenizer, _ = pair
-    prompts = ["The answer is", "2+2=4, 3+3="]
+    prompts = ["The answer is", "2+2=4, 3+3=", "Hello"]
     rows = [tokenizer(p)["input_ids"] for p in prompts]
     lens = np.array([len(r) for r in rows], dtype=np.int32)
     width = int(lens.max())
@@ -106,6 +121,29 @@ def test_greedy_decoding_matches_transformers_generate(pair):
         theirs = out[0, len(r) :].numpy()
         assert theirs.shape == (NEW_TOKENS,)
         np.testing.assert_array_equal(ours[b], theirs)
+    assert max(len(set(row)) for row in ours.tolist()) >= 8  # not a model that repeats one token
+
+
+def test_rope_table_is_float32_and_matters(pair):
+    """The float32 RoPE table is EasyDeL's own up to its bfloat16 cast, survives split/merge, and
+    is what makes the logits match: with EasyDeL's bfloat16 table they are far off."""
+    torch_model, model, _, _ = pair
+    ours = model.model.frequencies.get_value()
+    easydel = model.config.get_basic_frequencies().get_value()
+    assert ours.dtype == jnp.float32 and easydel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours.astype(jnp.bfloat16)), np.asarray(easydel))
+    graphdef, graphstate, graphother = model.split_module()
+    assert model.merge_module(graphdef, graphstate, graphother).model.frequencies.get_value().dtype == jnp.float32
+
+    ids = np.random.default_rng(4).integers(0, BYTE_VOCAB, size=(1, 40)).astype(np.int32)
+    with torch.no_grad():
+        theirs = torch_model(torch.from_numpy(ids).long()).logits.numpy()
+    bf16_model = model.merge_module(graphdef, graphstate, graphother)
+    bf16_model.model.frequencies = nnx.data(model.config.get_basic_frequencies())
+    with model.mesh:
+        off = np.abs(np.asarray(bf16_model(input_ids=jnp.asarray(ids)).logits) - theirs).max()
+    print(f"with bfloat16 RoPE table: max |logit diff| = {off:.2e}")
+    assert off > 20 * LOGIT_ATOL
 
 
 def test_generation_config_and_tokenizer(pair):
@@ -118,22 +156,32 @@ def test_generation_config_and_tokenizer(pair):
     assert (folder / "generation_config.json").is_file() == (model.config.model_type == "llama")
 
 
-def test_clear_errors(tmp_path, pair):
-    _, _, _, folder = pair
+def test_clear_errors(tmp_path, folders):
+    folder = folders["llama"][0]
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=f"model folder {missing} does not exist"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model folder {missing} does not exist")):
         load_model(missing)
 
     no_config = tmp_path / "no_config"
     no_config.mkdir()
-    with pytest.raises(FileNotFoundError, match=f"model folder {no_config} has no config.json"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"model folder {no_config} has no config.json")):
         load_model(no_config)
 
     no_weights = tmp_path / "no_weights"
     shutil.copytree(folder, no_weights)
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=f"model folder {no_weights} has no weights: expected one of"):
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"model folder {no_weights} has no weights: expected one of")
+    ):
         load_model(no_weights)
+
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(folder, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()  # transformers alone would build an empty tokenizer
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"model folder {no_tokenizer} has no tokenizer: expected one of")
+    ):
+        load_model(no_tokenizer)
 
     (no_weights / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}})
@@ -144,3 +192,15 @@ def test_clear_errors(tmp_path, pair):
     not_a_folder = folder / "config.json"
     with pytest.raises(NotADirectoryError, match="is not a folder"):
         load_model(not_a_folder)
+
+
+def test_a_loaded_model_trains_one_vineppo_step(tmp_path, folders):
+    """The loaded model, tokenizer and generation config go straight into the trainer (GRPO
+    rollouts, MC branches, one update), and the float32 RoPE table stays float32."""
+    from trainer_kit import make_trainer
+
+    model, tokenizer = load_model(folders["llama"][0], dtype=jnp.float32, kv_dtype=jnp.float32)
+    trainer = make_trainer(tmp_path, tokenizer, model=model, vineppo_mode="full", max_training_steps=1)
+    state = trainer.train().state
+    assert int(jax.device_get(state.step)) == 1
+    assert state.model.model.frequencies.get_value().dtype == jnp.float32

@@ -28,12 +28,15 @@ def test_demo_toml_is_the_builtin_default():
 
 
 def test_train_config_merges_trainer_settings_and_refuses_unknown_ones():
-    config = TrainConfig(trainer={"vineppo_mode": "lite"})
-    assert config.trainer["vineppo_mode"] == "lite" and config.trainer["vineppo_unfinished_reward"] is None
+    config = TrainConfig(trainer={"vineppo_mode": "lite"}, warmup={"steps": 5, "task_steps": [2, 3]})
+    assert config.trainer["vineppo_mode"] == "lite" and config.trainer["vineppo_cache_strategy"] == "disk"
+    assert config.warmup_config().steps == 5 and config.warmup_config().task_steps == (2, 3)
     with pytest.raises(ValueError, match=r"unknown VinePPOConfig fields \['vineppo_brnaches'\]"):
         TrainConfig(trainer={"vineppo_brnaches": 2})
-    with pytest.raises(ValueError, match="reward must be one of"):
-        TrainConfig(reward="exact_match")
+    with pytest.raises(ValueError, match=r"unknown WarmupConfig fields \['stesp'\]"):
+        TrainConfig(warmup={"stesp": 2})
+    with pytest.raises(ValueError, match="eval_problems must be >= 1"):
+        TrainConfig(eval_problems=0)
 
 
 def test_config_errors(tmp_path):

@@ -3,8 +3,9 @@
 vinekv demo [--config FILE] [--family F] [--seed N] [--kv-dtype D] [--store PATH] [--codec C]
     sample responses on a tiny random model, spill their KV to a snapshot store, resume
     from stored prefixes, report agreement.
-vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|recompute] [--steps N] ...
-    VinePPO training of a tiny random model on a toy reward, per-step metrics and a PNG plot.
+vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|recompute] [--steps N] [--output DIR]
+    VinePPO on the built-in arithmetic task from the cached warm-up: held-out accuracy before
+    and after, per-step metrics, the store and a PNG plot under --output.
 vinekv inspect STORE [--run RUN]
     list a snapshot store's runs, trajectories and sizes.
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
@@ -51,9 +52,8 @@ def _train(args: argparse.Namespace) -> int:
         "vineppo_mode": args.mode,
         "vineppo_cache_strategy": args.strategy,
         "max_training_steps": args.steps,
-        "vineppo_keep_snapshots": args.keep_snapshots or None,
     }
-    top = {"family": args.family, "seed": args.seed, "store": args.store, "plot": args.plot}
+    top = {"seed": args.seed, "output": args.output, "plot": False if args.no_plot else None}
     config = load(TrainConfig, args.config) if args.config else TrainConfig()
     config = TrainConfig(
         **{
@@ -153,16 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", help="snapshot store path to keep (default: a temporary store)")
     demo.add_argument("--codec", choices=["lossless", "int8"])
     demo.set_defaults(func=_demo)
-    train = sub.add_parser("train", help="VinePPO training of a tiny random model on a toy reward")
-    train.add_argument("--config", help="TOML file with TrainConfig fields (see configs/train.toml)")
-    train.add_argument("--mode", choices=["off", "lite", "full"])
-    train.add_argument("--strategy", choices=["memory", "disk", "recompute"])
-    train.add_argument("--steps", type=int, help="optimizer steps (batches x vineppo_ppo_epochs)")
-    train.add_argument("--family", help="model family: llama, qwen2, qwen3, mistral")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--store", help="snapshot store path (default: a temporary store)")
-    train.add_argument("--keep-snapshots", action="store_true", help="keep each step's run in the store")
-    train.add_argument("--plot", help="PNG of the per-step metrics (default vinekv-train.png; '' for none)")
+    train = sub.add_parser(
+        "train",
+        help="VinePPO on the built-in arithmetic task from the cached warm-up, held-out accuracy before and after",
+    )
+    train.add_argument("--config", help="TOML file with TrainConfig fields (default: configs/train.toml's values)")
+    train.add_argument("--mode", choices=["off", "lite", "full"], help="vineppo_mode (default full; off = GRPO)")
+    train.add_argument("--strategy", choices=["memory", "disk", "recompute"], help="KV cache strategy (default disk)")
+    train.add_argument("--steps", type=int, help="optimizer steps = batches x vineppo_ppo_epochs (default 12)")
+    train.add_argument("--seed", type=int, help="seed of the training problems and sampling keys (default 0)")
+    train.add_argument("--output", help="folder for the store, checkpoints and plot (default runs/train)")
+    train.add_argument("--no-plot", action="store_true", help="skip <output>/vinekv-train.png")
     train.set_defaults(func=_train)
     inspect = sub.add_parser("inspect", help="list a snapshot store's runs, trajectories and sizes")
     inspect.add_argument("store", help="store path or TensorStore kvstore URL")

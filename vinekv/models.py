@@ -1,4 +1,5 @@
-"""Built-in model and tokenizer factories: tiny random EasyDeL causal LMs and a byte-level tokenizer.
+"""Model and tokenizer factories: tiny random EasyDeL causal LMs, a byte-level tokenizer, and
+`load_model` for a real model in a local Hugging Face folder.
 
 Nothing is downloaded. The tokenizer maps each UTF-8 byte to one token (ids 0-255, GPT-2's
 byte-to-unicode alphabet) plus ``<|eos|>`` (256) and ``<|pad|>`` (257); its offsets map tokens
@@ -147,7 +148,15 @@ def _byte_of(ch: str) -> int:
 
 
 # Weight files of a Hugging Face model folder, in the order EasyDeL's converter looks for them.
-HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+HF_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+# Vocabulary files a tokenizer is built from (tokenizer_config.json alone is not one: transformers
+# 5 then silently builds an empty tokenizer).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 def load_model(
@@ -165,13 +174,13 @@ def load_model(
     The folder holds ``config.json``, the weights (``model.safetensors``, sharded
     ``model.safetensors.index.json`` + shards, or the ``pytorch_model.bin`` equivalents), the
     tokenizer files and optionally ``generation_config.json``: what ``save_pretrained`` or
-    ``huggingface-cli download`` writes. Nothing is downloaded (``local_files_only``).
+    ``hf download`` writes. Nothing is downloaded (``local_files_only``).
 
     The weights go through EasyDeL's own converter
     (``easydel.AutoEasyDeLModelForCausalLM.from_pretrained(..., from_torch=True)``) in its
     ``streaming`` mode: tensors are read from the safetensors files one at a time and cast
     straight to ``param_dtype`` (EasyDeL's default ``full`` mode first builds the torch model in
-    float16, which rounds float32 weights and overflows bfloat16 ones).
+    float16: float32 weights are rounded, bfloat16 ones outside float16's range overflow).
 
     Args:
       path: the model folder.
@@ -189,6 +198,10 @@ def load_model(
         ``quantization_config``, ...); a ``config_kwargs`` dict is merged over the attention
         settings above.
 
+    Fidelity: the RoPE table is kept in ``dtype`` (`set_rope_table_dtype`; EasyDeL's own is
+    bfloat16 whatever ``dtype`` is), so in float32 the logits equal ``transformers``' float32
+    logits to ~1e-5 and greedy tokens agree (tests/test_load_model.py).
+
     Returns:
       ``(model, tokenizer)``. The model's ``generation_config`` is the folder's
       ``generation_config.json`` when present, else built from ``config.json``'s eos/pad ids
@@ -201,7 +214,7 @@ def load_model(
         import jax.numpy as jnp
         from vinekv.models import load_model
 
-        # e.g. `huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir ~/models/qwen2.5-0.5b`
+        # e.g. after `hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir ~/models/qwen2.5-0.5b`
         model, tokenizer = load_model("~/models/qwen2.5-0.5b", dtype=jnp.bfloat16)
         ids = tokenizer(["2+2="], return_tensors="np").input_ids
         with model.mesh:
@@ -209,7 +222,8 @@ def load_model(
 
     Raises:
       FileNotFoundError: the folder, its ``config.json``, its weights (or a shard an index names)
-        or its tokenizer files are missing; the message names the folder and what is missing.
+        or its tokenizer's vocabulary file are missing; the message names the folder and what
+        is missing (checked before anything is loaded).
     """
     folder = _check_model_folder(path)
     import easydel as ed
@@ -231,13 +245,9 @@ def load_model(
         local_files_only=True,
         **kwargs,
     )
+    set_rope_table_dtype(model, dtype)
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(
-            f"model folder {folder} has no usable tokenizer (tokenizer.json / tokenizer_config.json): {err}"
-        ) from err
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -260,6 +270,47 @@ def load_model(
     return model, tokenizer
 
 
+def set_rope_table_dtype(model: Any, dtype: Any) -> bool:
+    """Keeps ``model``'s RoPE cos/sin table in ``dtype`` instead of EasyDeL's bfloat16.
+
+    EasyDeL 0.3.0 casts the table to bfloat16 whatever the model's dtype
+    (``EasyDeLBaseConfig.get_basic_frequencies``): a float32 model then rotates queries and keys
+    with 3-digit cosines: on tiny random models its logits drift from ``transformers``' float32
+    ones by 6e-3 to 5e-2 (1e-5 with a float32 table), enough to flip greedy tokens. ``transformers`` computes the table
+    in float32 and casts it to the activations' dtype, which this matches; for bfloat16 nothing
+    changes. The table is the base model's ``frequencies`` (computed exactly as EasyDeL does,
+    then cast), stored as an ``nnx`` cache variable so it travels through ``split``/``merge``.
+
+    Returns whether the table was replaced (False for bfloat16).
+    """
+    import jax
+    from easydel.infra.base_module import EasyDeLBaseModule
+    from easydel.infra.utils import ModuleCaches
+    from easydel.layers import get_frequencies
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return False
+    # the base model (``model.model`` of a ``...ForCausalLM``) reads ``self.frequencies``
+    bases = [node for path, node in nnx.iter_graph(model) if path and isinstance(node, EasyDeLBaseModule)]
+    for base in bases or [model]:
+        config = base.config
+        if not hasattr(config, "rope_theta"):  # e.g. a vision tower without RoPE
+            continue
+        table = get_frequencies(
+            head_size=config.head_dim,
+            rotary_dim=config.head_dim,
+            max_position=config.granted_freq_max_position_embedding,
+            base=config.rope_theta,
+            rope_scaling=config._get_rope_config().to_dict(),
+            partial_rotary_factor=getattr(config, "partial_rotary_factor", 1.0),
+        ).astype(dtype)
+        replicated = NamedSharding(config.mesh, PartitionSpec())
+        base.frequencies = nnx.data(ModuleCaches(jax.device_put(table, replicated)))
+    return True
+
+
 def _check_model_folder(path: str | Path) -> Path:
     """``path`` as an absolute folder holding config.json and weights, or a clear error."""
     folder = Path(path).expanduser().resolve()
@@ -274,6 +325,10 @@ def _check_model_folder(path: str | Path) -> Path:
         present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise FileNotFoundError(
             f"model folder {folder} has no weights: expected one of {', '.join(HF_WEIGHT_FILES)} (found: {present})"
+        )
+    if not any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {folder} has no tokenizer: expected one of {', '.join(HF_TOKENIZER_FILES)}"
         )
     if weights.endswith(".index.json"):
         shards = sorted(set(json.loads((folder / weights).read_text()).get("weight_map", {}).values()))

@@ -1,18 +1,17 @@
-"""The VinePPO training job: a tiny random model learns a toy reward with MC-value advantages."""
+"""The VinePPO training job: the warmed-up tiny policy improves on the arithmetic task.
+
+Warm-up (or its cache) -> held-out accuracy -> VinePPO iterations with the rollouts' KV spilled
+to ``<output>/kv`` -> held-out accuracy again, a per-step table and ``<output>/vinekv-train.png``.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
 from configs import TrainConfig
-from vinekv.demo import letter_fraction
-from vinekv.models import BYTE_VOCAB, build_model, build_tokenizer
 
-REWARD_FNS = {"letters": letter_fraction}
 COLUMNS = (
     ("step", "step", "{:.0f}"),
     ("reward", "vineppo/trajectory_reward_mean", "{:.3f}"),
@@ -28,52 +27,92 @@ COLUMNS = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Accuracy:
+    """Held-out accuracy of greedy and sampled (T = 1) completions."""
+
+    greedy: float
+    sampled: float
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainReport:
     config: TrainConfig
     history: list[dict[str, float]]
-    seconds: float
+    before: Accuracy
+    after: Accuracy
+    seconds: dict[str, float]
+    store: str
+    runs: list[str]
     plot: str | None
+    warmup_cached: bool
 
 
-def run_training(config: TrainConfig) -> TrainReport:
-    """Trains per ``config`` and returns the per-step metrics."""
-    from datasets import Dataset
-    from transformers import GenerationConfig
+def held_out_accuracy(model, tokenizer, dataset, seed: int) -> Accuracy:
+    from vinekv.tasks.warmup import accuracy
 
+    return Accuracy(
+        greedy=accuracy(model, tokenizer, dataset),
+        sampled=accuracy(model, tokenizer, dataset, temperature=1.0, seed=seed),
+    )
+
+
+def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
+    """Trains per ``config`` and returns accuracies, per-step metrics and where the outputs are."""
+    from kvstore import SnapshotStore
     from trainer.vineppo_config import VinePPOConfig
     from trainer.vineppo_trainer import VinePPOTrainer
+    from vinekv.tasks.arithmetic import make_dataset, reward
+    from vinekv.tasks.warmup import warm_up
 
+    seconds = {}
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="vinekv-train-"))
-        model = build_model(config.family, seed=config.seed)
-        model.generation_config = GenerationConfig(eos_token_id=BYTE_VOCAB, pad_token_id=BYTE_VOCAB + 1, do_sample=True)
-        tokenizer = build_tokenizer()
-        tokenizer.padding_side = "left"
-        arguments = VinePPOConfig(
-            **{
-                "save_directory": str(Path(scratch) / "checkpoints"),
-                "do_last_save": False,
-                "use_esurge_generation": False,
-                "use_wandb": False,
-                "do_eval": False,
-                "generation_seed": config.seed,
-                "vineppo_store": config.store or str(Path(scratch) / "kv"),
-                **config.trainer,
-            }
-        )
-        every = config.step_every_chars
-        trainer = VinePPOTrainer(
-            arguments=arguments,
-            model=model,
-            reward_funcs=REWARD_FNS[config.reward],
-            train_dataset=Dataset.from_dict({"prompt": list(config.prompts)}),
-            processing_class=tokenizer,
-            step_splitter=(lambda text: list(range(every, len(text), every))) if every else None,
-        )
-        trainer.train()
-        plot = plot_history(trainer.history, config.plot) if config.plot else None
-        return TrainReport(config, trainer.history, time.perf_counter() - start, plot)
+    warmup_config = config.warmup_config()
+    warmed = warm_up(warmup_config, progress=progress)
+    seconds["warm-up"] = time.perf_counter() - start
+    task = {"steps": warmup_config.task_steps, "operand_max": warmup_config.operand_max}
+    held_out = make_dataset(config.eval_problems, config.eval_seed, **task)
+    start = time.perf_counter()
+    before = held_out_accuracy(warmed.model, warmed.tokenizer, held_out, config.seed)
+    store = str(output / "kv")
+    arguments = VinePPOConfig(
+        **{
+            "save_directory": str(output / "checkpoints"),
+            "do_last_save": False,
+            "use_esurge_generation": False,
+            "use_wandb": False,
+            "do_eval": False,
+            "shuffle_train_dataset": False,
+            "progress_bar_type": "json",
+            "track_memory": False,
+            "report_steps": 1,
+            "log_steps": 1,
+            "generation_seed": config.seed,
+            "vineppo_store": store,
+            **config.trainer,
+        }
+    )
+    trainer = VinePPOTrainer(
+        arguments=arguments,
+        model=warmed.model,
+        reward_funcs=reward,
+        train_dataset=make_dataset(config.train_problems, config.seed + 1, **task),
+        processing_class=warmed.tokenizer,
+    )
+    seconds["evaluation"] = time.perf_counter() - start
+    start = time.perf_counter()
+    trained = trainer.train().state.model
+    seconds["training"] = time.perf_counter() - start
+    start = time.perf_counter()
+    after = held_out_accuracy(trained, warmed.tokenizer, held_out, config.seed)
+    seconds["evaluation"] += time.perf_counter() - start
+    plot = plot_history(trainer.history, str(output / "vinekv-train.png")) if config.plot else None
+    runs = []
+    if arguments.vineppo_cache_strategy == "disk" and arguments.vineppo_keep_snapshots:
+        with SnapshotStore.open(store, mode="r") as reader:
+            runs = [r for r in reader.runs() if r.startswith(trainer._session)]
+    return TrainReport(config, trainer.history, before, after, seconds, store, runs, plot, warmed.cached)
 
 
 def plot_history(history: list[dict[str, float]], path: str) -> str:
@@ -110,12 +149,20 @@ def format_training(report: TrainReport) -> str:
             cells.append(fmt.format(value / 1024 if key == "vineppo/store_bytes" else value))
         rows.append(cells)
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    n, warmup = cfg.eval_problems, "cached" if report.warmup_cached else "trained now"
     lines = [
-        f"vinekv train: {cfg.family} tiny random model, vineppo_mode={args.get('vineppo_mode')}, "
-        f"cache strategy {args.get('vineppo_cache_strategy')}, reward {cfg.reward}",
+        f"vinekv train: arithmetic task, warmed-up tiny policy ({warmup}), "
+        f"vineppo_mode={args.get('vineppo_mode')}, cache strategy {args.get('vineppo_cache_strategy')}",
         "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
         *("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows),
         "",
-        f"{len(report.history)} batches in {report.seconds:.1f} s" + (f"; plot: {report.plot}" if report.plot else ""),
+        f"held-out accuracy ({n} problems): greedy {report.before.greedy:.3f} -> {report.after.greedy:.3f}, "
+        f"sampled {report.before.sampled:.3f} -> {report.after.sampled:.3f} "
+        f"(standard error ~{(0.25 / n) ** 0.5:.3f})",
+        "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()),
+        f"store: {report.store}"
+        + (f" ({len(report.runs)} runs kept, one per batch; `vinekv inspect {report.store}`)" if report.runs else ""),
     ]
+    if report.plot:
+        lines.append(f"plot: {report.plot}")
     return "\n".join(lines)
