@@ -10,13 +10,17 @@ Public API:
   decode, prefill, sample_tokens, truncated_logits, row_keys_for   reproducible decoding
 """
 
-from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, trajectory_states
-from replay.decode import Decoded, decode, prefill, row_keys_for, sample_tokens, truncated_logits
-from replay.rewards import score
-from replay.sampler import Branches, branch_keys, eos_token_ids, generate_branches
-from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states
-from replay.text import text_offsets
-from replay.values import MCRecord, MCStats, branch_returns, mc_values
+from vinekv.runtime import silence_xla_logs
+
+silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unless the user set the level)
+
+from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, trajectory_states  # noqa: E402
+from replay.decode import Decoded, decode, prefill, row_keys_for, sample_tokens, truncated_logits  # noqa: E402
+from replay.rewards import score  # noqa: E402
+from replay.sampler import Branches, branch_keys, eos_token_ids, generate_branches  # noqa: E402
+from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states  # noqa: E402
+from replay.text import text_offsets  # noqa: E402
+from replay.values import MCRecord, MCStats, branch_returns, mc_values  # noqa: E402
 
 __all__ = [
     "Branches",

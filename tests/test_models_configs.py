@@ -74,8 +74,11 @@ def test_demo_resumes_exactly_from_the_store(tmp_path, capsys):
     assert all(0 <= v <= 1 for mc in report.mc.values() for v in mc["mean"])
     assert main(["inspect", str(tmp_path / "s"), "--run", "demo"]) == 0
     listing = capsys.readouterr().out
-    assert "run demo: 2 trajectories" in listing
-    assert "row1: 22 tokens (prompt 10), fields {'prompt': 'Q: 7*6?\\nA:', 'mc': {" in listing
+    assert "run demo: 2 trajectories (2 with MC values)" in listing
+    row1 = next(line for line in listing.splitlines() if line.startswith("row1 "))  # 2 Lite anchors, no reward
+    mean = sum(report.mc["row1"]["mean"]) / 2
+    assert row1.split()[:6] == ["row1", "10", "12", "-", "2/2", f"{mean:.3f}"]
+    assert row1.endswith("prompt='Q: 7*6?\\nA:'")
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
 
 

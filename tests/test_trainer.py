@@ -67,6 +67,7 @@ def test_one_training_step(tmp_path, tokenizer, mode, strategy):
     batches = record_batches(trainer)
     state = trainer.train().state
     assert int(jax.device_get(state.step)) == 2 * epochs and len(batches) == 2  # two batches, epochs updates each
+    assert trainer._batch_bar.n == 2 * epochs  # vinekv's bar moved per batch (EasyDeL's waits for log_steps)
     changed = jax.tree_util.tree_map(
         lambda a, b: bool(np.any(np.asarray(a) != b)), jax.device_get(state.graphstate), before
     )

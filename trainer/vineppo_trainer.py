@@ -33,11 +33,13 @@ from easydel.infra.base_state import EasyDeLState
 from easydel.infra.errors import EasyDeLBreakRequest, EasyDeLTimerError
 from easydel.infra.loss_utils import LossMetrics
 from easydel.trainers.group_relative_policy_optimization.grpo_trainer import GRPOTrainer
+from easydel.trainers.metrics import NullProgressBar
 from easydel.trainers.trainer_protocol import TrainerConfigureFunctionOutput
 from easydel.trainers.training_utils import normalize_generation_model_kwargs
 from easydel.utils.compiling_utils import ejit
 from eformer import common_types
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import check_policy
@@ -126,6 +128,31 @@ class VinePPOTrainer(GRPOTrainer):
                 codec=arguments.vineppo_codec,
                 max_inflight_bytes=arguments.vineppo_spill_buffer_mb * 2**20,
             )
+
+    # -- progress: one bar that moves per batch ------------------------------------------------
+
+    def create_progress_bar(self, total: int, desc: str = "", disabled: bool = False) -> tp.Any:
+        """EasyDeL's training bar moves every ``log_steps`` updates; this one moves per batch and
+        shows the batch's reward and MC values (other bars are EasyDeL's)."""
+        if desc != "training process" or disabled:
+            return super().create_progress_bar(total, desc, disabled)
+        self._batch_bar = tqdm(total=total, desc="VinePPO updates", unit="update")
+        return NullProgressBar()
+
+    def _advance_bar(self, entry: dict[str, float]) -> None:
+        bar = getattr(self, "_batch_bar", None)
+        if bar is None:
+            return
+        bar.update(min(self.arguments.vineppo_ppo_epochs, bar.total - bar.n))
+        if "vineppo/states" in entry:
+            bar.set_postfix(
+                reward=f"{entry['vineppo/trajectory_reward_mean']:.3f}",
+                V=f"{entry['vineppo/mc_value_mean']:.3f}",
+                states=int(entry["vineppo/states"]),
+                refresh=False,
+            )
+        if bar.n >= bar.total:
+            bar.close()
 
     # -- the PPO step -------------------------------------------------------------------------
 
@@ -473,6 +500,7 @@ class VinePPOTrainer(GRPOTrainer):
             {"step": int(jax.device_get(state.step)), "loss": float(metrics.loss), **_floats(informations)}
         )
         _log_batch(self.history[-1])
+        self._advance_bar(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
 
 

@@ -6,8 +6,8 @@ vinekv demo [--config FILE] [--family F] [--seed N] [--kv-dtype D] [--store PATH
 vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|recompute] [--steps N] [--output DIR]
     VinePPO on the built-in arithmetic task from the cached warm-up: held-out accuracy before
     and after, per-step metrics, the store and a PNG plot under --output.
-vinekv inspect STORE [--run RUN]
-    list a snapshot store's runs, trajectories and sizes.
+vinekv inspect STORE [--run RUN [--trajectory T [--plot FILE.png]]] [--tokenizer DIR]
+    a store's runs, one run's trajectories, one trajectory's steps with MC values and advantages.
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
     branch replay of a stored run into MC values written back into the store; run again with
     more --branches (or adaptive rounds) it samples only the branches each state lacks.
@@ -67,18 +67,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from kvstore import SnapshotStore
+    from vinekv.inspection import inspect_store
 
-    with SnapshotStore.open(args.store, mode="r") as store:
-        print(f"{store!r}\nlayout: {store.layout}")
-        for run in [args.run] if args.run else store.runs():
-            size = store.size(run)
-            ids = store.trajectories(run)
-            print(f"run {run}: {len(ids)} trajectories, {size.raw} raw bytes, {size.stored} stored ({size.ratio:.2f}x)")
-            if args.run:
-                for tid in ids:
-                    info = store.trajectory_info(run, tid)
-                    print(f"  {tid}: {info['length']} tokens (prompt {info['prompt_len']}), fields {info['fields']}")
+    print(inspect_store(args.store, args.run, args.trajectory, args.plot, args.tokenizer))
     return 0
 
 
@@ -167,7 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     inspect = sub.add_parser("inspect", help="list a snapshot store's runs, trajectories and sizes")
     inspect.add_argument("store", help="store path or TensorStore kvstore URL")
-    inspect.add_argument("--run", help="list this run's trajectories")
+    inspect.add_argument("--run", help="list this run's trajectories (default: a table of the store's runs)")
+    inspect.add_argument(
+        "--trajectory", help="with --run: this trajectory's steps with their text, MC value, stderr, K and advantage"
+    )
+    inspect.add_argument(
+        "--plot", metavar="FILE.png", help="with --trajectory: draw its MC values and per-token advantages here"
+    )
+    inspect.add_argument(
+        "--tokenizer",
+        metavar="FOLDER",
+        help="Hugging Face tokenizer folder to decode step text (default: the arithmetic task's tokenizer "
+        "when the store's vocabulary is the task's, else the byte tokenizer)",
+    )
     inspect.set_defaults(func=_inspect)
     replay = sub.add_parser("replay", help="branch replay of a stored run into MC values")
     replay.add_argument("store", help="store path or TensorStore kvstore URL")
