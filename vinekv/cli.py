@@ -138,11 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="snapshot/resume demo on a tiny random model")
     demo.add_argument("--config", help="TOML file with DemoConfig fields (see configs/demo.toml)")
-    demo.add_argument("--family", help="model family: llama, qwen2, qwen3, mistral")
-    demo.add_argument("--seed", type=int)
-    demo.add_argument("--kv-dtype", choices=["float32", "bfloat16"])
+    demo.add_argument("--family", help="model family: llama, qwen2, qwen3, mistral (default llama)")
+    demo.add_argument("--seed", type=int, help="seed of the model weights and the sampling keys (default 0)")
+    demo.add_argument("--kv-dtype", choices=["float32", "bfloat16"], help="dtype of the KV cache (default float32)")
     demo.add_argument("--store", help="snapshot store path to keep (default: a temporary store)")
-    demo.add_argument("--codec", choices=["lossless", "int8"])
+    demo.add_argument(
+        "--codec",
+        choices=["lossless", "int8"],
+        help="codec of the demo's store (default lossless, so resumed logits are exact; the API's default is int8)",
+    )
     demo.set_defaults(func=_demo)
     train = sub.add_parser(
         "train",
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="folder for the store, checkpoints and plot (default runs/train)")
     train.add_argument("--no-plot", action="store_true", help="skip <output>/vinekv-train.png")
     train.set_defaults(func=_train)
-    inspect = sub.add_parser("inspect", help="list a snapshot store's runs, trajectories and sizes")
+    inspect = sub.add_parser("inspect", help="a store's runs, a run's trajectories, a trajectory's steps")
     inspect.add_argument("store", help="store path or TensorStore kvstore URL")
     inspect.add_argument("--run", help="list this run's trajectories (default: a table of the store's runs)")
     inspect.add_argument(
@@ -174,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_inspect)
     replay = sub.add_parser("replay", help="branch replay of a stored run into MC values")
     replay.add_argument("store", help="store path or TensorStore kvstore URL")
-    replay.add_argument("--run", required=True)
+    replay.add_argument("--run", required=True, help="the stored run to value")
     replay.add_argument("--model", default="tiny", help="tiny[:family[:seed]] or module:factory -> (model, tokenizer)")
     replay.add_argument("--reward", default="letters", help="'letters' (demo toy) or module:function")
     replay.add_argument(
@@ -190,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--horizon", type=int, help="the rollouts' token budget: a branch from response position b gets <= horizon - b"
     )
-    replay.add_argument("--temperature", type=float, default=1.0)
-    replay.add_argument("--top-p", type=float, default=1.0)
+    replay.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature of the branches (default 1)"
+    )
+    replay.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the branches (default 1: off)")
     replay.add_argument("--top-k", type=int, default=0, help="0: no top-k")
     replay.add_argument(
         "--sampler",
@@ -212,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--max-branches", type=int, help="adaptive K: cap on branches per state")
     replay.add_argument("--adaptive-ci", type=float, help="adaptive K: target 95%% CI half-width of a state's value")
     replay.add_argument("--seed", type=int, default=0, help="run seed of the branch keys")
-    replay.add_argument("--engine", choices=["auto", "vanilla", "esurge"], default="auto")
+    replay.add_argument(
+        "--engine", choices=["auto", "vanilla", "esurge"], default="auto", help="branch engine (default auto: vanilla)"
+    )
     replay.add_argument("--metrics", help="append one JSON line per trajectory here")
     replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
     replay.set_defaults(func=_replay)
