@@ -71,7 +71,11 @@ def test_mc_gae_worked_example():
         mc_gae(anchors, values, rewards, 1.0, 1.0), 1.0 - np.array([0.4, 0.525, 0.65, 0.775, 0.9])
     )
     # an anchor before the end interpolates to V_T = 0 after it
-    np.testing.assert_allclose(anchor_values_to_token_values(np.array([1]), np.array([0.6]), 4), [0.6, 0.6, 0.4, 0.2])
+    # after the last anchor its value is held: no spurious TD errors before the last token
+    np.testing.assert_allclose(anchor_values_to_token_values(np.array([1]), np.array([0.6]), 4), [0.6] * 4)
+    np.testing.assert_allclose(
+        mc_gae(np.array([1]), np.array([0.6]), np.array([0, 0, 0, 1.0]), gamma=1.0, lam=0.5), [0.05, 0.1, 0.2, 0.4]
+    )
     # a one-token response
     np.testing.assert_allclose(mc_gae(np.array([0]), np.array([0.3]), np.array([1.0])), [0.7])
     with pytest.raises(ValueError, match="must rise strictly within"):

@@ -17,8 +17,9 @@ VinePPO reference does: ``V(s_i) = r_i + gamma * V(s_{i+1})``. Every token of st
 
 mc_gae (Lite): MC values at anchor token positions, token rewards ``r_t`` ``[T]``. Token-level
 values ``V_t`` (of the state before token t) are linear interpolations between consecutive
-anchors, the first anchor's value before it, and a linear interpolation from the last anchor to
-the terminal ``V_T = 0`` after it. Then GAE:
+anchors, the first anchor's value before it and the last anchor's value after it (nothing is
+known about the later states; the terminal ``V_T = 0`` enters through the last token's TD
+error). Then GAE:
 
     delta_t = r_t + gamma * V_{t+1} - V_t,     V_T = 0
     A_t     = sum_{l >= 0} (gamma * lam)^l * delta_{t+l}
@@ -80,9 +81,10 @@ def anchor_values_to_token_values(anchors: np.ndarray, anchor_values: np.ndarray
     """Token values ``V_t`` ``[T]`` from MC values at anchor positions.
 
     Linear interpolation between consecutive anchors; before the first anchor, the first
-    anchor's value; after the last anchor, linear interpolation towards ``V_T = 0`` at the
-    terminal position T (so with the default single anchor at T - 1 every earlier token holds
-    that anchor's value).
+    anchor's value; after the last anchor, the last anchor's value (so with a single anchor every
+    token holds its value). Decaying towards ``V_T = 0`` instead would put a TD error of
+    ``-V / (T - anchor)`` on every token after the anchor: with the final anchor before the last
+    content token and an EOS after it, a correct response's tokens got negative advantages.
     """
     anchors = np.asarray(anchors, dtype=np.int64)
     values = np.asarray(anchor_values, dtype=np.float64)
@@ -90,10 +92,7 @@ def anchor_values_to_token_values(anchors: np.ndarray, anchor_values: np.ndarray
         raise ValueError(f"need one value per anchor, got anchors {anchors.shape} and values {values.shape}")
     if np.any(np.diff(anchors) <= 0) or anchors[0] < 0 or anchors[-1] >= response_len:
         raise ValueError(f"anchors {anchors.tolist()} must rise strictly within [0, {response_len})")
-    t = np.arange(response_len)
-    xs = np.append(anchors, response_len)
-    ys = np.append(values, 0.0)
-    return np.where(t < anchors[0], values[0], np.interp(t, xs, ys))
+    return np.interp(np.arange(response_len), anchors, values)  # holds the end values outside
 
 
 def mc_gae(
