@@ -109,10 +109,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, held_out, train_da
         over_budget = args.budget_s and clock["train"] + time.perf_counter() - clock["since"] >= args.budget_s
         if step % args.eval_every == 0 or step >= updates or over_budget:
             evaluate(state, step)
-        if over_budget and error is None:
-            from easydel.infra.errors import EasyDeLBreakRequest
-
-            error = EasyDeLBreakRequest("wall-clock budget reached")
+        if over_budget:
+            trainer.max_training_steps = step  # the training loop stops at its next check
         return state, metrics, error
 
     trainer._execute_train_step = execute_and_evaluate
