@@ -34,34 +34,18 @@ LABELS = {"off": "GRPO", "lite": "VinePPO-Lite", "full": "VinePPO"}
 
 
 def trainer_settings(method: str, seed: int, updates: int, out: Path) -> dict:
+    """`vinekv train`'s settings (`DEFAULT_TRAINER`) for ``method``, KV kept in memory."""
+    from configs.train import DEFAULT_TRAINER
+    from vinekv.train import job_settings
+
     return {
-        "save_directory": str(out / "checkpoints"),
-        "do_last_save": False,
-        "use_esurge_generation": False,
-        "use_wandb": False,
-        "do_eval": False,
-        "shuffle_train_dataset": False,
-        "progress_bar_type": "json",
-        "track_memory": False,
-        "report_steps": 1,
-        "log_steps": 1,
-        "generation_seed": seed,
+        **job_settings(out, seed),
+        **DEFAULT_TRAINER,
         "vineppo_mode": method,
         "vineppo_cache_strategy": "memory",
-        "vineppo_branches": 4,
         "lite_num_branches": 4,
         "lite_branch_max_len": 40,
-        "vineppo_ppo_epochs": 2,
-        "vineppo_whiten_advantages": True,
         "max_training_steps": updates,
-        "total_batch_size": 8,
-        "num_return_sequences": 4,
-        "max_prompt_length": 32,
-        "max_completion_length": 40,
-        "learning_rate": 1e-4,
-        "beta": 0.0,
-        "loss_type": "bnpo",
-        "vineppo_store": str(out / "kv"),
     }
 
 

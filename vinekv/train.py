@@ -47,6 +47,25 @@ class TrainReport:
     warmup_cached: bool
 
 
+def job_settings(output: Path, seed: int) -> dict:
+    """Trainer settings of a local job writing under ``output``: no wandb, no final checkpoint,
+    compiled generation, the store in ``output/kv``, one log line per step."""
+    return {
+        "save_directory": str(output / "checkpoints"),
+        "do_last_save": False,
+        "use_esurge_generation": False,
+        "use_wandb": False,
+        "do_eval": False,
+        "shuffle_train_dataset": False,
+        "progress_bar_type": "json",
+        "track_memory": False,
+        "report_steps": 1,
+        "log_steps": 1,
+        "generation_seed": seed,
+        "vineppo_store": str(output / "kv"),
+    }
+
+
 def held_out_accuracy(model, tokenizer, dataset, seed: int) -> Accuracy:
     from vinekv.tasks.warmup import accuracy
 
@@ -75,24 +94,8 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     held_out = make_dataset(config.eval_problems, config.eval_seed, **task)
     start = time.perf_counter()
     before = held_out_accuracy(warmed.model, warmed.tokenizer, held_out, config.seed)
-    store = str(output / "kv")
-    arguments = VinePPOConfig(
-        **{
-            "save_directory": str(output / "checkpoints"),
-            "do_last_save": False,
-            "use_esurge_generation": False,
-            "use_wandb": False,
-            "do_eval": False,
-            "shuffle_train_dataset": False,
-            "progress_bar_type": "json",
-            "track_memory": False,
-            "report_steps": 1,
-            "log_steps": 1,
-            "generation_seed": config.seed,
-            "vineppo_store": store,
-            **config.trainer,
-        }
-    )
+    arguments = VinePPOConfig(**{**job_settings(output, config.seed), **config.trainer})
+    store = arguments.vineppo_store
     trainer = VinePPOTrainer(
         arguments=arguments,
         model=warmed.model,
