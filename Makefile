@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# runs/train starts afresh each time (vinekv train refuses an output that holds a checkpoint).
 demo: $(STAMP)
 	$(VENV)/bin/vinekv demo
+	rm -rf runs/train
 	$(VENV)/bin/vinekv train --output runs/train
 	$(VENV)/bin/vinekv inspect runs/train/kv
 

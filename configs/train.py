@@ -1,4 +1,5 @@
-"""Configuration of the VinePPO training job (`vinekv train`): the built-in arithmetic task."""
+"""Configuration of the VinePPO training job (`vinekv train`): the built-in arithmetic task, or
+GSM8K-format data on a local Hugging Face model (`configs/qwen2.5-*-gsm8k.toml`)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,27 @@ DEFAULT_TRAINER: dict[str, Any] = {
 }
 
 
+TASKS = ("arithmetic", "gsm8k")
+DTYPES = ("bfloat16", "float32", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """VinePPO on the arithmetic task, from the cached supervised warm-up, end to end.
+    """VinePPO end to end: on the arithmetic task from the cached supervised warm-up (default),
+    or on GSM8K-format JSONL with a model from a local folder.
 
     Attributes:
+      task: ``arithmetic`` (built-in problems, the warm-up policy) or ``gsm8k`` (needs ``model``,
+        ``train_data`` and ``eval_data`` on disk).
+      model: gsm8k: a local Hugging Face model folder (`vinekv.models.load_model`).
+      dtype: gsm8k: compute, parameter and KV dtype of the model.
+      sharding_axis_dims: gsm8k: mesh sizes of EasyDeL's ``(dp, fsdp, ep, tp, sp)`` axes (empty:
+        every device on fsdp).
+      train_data, eval_data: gsm8k: JSONL files (`vinekv.tasks.gsm8k.load_jsonl`).
+      prompt_template: gsm8k: a prompt from a question (``{question}``).
+      chat_template: gsm8k: wrap each prompt as a user message in the tokenizer's chat template
+        (when it has one).
+      eval_max_tokens, eval_batch_size: budget and batch of the held-out accuracy's completions.
       seed: seeds the training problems and (through ``generation_seed``) the sampling keys.
       warmup: `vinekv.tasks.warmup.WarmupConfig` fields over its defaults (the policy to start
         from; cached after its first run).
@@ -40,9 +57,24 @@ class TrainConfig:
       eval_seed: seed of the held-out problems.
       output: folder of the job's store (``kv/``), checkpoints and plot.
       plot: write ``<output>/vinekv-train.png`` of the per-step metrics.
+      checkpoints: save the policy (and optimizer state) under ``<output>/checkpoints`` at the
+        end, and every ``trainer.save_steps`` updates when that is set.
+      resume: continue from the newest checkpoint under ``<output>/checkpoints`` (same problems
+        and sampling keys as an uninterrupted run); without it, an output that already holds a
+        checkpoint is refused.
       trainer: `VinePPOConfig` fields (EasyDeL's GRPOConfig fields too), over `DEFAULT_TRAINER`.
     """
 
+    task: str = "arithmetic"
+    model: str = ""
+    dtype: str = "bfloat16"
+    sharding_axis_dims: tuple[int, ...] = ()
+    train_data: str = ""
+    eval_data: str = ""
+    prompt_template: str = "{question}"
+    chat_template: bool = True
+    eval_max_tokens: int = 48
+    eval_batch_size: int = 256
     seed: int = 0
     warmup: dict[str, Any] = dataclasses.field(default_factory=dict)
     train_problems: int = 2000
@@ -50,6 +82,8 @@ class TrainConfig:
     eval_seed: int = 12345
     output: str = "runs/train"
     plot: bool = True
+    checkpoints: bool = True
+    resume: bool = False
     trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,7 +91,22 @@ class TrainConfig:
         from vinekv.tasks.warmup import WarmupConfig
 
         object.__setattr__(self, "trainer", {**DEFAULT_TRAINER, **self.trainer})
-        for name in ("train_problems", "eval_problems"):
+        object.__setattr__(self, "sharding_axis_dims", tuple(self.sharding_axis_dims))
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        real = {"model": self.model, "train_data": self.train_data, "eval_data": self.eval_data}
+        if self.task == "gsm8k" and not all(real.values()):
+            raise ValueError(f"task 'gsm8k' needs {sorted(k for k, v in real.items() if not v)} (local paths)")
+        if self.task == "arithmetic" and any(real.values()):
+            raise ValueError(
+                f"task 'arithmetic' trains its own warm-up policy on built-in problems: "
+                f"{sorted(k for k, v in real.items() if v)} are for task 'gsm8k'"
+            )
+        if "{question}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain {{question}}, got {self.prompt_template!r}")
+        for name in ("train_problems", "eval_problems", "eval_max_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.output:
@@ -74,7 +123,4 @@ class TrainConfig:
     def warmup_config(self) -> Any:
         from vinekv.tasks.warmup import WarmupConfig
 
-        fields = dict(self.warmup)
-        if "task_steps" in fields:
-            fields["task_steps"] = tuple(fields["task_steps"])
-        return WarmupConfig(**fields)
+        return WarmupConfig(**self.warmup)

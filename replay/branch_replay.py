@@ -136,10 +136,13 @@ class ReplayConfig:
         return self.max_branches if self.adaptive_ci is not None and self.max_branches else self.branches
 
     def sampling_params(self, n: int | None = None) -> Any:
+        """EasyDeL `SamplingParams` of ``n`` branches per state (default ``branches``)."""
         from easydel.inference.sampling_params import SamplingParams
 
+        if n is not None and n < 1:
+            raise ValueError(f"n must be >= 1 branches, got {n}")
         return SamplingParams(
-            n=n or self.branches,
+            n=self.branches if n is None else n,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,

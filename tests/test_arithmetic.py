@@ -154,3 +154,38 @@ def test_the_training_job_end_to_end(tmp_path, monkeypatch, capsys):
         info = store.trajectory_info(run, store.trajectories(run)[0])
     assert "answer" in info["fields"] and "mc" in info["fields"]  # the task's answer went into the store
     assert (tmp_path / "cache").is_dir()
+
+
+def test_a_resumed_run_continues_from_the_saved_step(tmp_path, monkeypatch):
+    """Stopped after 1 batch (2 PPO updates) and resumed to 2 batches, a run equals one run of
+    2 batches: same step numbers, the next batch's problems, the same sampling keys and weights."""
+    from configs import TrainConfig
+    from vinekv.train import run_training
+
+    monkeypatch.setenv("VINEKV_CACHE", str(tmp_path / "cache"))
+
+    def train(output: str, steps: int, resume: bool = False):
+        config = TrainConfig(
+            output=str(tmp_path / output),
+            eval_problems=4,
+            train_problems=64,
+            plot=False,
+            resume=resume,
+            warmup={"steps": 20, "train_problems": 256, "warmup_steps": 5},
+            trainer={"max_training_steps": steps, "total_batch_size": 2, "vineppo_branches": 2},
+        )
+        return run_training(config, progress=False)
+
+    whole = train("whole", 4)
+    first = train("parts", 2)
+    assert [h["step"] for h in first.history] == [2] and first.checkpoint.endswith("run-2")
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train("parts", 4)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train("nothing", 4, resume=True)
+    resumed = train("parts", 4, resume=True)
+    assert resumed.start_step == 2 and [h["step"] for h in resumed.history] == [4]
+    assert resumed.checkpoint.endswith("run-4")
+    for key in ("vineppo/trajectory_reward_mean", "vineppo/mc_value_mean", "loss"):
+        assert resumed.history[0][key] == pytest.approx(whole.history[1][key], rel=1e-5, abs=1e-6), key
+    assert resumed.after == whole.after

@@ -231,3 +231,10 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
             progress=False,
         )
         assert {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")} == expected
+
+
+def test_sampling_params_branch_count():
+    config = ReplayConfig(branches=4)
+    assert config.sampling_params().n == 4 and config.sampling_params(2).n == 2
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        config.sampling_params(0)  # not silently the configured K

@@ -163,34 +163,51 @@ def _value_rollout(model, tokenizer, reward_fns, config, rollout, full: CachedSt
     return trajectory_record(config, prompt_len, plan, values)
 
 
+def spill_rollouts(
+    store: SnapshotStore,
+    run: str,
+    model: Any,
+    rollouts: Sequence[Rollout],
+    fields: Sequence[dict[str, Any]],
+    rewards: Sequence[float] | None = None,
+    entropy: bool = False,
+    stats: EstimationStats | None = None,
+    batch_rows: int = 8,
+) -> EstimationStats:
+    """Captures every rollout's KV (``batch_rows`` at a time) and spills it to ``run``, then flushes.
+
+    Trajectory ``trajectory_id(rollout.row)`` gets ``fields[i]`` plus ``vinekv_group``, the
+    reward as ``vinekv_reward`` (when ``rewards`` is given) and, with ``entropy``, the policy's
+    per-response-token entropy as ``vinekv_entropy``. Returns ``stats`` with capture and spill
+    seconds, the peak captured bytes and the run's stored bytes.
+    """
+    stats = EstimationStats() if stats is None else stats
+    start, chunk_bytes, capture_before = time.perf_counter(), 0, stats.seconds["capture"]
+    chunks = itertools.chain.from_iterable(_captured_chunks(model, rollouts, batch_rows, entropy, stats))
+    for index, (rollout, (state, ent)) in enumerate(zip(rollouts, chunks, strict=True)):
+        extra = {**fields[index], "vinekv_group": rollout.group}
+        if rewards is not None:
+            extra["vinekv_reward"] = float(rewards[index])
+        if entropy:
+            prompt_len = len(rollout.prompt_ids)
+            extra["vinekv_entropy"] = response_entropy(ent, prompt_len, len(rollout.response_ids)).tolist()
+        store.spill(run, trajectory_id(rollout.row), state, len(rollout.prompt_ids), **extra)
+        chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
+    store.flush()
+    stats.seconds["spill"] += time.perf_counter() - start - (stats.seconds["capture"] - capture_before)
+    stats.store_bytes = store.size(run).stored
+    return stats
+
+
 def _estimate_from_store(
     model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, fields, splitter, batch_rows
 ):
     """Spill, `replay_run` (which picks the states from the stored responses), read values back."""
     if store is None or not run:
         raise ValueError("strategy 'disk' needs a store and a run name")
-    entropy = needs_entropy(config)
     try:
-        start, chunk_bytes = time.perf_counter(), 0
-        for index, (rollout, (state, ent)) in enumerate(
-            zip(
-                rollouts,
-                itertools.chain.from_iterable(_captured_chunks(model, rollouts, batch_rows, entropy, stats)),
-                strict=True,
-            )
-        ):
-            extra = {**fields[index], "vinekv_group": rollout.group}
-            if rewards is not None:
-                extra["vinekv_reward"] = float(rewards[index])
-            if entropy:
-                prompt_len = len(rollout.prompt_ids)
-                extra["vinekv_entropy"] = response_entropy(ent, prompt_len, len(rollout.response_ids)).tolist()
-            store.spill(run, trajectory_id(rollout.row), state, len(rollout.prompt_ids), **extra)
-            chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
-            stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
-        store.flush()
-        stats.seconds["spill"] += time.perf_counter() - start - stats.seconds["capture"]
-        stats.store_bytes = store.size(run).stored
+        spill_rollouts(store, run, model, rollouts, fields, rewards, needs_entropy(config), stats, batch_rows)
         start = time.perf_counter()
         stats.replay = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
         stats.seconds["replay"] += time.perf_counter() - start

@@ -95,6 +95,7 @@ class VinePPOTrainer(GRPOTrainer):
                     f"got {bad} (reward models work only with vineppo_mode='off')"
                 )
         self.step_splitter = step_splitter
+        self._given_model = model.model if isinstance(model, EasyDeLState) else model  # see resumed_into
         self.history: list[dict[str, float]] = []
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # store run prefix
         train_dataset, eval_dataset = with_row_index(train_dataset), with_row_index(eval_dataset)
@@ -129,6 +130,19 @@ class VinePPOTrainer(GRPOTrainer):
                 max_inflight_bytes=arguments.vineppo_spill_buffer_mb * 2**20,
             )
 
+    def close(self) -> None:
+        """Closes the snapshot store: waits for queued spills, releases its writer lock. Call it
+        when done with the trainer (a later `train()` would need a new trainer)."""
+        if self.snapshot_store is not None:
+            self.snapshot_store.close()
+            self.snapshot_store = None
+
+    def _apply_runtime_model_config_overrides(self) -> None:
+        """BaseTrainer's hook between loading a checkpoint and compiling the steps."""
+        if self._resumed_from_checkpoint and self._given_model is not None:
+            self.model_state = resumed_into(self.model_state, self._given_model)
+        super()._apply_runtime_model_config_overrides()
+
     # -- progress: one bar that moves per batch ------------------------------------------------
 
     def create_progress_bar(self, total: int, desc: str = "", disabled: bool = False) -> tp.Any:
@@ -136,8 +150,14 @@ class VinePPOTrainer(GRPOTrainer):
         shows the batch's reward and MC values (other bars are EasyDeL's)."""
         if desc != "training process" or disabled:
             return super().create_progress_bar(total, desc, disabled)
-        self._batch_bar = tqdm(total=total, desc="VinePPO updates", unit="update")
+        done = min(int(jax.device_get(self.model_state.step)), total)  # > 0 when resumed from a checkpoint
+        self._batch_bar = tqdm(total=total, initial=done, desc="VinePPO updates", unit="update")
         return NullProgressBar()
+
+    def _fast_forward_batches(self, data_iter: tp.Any, dataloader: tp.Any, num_batches: int) -> tp.Any:
+        """On resume EasyDeL skips one batch per optimizer step; a batch here makes
+        ``vineppo_ppo_epochs`` steps, so a state at step N has consumed N / epochs batches."""
+        return super()._fast_forward_batches(data_iter, dataloader, num_batches // self.arguments.vineppo_ppo_epochs)
 
     def _advance_bar(self, entry: dict[str, float]) -> None:
         bar = getattr(self, "_batch_bar", None)
@@ -502,6 +522,17 @@ class VinePPOTrainer(GRPOTrainer):
         _log_batch(self.history[-1])
         self._advance_bar(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
+
+
+def resumed_into(resumed: EasyDeLState, model: EasyDeLBaseModule) -> EasyDeLState:
+    """``resumed``'s parameters, optimizer state and step in ``model``'s module definition.
+
+    EasyDeL rebuilds a resumed model from the checkpoint's config.json, which does not keep
+    runtime settings of the model the trainer was given (``attn_dtype``, a float32 RoPE table):
+    a float32 policy would resume with bfloat16 attention (logits off by ~4e-3 here).
+    """
+    fresh = model.to_state()
+    return resumed.replace(graphdef=fresh.graphdef, graphother=fresh.graphother)
 
 
 def rollout_stop_ids(mask_eos_ids: tp.Any, generation_kwargs: dict[str, tp.Any] | None) -> frozenset[int]:

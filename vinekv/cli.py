@@ -4,8 +4,13 @@ vinekv demo [--config FILE] [--family F] [--seed N] [--kv-dtype D] [--store PATH
     sample responses on a tiny random model, spill their KV to a snapshot store, resume
     from stored prefixes, report agreement.
 vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|recompute] [--steps N] [--output DIR]
+             [--offline-run RUN [--offline-store STORE]] [--save-steps N] [--resume]
     VinePPO on the built-in arithmetic task from the cached warm-up: held-out accuracy before
-    and after, per-step metrics, the store and a PNG plot under --output.
+    and after, per-step metrics, the store, checkpoints and a PNG plot under --output.
+vinekv rollout STORE --run RUN [--policy task|task:DIR] [--problems N] [--group G] ...
+    sample G responses per arithmetic problem with a policy and spill their KV to a new run.
+vinekv compare [--methods off,lite,full] [--seeds 3] [--updates 24 | --budget-s S] [--output DIR]
+    GRPO vs VinePPO-Lite vs VinePPO from the same warm-up: held-out accuracy per method and seed.
 vinekv inspect STORE [--run RUN [--trajectory T [--plot FILE.png]]] [--tokenizer DIR]
     a store's runs, one run's trajectories, one trajectory's steps with MC values and advantages.
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
@@ -52,8 +57,16 @@ def _train(args: argparse.Namespace) -> int:
         "vineppo_mode": args.mode,
         "vineppo_cache_strategy": args.strategy,
         "max_training_steps": args.steps,
+        "save_steps": args.save_steps,
+        "vineppo_offline_run": args.offline_run,
+        "vineppo_store": args.offline_store,
     }
-    top = {"seed": args.seed, "output": args.output, "plot": False if args.no_plot else None}
+    top = {
+        "seed": args.seed,
+        "output": args.output,
+        "plot": False if args.no_plot else None,
+        "resume": True if args.resume else None,
+    }
     config = load(TrainConfig, args.config) if args.config else TrainConfig()
     config = TrainConfig(
         **{
@@ -84,23 +97,45 @@ def _load_object(spec: str):
 
 
 def _load_model(spec: str):
-    """``tiny[:family[:seed]]`` (built-in random model and byte tokenizer) or ``module:factory``
-    returning ``(model, tokenizer)``."""
+    """``(model, tokenizer)`` of a policy spec: ``tiny[:family[:seed]]`` (built-in random model,
+    byte tokenizer), ``task`` (the arithmetic task's warmed-up policy), ``task:DIR`` (the newest
+    checkpoint of a `vinekv train --output DIR` job) or ``module:factory`` returning the pair."""
     if spec == "tiny" or spec.startswith("tiny:"):
         from vinekv.models import build_model, build_tokenizer
 
         _, family, seed = (spec.split(":") + ["llama", "0"])[:3]
         return build_model(family, seed=int(seed)), build_tokenizer()
+    if spec == "task":
+        from vinekv.tasks.warmup import warm_up
+
+        warmed = warm_up()
+        return warmed.model, warmed.tokenizer
+    if spec.startswith("task:"):
+        from vinekv.train import load_policy
+
+        return load_policy(spec.removeprefix("task:"))
     return _load_object(spec)()
+
+
+def _load_reward(spec: str):
+    """``letters`` (the demo's toy), ``task`` (the arithmetic verifier) or ``module:function``."""
+    if spec == "letters":
+        from vinekv.demo import letter_fraction
+
+        return letter_fraction
+    if spec == "task":
+        from vinekv.tasks.arithmetic import reward
+
+        return reward
+    return _load_object(spec)
 
 
 def _replay(args: argparse.Namespace) -> int:
     from kvstore import SnapshotStore
     from replay import ReplayConfig, replay_run
-    from vinekv.demo import letter_fraction
 
     model, tokenizer = _load_model(args.model)
-    reward = letter_fraction if args.reward == "letters" else _load_object(args.reward)
+    reward = _load_reward(args.reward)
     config = ReplayConfig(
         mode=args.mode,
         branches=args.branches,
@@ -133,6 +168,78 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    from vinekv.rollout import RolloutConfig, format_rollout, sample_run
+    from vinekv.tasks.arithmetic import make_dataset, reward
+    from vinekv.tasks.warmup import WarmupConfig
+
+    config = RolloutConfig(
+        problems=args.problems,
+        group=args.group,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+    )
+    model, tokenizer = _load_model(args.policy)
+    task = WarmupConfig()
+    dataset = make_dataset(config.problems, config.seed + 1, steps=task.task_steps, operand_max=task.operand_max)
+    report = sample_run(args.store, args.run, model, tokenizer, dataset, reward, config, codec=args.codec)
+    print(format_rollout(report, args.store))
+    return 0
+
+
+def compare_options(parser: argparse.ArgumentParser) -> None:
+    """`vinekv compare`'s options (shared with benchmarks/compare_bench.py)."""
+    parser.add_argument("--config", help="TOML file with CompareConfig fields (options given here override it)")
+    parser.add_argument("--methods", help="comma-separated subset of off (GRPO), lite, full (default off,lite,full)")
+    parser.add_argument("--seeds", type=int, help="runs per method (default 3)")
+    parser.add_argument("--updates", type=int, help="policy updates per run (default 24)")
+    parser.add_argument("--eval-every", type=int, help="updates between held-out evaluations (default 6)")
+    parser.add_argument("--budget-s", type=float, help="train every run for this many seconds instead (default 0: off)")
+    parser.add_argument("--max-updates", type=int, help="cap on updates with --budget-s (default 400)")
+    parser.add_argument("--eval-problems", type=int, help="held-out problems (default 200)")
+    parser.add_argument(
+        "--lite-anchor-stride", type=int, help="Lite: an extra anchor every N response tokens (default: final only)"
+    )
+
+
+def compare_config(args: argparse.Namespace):
+    """`CompareConfig` from ``--config`` (if any) with the options given on top."""
+    from configs import load
+    from vinekv.compare import CompareConfig
+
+    overrides = {
+        "methods": None if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        "seeds": args.seeds,
+        "updates": args.updates,
+        "eval_every": args.eval_every,
+        "budget_s": args.budget_s,
+        "max_updates": args.max_updates,
+        "eval_problems": args.eval_problems,
+        "lite_anchor_stride": args.lite_anchor_stride,
+    }
+    if args.config:
+        return load(CompareConfig, args.config, **overrides)
+    return CompareConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vinekv.compare import compare, format_comparison, plot_comparison, save_results
+
+    config = compare_config(args)
+    output = Path(args.output)
+    results = compare(config)
+    data = save_results(config, results, output / "compare.json")
+    png = plot_comparison(config, results, output / "compare.png")
+    print(format_comparison(config, results))
+    print(f"results: {data}\nplot: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vinekv", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,7 +266,65 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="seed of the training problems and sampling keys (default 0)")
     train.add_argument("--output", help="folder for the store, checkpoints and plot (default runs/train)")
     train.add_argument("--no-plot", action="store_true", help="skip <output>/vinekv-train.png")
+    train.add_argument(
+        "--offline-run",
+        metavar="RUN",
+        help="train on this stored run's MC-valued trajectories (`vinekv rollout` + `vinekv replay`) instead of "
+        "generating; batches take the problems in the order `vinekv rollout --seed` sampled them",
+    )
+    train.add_argument(
+        "--offline-store", metavar="STORE", help="with --offline-run: the store holding it (default <output>/kv)"
+    )
+    train.add_argument(
+        "--save-steps",
+        type=int,
+        help="also checkpoint every N optimizer steps (default: only the final policy, in <output>/checkpoints)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in <output>/checkpoints up to --steps (default: start afresh; "
+        "an output that already holds a checkpoint is refused)",
+    )
     train.set_defaults(func=_train)
+    rollout = sub.add_parser(
+        "rollout", help="sample a group of responses per task prompt with a policy and spill their KV to a store"
+    )
+    rollout.add_argument("store", help="store path or TensorStore kvstore URL (created if missing)")
+    rollout.add_argument("--run", required=True, help="name of the new run the trajectories go to")
+    rollout.add_argument(
+        "--policy",
+        default="task",
+        help="task (the warmed-up arithmetic policy, default), task:DIR (the newest checkpoint of "
+        "`vinekv train --output DIR`) or module:factory -> (model, tokenizer)",
+    )
+    rollout.add_argument(
+        "--problems",
+        type=int,
+        default=16,
+        help="arithmetic problems: the first N that `vinekv train --seed S` trains on (default 16)",
+    )
+    rollout.add_argument("--group", type=int, default=4, help="responses per problem (default 4)")
+    rollout.add_argument(
+        "--seed", type=int, default=0, help="problems' seed (as vinekv train --seed) and sampling seed (default 0)"
+    )
+    rollout.add_argument("--max-tokens", type=int, default=40, help="token budget of a response (default 40)")
+    rollout.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    rollout.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1: off)")
+    rollout.add_argument("--top-k", type=int, default=0, help="top-k (default 0: off)")
+    rollout.add_argument(
+        "--codec", choices=["int8", "lossless"], default="int8", help="codec of a new store (default int8)"
+    )
+    rollout.set_defaults(func=_rollout)
+    comparison = sub.add_parser(
+        "compare",
+        help="GRPO vs VinePPO-Lite vs VinePPO on the arithmetic task from the same warm-up, held-out accuracy curves",
+    )
+    compare_options(comparison)
+    comparison.add_argument(
+        "--output", default="runs/compare", help="folder of compare.json and compare.png (default runs/compare)"
+    )
+    comparison.set_defaults(func=_compare)
     inspect = sub.add_parser("inspect", help="a store's runs, a run's trajectories, a trajectory's steps")
     inspect.add_argument("store", help="store path or TensorStore kvstore URL")
     inspect.add_argument("--run", help="list this run's trajectories (default: a table of the store's runs)")
@@ -179,8 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="branch replay of a stored run into MC values")
     replay.add_argument("store", help="store path or TensorStore kvstore URL")
     replay.add_argument("--run", required=True, help="the stored run to value")
-    replay.add_argument("--model", default="tiny", help="tiny[:family[:seed]] or module:factory -> (model, tokenizer)")
-    replay.add_argument("--reward", default="letters", help="'letters' (demo toy) or module:function")
+    replay.add_argument(
+        "--model",
+        default="tiny",
+        help="the policy: tiny[:family[:seed]] (default tiny, the demo's), task (the warmed-up arithmetic "
+        "policy), task:DIR (newest checkpoint of `vinekv train --output DIR`) or module:factory -> (model, tokenizer)",
+    )
+    replay.add_argument(
+        "--reward",
+        default="letters",
+        help="'letters' (the demo's toy, default), 'task' (the arithmetic verifier) or module:function",
+    )
     replay.add_argument(
         "--mode", choices=["full", "lite"], default="full", help="full: every step start; lite: anchors"
     )

@@ -1,7 +1,9 @@
-"""The VinePPO training job: the warmed-up tiny policy improves on the arithmetic task.
+"""The VinePPO training job: the warmed-up tiny policy on the arithmetic task, or a local model
+on GSM8K-format data.
 
-Warm-up (or its cache) -> held-out accuracy -> VinePPO iterations with the rollouts' KV spilled
-to ``<output>/kv`` -> held-out accuracy again, a per-step table and ``<output>/vinekv-train.png``.
+Policy (warm-up or its cache; or the model folder) -> held-out accuracy -> VinePPO iterations
+with the rollouts' KV spilled to ``<output>/kv`` -> held-out accuracy again, a per-step table,
+``<output>/vinekv-train.png`` and the policy checkpoint in ``<output>/checkpoints``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from configs import TrainConfig
 
@@ -44,15 +47,23 @@ class TrainReport:
     store: str
     runs: list[str]
     plot: str | None
-    warmup_cached: bool
+    setup: TaskSetup
+    start_step: int
+    checkpoint: str | None
 
 
-def job_settings(output: Path, seed: int) -> dict:
-    """Trainer settings of a local job writing under ``output``: no wandb, no final checkpoint,
-    compiled generation, the store in ``output/kv``, one log line per step."""
+CHECKPOINT_MODEL_NAME = "policy"  # checkpoints go to <output>/checkpoints/policy/run-<step>
+
+
+def job_settings(output: Path, seed: int, checkpoints: bool = False, resume: bool = False) -> dict:
+    """Trainer settings of a local job writing under ``output``: no wandb, compiled generation,
+    the store in ``output/kv``, one log line per step; with ``checkpoints`` the final policy is
+    saved under ``output/checkpoints``, with ``resume`` training continues from the latest one."""
     return {
         "save_directory": str(output / "checkpoints"),
-        "do_last_save": False,
+        "model_name": CHECKPOINT_MODEL_NAME,
+        "do_last_save": checkpoints,
+        "resume_if_possible": resume,
         "use_esurge_generation": False,
         "use_wandb": False,
         "do_eval": False,
@@ -66,12 +77,124 @@ def job_settings(output: Path, seed: int) -> dict:
     }
 
 
-def held_out_accuracy(model, tokenizer, dataset, seed: int) -> Accuracy:
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest EasyDeL checkpoint a job wrote under ``output``, or None."""
+    from eformer.serialization.checkpointer import find_latest_checkpoint
+
+    folder = output / "checkpoints" / CHECKPOINT_MODEL_NAME
+    found = find_latest_checkpoint(str(folder)) if folder.is_dir() else None
+    return None if found is None else Path(found)
+
+
+def load_policy(output: str | Path, warmup: dict | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the task policy of the newest checkpoint a `vinekv train` job wrote
+    under ``output`` (its warm-up, per ``warmup`` WarmupConfig fields, gives the module)."""
+    from easydel.infra.base_state import EasyDeLState
+
+    from trainer.vineppo_trainer import resumed_into
+    from vinekv.tasks.warmup import WarmupConfig, warm_up
+
+    checkpoint = latest_checkpoint(Path(output))
+    if checkpoint is None:
+        raise ValueError(f"{output} holds no checkpoint of `vinekv train` (looked in {Path(output) / 'checkpoints'})")
+    warmed = warm_up(WarmupConfig(**(warmup or {})), progress=False)
+    model = warmed.model
+    loaded = EasyDeLState.load_state(
+        load_directory=str(checkpoint),
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        precision=model.precision,
+        auto_shard_model=True,
+        partition_axis=model.config.partition_axis,
+        model_task=model.model_task,
+    )
+    return resumed_into(loaded, model).model, warmed.tokenizer
+
+
+def held_out_accuracy(model: Any, setup: TaskSetup, config: TrainConfig) -> Accuracy:
     from vinekv.tasks.warmup import accuracy
 
+    grading = {
+        "max_new_tokens": config.eval_max_tokens,
+        "batch_size": config.eval_batch_size,
+        "grade": setup.reward,
+    }
     return Accuracy(
-        greedy=accuracy(model, tokenizer, dataset),
-        sampled=accuracy(model, tokenizer, dataset, temperature=1.0, seed=seed),
+        greedy=accuracy(model, setup.tokenizer, setup.held_out, **grading),
+        sampled=accuracy(model, setup.tokenizer, setup.held_out, temperature=1.0, seed=config.seed, **grading),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetup:
+    """What a job trains: the starting policy and tokenizer, training and held-out datasets
+    (``prompt``/``answer`` columns), the reward function and a one-line description."""
+
+    model: Any
+    tokenizer: Any
+    train: Any
+    held_out: Any
+    reward: Any
+    description: str
+
+
+def task_setup(config: TrainConfig, progress: bool = True) -> TaskSetup:
+    """The arithmetic task on its warm-up policy, or GSM8K-format data on a local model."""
+    if config.task == "gsm8k":
+        return _gsm8k_setup(config)
+    from vinekv.tasks.arithmetic import make_dataset, reward
+    from vinekv.tasks.warmup import warm_up
+
+    warmup_config = config.warmup_config()
+    warmed = warm_up(warmup_config, progress=progress)
+    task = {"steps": warmup_config.task_steps, "operand_max": warmup_config.operand_max}
+    return TaskSetup(
+        warmed.model,
+        warmed.tokenizer,
+        make_dataset(config.train_problems, config.seed + 1, **task),
+        make_dataset(config.eval_problems, config.eval_seed, **task),
+        reward,
+        f"arithmetic task, warmed-up tiny policy ({'cached' if warmed.cached else 'trained now'})",
+    )
+
+
+def _gsm8k_setup(config: TrainConfig) -> TaskSetup:
+    import jax.numpy as jnp
+
+    from vinekv.models import load_model
+    from vinekv.tasks.gsm8k import load_jsonl, reward
+
+    for name in ("model", "train_data", "eval_data"):
+        if not Path(getattr(config, name)).exists():
+            raise FileNotFoundError(
+                f"{name} = {getattr(config, name)!r} does not exist: task 'gsm8k' needs the model folder and "
+                "JSONL files on disk (docs/training.md, 'Real runs')"
+            )
+    model, tokenizer = load_model(
+        config.model, dtype=getattr(jnp, config.dtype), sharding_axis_dims=config.sharding_axis_dims or None
+    )
+    tokenizer.padding_side = "left"  # GRPO generates from left-padded prompts
+
+    def prompts(path: str, limit: int) -> Any:
+        data = load_jsonl(path, prompt_template=config.prompt_template)
+        data = data.select(range(min(limit, len(data))))
+        if not (config.chat_template and getattr(tokenizer, "chat_template", None)):
+            return data
+        return data.map(
+            lambda row: {
+                "prompt": tokenizer.apply_chat_template(
+                    [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+                )
+            }
+        )
+
+    return TaskSetup(
+        model,
+        tokenizer,
+        prompts(config.train_data, config.train_problems),
+        prompts(config.eval_data, config.eval_problems),
+        reward,
+        f"gsm8k ({config.train_data}), model {config.model} ({config.dtype})",
     )
 
 
@@ -80,42 +203,55 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     from kvstore import SnapshotStore
     from trainer.vineppo_config import VinePPOConfig
     from trainer.vineppo_trainer import VinePPOTrainer
-    from vinekv.tasks.arithmetic import make_dataset, reward
-    from vinekv.tasks.warmup import warm_up
 
     seconds = {}
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    warmup_config = config.warmup_config()
-    warmed = warm_up(warmup_config, progress=progress)
-    seconds["warm-up"] = time.perf_counter() - start
-    task = {"steps": warmup_config.task_steps, "operand_max": warmup_config.operand_max}
-    held_out = make_dataset(config.eval_problems, config.eval_seed, **task)
-    start = time.perf_counter()
-    before = held_out_accuracy(warmed.model, warmed.tokenizer, held_out, config.seed)
-    arguments = VinePPOConfig(**{**job_settings(output, config.seed), **config.trainer})
+    setup = task_setup(config, progress)
+    seconds["warm-up" if config.task == "arithmetic" else "loading"] = time.perf_counter() - start
+    latest = latest_checkpoint(output)
+    if config.resume and latest is None:
+        raise ValueError(f"resume: {output / 'checkpoints'} holds no checkpoint of an earlier run to resume from")
+    if not config.resume and latest is not None:
+        raise ValueError(
+            f"{output} already holds a checkpoint ({latest}): resume from it (--resume), "
+            "or give another --output (or remove the folder) to start afresh"
+        )
+    settings = job_settings(output, config.seed, checkpoints=config.checkpoints, resume=config.resume)
+    arguments = VinePPOConfig(**{**settings, **config.trainer})
     store = arguments.vineppo_store
     trainer = VinePPOTrainer(
         arguments=arguments,
-        model=warmed.model,
-        reward_funcs=reward,
-        train_dataset=make_dataset(config.train_problems, config.seed + 1, **task),
-        processing_class=warmed.tokenizer,
+        model=setup.model,
+        reward_funcs=setup.reward,
+        train_dataset=setup.train,
+        processing_class=setup.tokenizer,
     )
+    start_step = int(trainer.model_state.step)
+    if config.resume and start_step == 0:  # EasyDeL logs a failed load and starts afresh: refuse instead
+        raise ValueError(f"resume: could not load {latest} (see the warning above)")
+    start = time.perf_counter()
+    before = held_out_accuracy(trainer.model_state.model, setup, config)
     seconds["evaluation"] = time.perf_counter() - start
     start = time.perf_counter()
-    trained = trainer.train().state.model
+    try:
+        trained = trainer.train().state.model
+    finally:
+        trainer.close()
     seconds["training"] = time.perf_counter() - start
     start = time.perf_counter()
-    after = held_out_accuracy(trained, warmed.tokenizer, held_out, config.seed)
+    after = held_out_accuracy(trained, setup, config)
     seconds["evaluation"] += time.perf_counter() - start
     plot = plot_history(trainer.history, str(output / "vinekv-train.png")) if config.plot else None
     runs = []
     if arguments.vineppo_cache_strategy == "disk" and arguments.vineppo_keep_snapshots:
         with SnapshotStore.open(store, mode="r") as reader:
             runs = [r for r in reader.runs() if r.startswith(trainer._session)]
-    return TrainReport(config, trainer.history, before, after, seconds, store, runs, plot, warmed.cached)
+    saved = latest_checkpoint(output)
+    return TrainReport(
+        config, trainer.history, before, after, seconds, store, runs, plot, setup, start_step, saved and str(saved)
+    )
 
 
 def plot_history(history: list[dict[str, float]], path: str) -> str:
@@ -142,7 +278,7 @@ def plot_history(history: list[dict[str, float]], path: str) -> str:
 
 
 def format_training(report: TrainReport) -> str:
-    cfg, args = report.config, report.config.trainer
+    args = report.config.trainer
     header = [name for name, _, _ in COLUMNS]
     rows = []
     for h in report.history:
@@ -152,20 +288,23 @@ def format_training(report: TrainReport) -> str:
             cells.append(fmt.format(value / 1024 if key == "vineppo/store_bytes" else value))
         rows.append(cells)
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    n, warmup = cfg.eval_problems, "cached" if report.warmup_cached else "trained now"
+    n = len(report.setup.held_out)
+    resumed = f", resumed at step {report.start_step}" if report.start_step else ""
     lines = [
-        f"vinekv train: arithmetic task, warmed-up tiny policy ({warmup}), "
+        f"vinekv train: {report.setup.description}, "
         f"vineppo_mode={args.get('vineppo_mode')}, cache strategy {args.get('vineppo_cache_strategy')}",
         "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
         *("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows),
         "",
-        f"held-out accuracy ({n} problems): greedy {report.before.greedy:.3f} -> {report.after.greedy:.3f}, "
+        f"held-out accuracy ({n} problems{resumed}): greedy {report.before.greedy:.3f} -> {report.after.greedy:.3f}, "
         f"sampled {report.before.sampled:.3f} -> {report.after.sampled:.3f} "
         f"(standard error ~{(0.25 / n) ** 0.5:.3f})",
         "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()),
         f"store: {report.store}"
         + (f" ({len(report.runs)} runs kept, one per batch; `vinekv inspect {report.store}`)" if report.runs else ""),
     ]
+    if report.checkpoint:
+        lines.append(f"checkpoint: {report.checkpoint} (continue with --resume and more --steps)")
     if report.plot:
         lines.append(f"plot: {report.plot}")
     return "\n".join(lines)

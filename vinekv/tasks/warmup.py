@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class WarmupConfig:
     shape: ModelShape = TASK_SHAPE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task_steps", tuple(self.task_steps))  # a TOML file gives a list
         errors = [
             f"{name} must be >= 1, got {getattr(self, name)}"
             for name in ("steps", "batch_size", "train_problems")
@@ -239,13 +241,17 @@ def accuracy(
     seed: int = 0,
     max_new_tokens: int = 48,
     batch_size: int = 256,
+    grade: Callable[..., list[float]] = reward,
 ) -> float:
     """Share of ``dataset`` (``prompt``/``answer`` columns) the policy solves: greedy
-    (``temperature=0``) or sampled completions of up to ``max_new_tokens``, cut at EOS, graded by
-    `vinekv.tasks.arithmetic.reward`."""
+    (``temperature=0``) or sampled completions of up to ``max_new_tokens``, cut at the first stop
+    token (`replay.sampler.eos_token_ids`), graded by ``grade(prompts, completions, answer)``
+    (default: the arithmetic verifier)."""
     from replay.decode import decode, prefill, row_keys_for
+    from replay.sampler import eos_token_ids
 
     prompts, answers = list(dataset["prompt"]), list(dataset["answer"])
+    stops = np.fromiter(eos_token_ids(model, tokenizer), np.int64)
     solved = 0.0
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
@@ -257,11 +263,11 @@ def accuracy(
         cache, logits = prefill(model, ids, lens, max_length=int(lens.max()) + max_new_tokens)
         keys = row_keys_for(seed + lo, len(chunk))
         tokens = decode(model, cache, logits, max_new_tokens, temperature=temperature, row_keys=keys).tokens
-        texts = [tokenizer.decode(_until_eos(row, tokenizer.eos_token_id)) for row in tokens]
-        solved += sum(reward(chunk, texts, answers[lo : lo + batch_size]))
+        texts = [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True) for row in tokens]
+        solved += sum(grade(chunk, texts, answers[lo : lo + batch_size]))
     return solved / len(prompts)
 
 
-def _until_eos(tokens: np.ndarray, eos: int) -> list[int]:
-    hits = np.flatnonzero(tokens == eos)
+def _until_stop(tokens: np.ndarray, stops: np.ndarray) -> list[int]:
+    hits = np.flatnonzero(np.isin(tokens, stops))
     return tokens[: hits[0]].tolist() if hits.size else tokens.tolist()
