@@ -64,6 +64,8 @@ def test_rollout_replay_then_offline_training(short_cache, capsys):
         f"[warmup]\n{''.join(f'{k} = {v}{chr(10)}' for k, v in SHORT_WARMUP.items())}"
         "[trainer]\nmax_training_steps = 2\ntotal_batch_size = 2\nnum_return_sequences = 2\n"
     )
+    assert main(["train", "--config", str(config), "--offline-store", store]) == 2
+    assert "--offline-store needs --offline-run" in capsys.readouterr().err
     offline = ["train", "--config", str(config), "--offline-run", "r1", "--offline-store", store]
     assert main(offline) == 0
     out = capsys.readouterr().out

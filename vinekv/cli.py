@@ -53,6 +53,8 @@ def _train(args: argparse.Namespace) -> int:
     from configs import TrainConfig, load
     from vinekv.train import format_training, run_training
 
+    if args.offline_store and not args.offline_run:  # it would silently move the online job's store
+        raise ValueError("--offline-store needs --offline-run (the online job's store is <output>/kv)")
     overrides = {
         "vineppo_mode": args.mode,
         "vineppo_cache_strategy": args.strategy,
