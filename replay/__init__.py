@@ -7,7 +7,8 @@ Public API:
   trajectory_states, select_states, step_starts, lite_anchors, valued_states   which states to value
   MCRecord                         the MC values stored with a trajectory (``fields["mc"]``)
   score                            reward functions (prompts, completions, **fields)
-  decode, prefill, sample_tokens, truncated_logits, row_keys_for   reproducible decoding
+  decode, decode_rows, Sampling, prefill, sample_tokens, truncated_logits, row_keys_for
+                                   reproducible decoding (one on-device loop per batch of rows)
 """
 
 from vinekv.runtime import silence_xla_logs
@@ -15,7 +16,16 @@ from vinekv.runtime import silence_xla_logs
 silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unless the user set the level)
 
 from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, trajectory_states  # noqa: E402
-from replay.decode import Decoded, decode, prefill, row_keys_for, sample_tokens, truncated_logits  # noqa: E402
+from replay.decode import (  # noqa: E402
+    Decoded,
+    Sampling,
+    decode,
+    decode_rows,
+    prefill,
+    row_keys_for,
+    sample_tokens,
+    truncated_logits,
+)
 from replay.rewards import score  # noqa: E402
 from replay.sampler import Branches, branch_keys, eos_token_ids, generate_branches  # noqa: E402
 from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states  # noqa: E402
@@ -26,6 +36,7 @@ __all__ = [
     "Branches",
     "MCRecord",
     "Decoded",
+    "Sampling",
     "MCStats",
     "ReplayConfig",
     "ReplayReport",
@@ -34,6 +45,7 @@ __all__ = [
     "content_length",
     "eos_token_ids",
     "decode",
+    "decode_rows",
     "generate_branches",
     "lite_anchors",
     "mc_values",

@@ -31,6 +31,7 @@ from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
 from replay.decode import SAMPLERS
+from replay.engines import BranchEngine, ESurgeOptions, open_engine
 from replay.rewards import RewardFn, score
 from replay.sampler import ENGINES, generate_branches
 from replay.steps import SELECTIONS, Splitter, content_length, lite_anchors, step_starts, valued_states
@@ -319,6 +320,8 @@ def replay_run(
     metrics_path: str | Path | None = None,
     progress: bool = True,
     allow_stale: bool = False,
+    engine: BranchEngine | None = None,
+    esurge_options: ESurgeOptions | None = None,
 ) -> ReplayReport:
     """Computes MC values for the trajectories of ``run`` and writes them into the store.
 
@@ -327,6 +330,8 @@ def replay_run(
     the final settings gives. Returns a `ReplayReport`; with ``metrics_path`` one JSON line per
     trajectory is appended there (states, branches, tokens, MC variance, budget, time split).
     ``vinekv_entropy`` fields (per response token) feed ``state_selection="entropy"``.
+    ``engine``: a started branch engine; default: ``config.engine`` opened for this run (with
+    ``esurge_options``) and closed after.
     """
     ids = list(trajectories) if trajectories is not None else store.trajectories(run)
     digest = config.digest()
@@ -364,13 +369,18 @@ def replay_run(
             states = {b: longest.prefix(prompt_len + b) for b in needed}
         return {"tid": tid, "info": info, "plan": plan, "states": states, "read": time.perf_counter() - start}
 
+    opened = None
+    if engine is None and todo:
+        engine = opened = open_engine(
+            config.engine, model, tokenizer=tokenizer, max_rows=config.max_rows, esurge_options=esurge_options
+        )
     try:
         with ThreadPoolExecutor(max_workers=1) as reader:
             pending = reader.submit(read, todo[0]) if todo else None
             for i in range(len(todo)):
                 item = pending.result()
                 pending = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
-                line = _value_stored(store, run, model, tokenizer, reward_fns, config, item, report)
+                line = _value_stored(store, run, model, tokenizer, reward_fns, config, item, report, engine)
                 if metrics:
                     metrics.write(json.dumps(line) + "\n")
                     metrics.flush()
@@ -380,6 +390,8 @@ def replay_run(
         bar.close()
         if metrics:
             metrics.close()
+        if opened is not None:
+            opened.close()
     report.warn_if_mostly_truncated(config)
     return report
 
@@ -455,6 +467,7 @@ def value_states(
     plan: TrajectoryPlan,
     states: Mapping[int, CachedState],
     fields: dict[str, Any] | None = None,
+    engine: BranchEngine | None = None,
 ) -> StateValues:
     """Samples the branches ``plan`` still lacks and folds all returns into MC values.
 
@@ -462,6 +475,7 @@ def value_states(
     for every state in ``plan.needed(config)``. Branch i of the state at b is keyed by
     ``(config.seed, trajectory_id, b, i)``; its completion ``response[:b] ++ branch`` is scored
     against the prompt with ``fields``; adaptive rounds repeat until every state is settled.
+    ``engine``: a started branch engine to draw with (default: ``config.engine``, opened per call).
     """
     rows = [list(r) for r in plan.prior]
     seconds = {"decode": 0.0, "score": 0.0}
@@ -487,7 +501,7 @@ def value_states(
                 model,
                 snaps,
                 config.sampling_params(int(n)),
-                engine=config.engine,
+                engine=engine or config.engine,
                 seed=config.seed,
                 tokenizer=tokenizer,
                 state_keys=[(trajectory_id, int(plan.positions[i])) for i in idx],
@@ -527,12 +541,11 @@ def trajectory_record(config: ReplayConfig, prompt_len: int, plan: TrajectoryPla
     )
 
 
-def _value_stored(store, run, model, tokenizer, reward_fns, config, item, report) -> dict:
+def _value_stored(store, run, model, tokenizer, reward_fns, config, item, report, engine) -> dict:
     info, plan, tid = item["info"], item["plan"], item["tid"]
     response = info["response_token_ids"]
-    values = value_states(
-        model, tokenizer, reward_fns, config, tid, response, plan, item["states"], reward_fields(info["fields"])
-    )
+    fields = reward_fields(info["fields"])
+    values = value_states(model, tokenizer, reward_fns, config, tid, response, plan, item["states"], fields, engine)
     record = trajectory_record(config, info["prompt_len"], plan, values)
     store.annotate(run, tid, mc=record.to_fields())
     report.add(values, len(response), item["read"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,14 +29,19 @@ class Decoded:
       tokens: ``[batch, n]`` int32 sampled tokens.
       logprobs: ``[batch, n]`` float32 log-probability of each sampled token under the
         sampling distribution (logits / temperature; raw logits when greedy).
-      cache: the cache holding every sampled token, ready for further decoding.
-      next_logits: ``[batch, vocab]`` next-token logits after the last sampled token.
+      cache: the cache after the last decode step (every row advanced by the steps run).
+      next_logits: ``[batch, vocab]`` next-token logits after the last step.
+      lengths: ``[batch]`` tokens of each row: up to and including its EOS / stop token, else
+        its budget.
+      ended_by: per row, ``"eos"``, ``"stop"`` (a stop id) or ``"length"`` (the budget).
     """
 
     tokens: np.ndarray
     logprobs: np.ndarray
     cache: TransformerCache
     next_logits: jax.Array
+    lengths: np.ndarray
+    ended_by: list[str]
 
 
 SAMPLERS = ("generate", "esurge")
@@ -118,24 +124,127 @@ def sample_tokens(
     return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-def _step(
-    graphdef, graphstate, graphother, cache, logits, row_keys, temperature, top_k=0, top_p=1.0, sampler="generate"
+ENDED_BY = ("length", "eos", "stop")  # `Decoded.ended_by` codes: budget, an EOS id, a stop id
+STEP_BUCKET = 16  # the token buffer's width is rounded up to this (fewer compiled shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Static sampling settings of a decode: temperature (0: greedy), top-k (0: off), top-p
+    (1: off) and whose truncation order to follow (`truncated_logits`)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    sampler: str = "generate"
+
+
+def _decode_loop(
+    graphdef, graphstate, graphother, cache, logits, row_keys, budgets, eos_ids, stop_ids, width, sampling
 ):
-    tokens, logprobs = sample_tokens(logits, row_keys, cache.views[0].indexs, temperature, top_k, top_p, sampler)
-    new_logits, cache = forward_split(graphdef, graphstate, graphother, cache, tokens[:, None])
-    return tokens, logprobs, new_logits[:, -1], cache
+    """``lax.while_loop`` over sample-then-forward steps, all on the device: a row ends at its
+    first EOS / stop id or at its budget; the loop ends when every row has (or at ``width``)."""
+    rows = logits.shape[0]
+
+    def cond(carry):
+        i, done = carry[0], carry[5]
+        return (i < width) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, logits, tokens, logprobs, done, lengths, ended_by = carry
+        positions = cache.views[0].indexs
+        tok, lp = sample_tokens(
+            logits, row_keys, positions, sampling.temperature, sampling.top_k, sampling.top_p, sampling.sampler
+        )
+        new_logits, cache = forward_split(graphdef, graphstate, graphother, cache, tok[:, None])
+        reason = jnp.where(jnp.isin(tok, eos_ids), 1, jnp.where(jnp.isin(tok, stop_ids), 2, 0)).astype(jnp.int32)
+        ends = ~done & (i < budgets) & (reason > 0)
+        lengths = jnp.where(ends, i + 1, lengths)
+        ended_by = jnp.where(ends, reason, ended_by)
+        done = done | ends | (i + 1 >= budgets)
+        tokens, logprobs = tokens.at[:, i].set(tok), logprobs.at[:, i].set(lp)
+        return i + 1, cache, new_logits[:, -1], tokens, logprobs, done, lengths, ended_by
+
+    carry = (
+        jnp.int32(0),
+        cache,
+        logits,
+        jnp.zeros((rows, width), jnp.int32),
+        jnp.zeros((rows, width), jnp.float32),
+        budgets < 1,
+        budgets,
+        jnp.zeros((rows,), jnp.int32),
+    )
+    _, cache, logits, tokens, logprobs, _, lengths, ended_by = jax.lax.while_loop(cond, body, carry)
+    return tokens, logprobs, lengths, ended_by, cache, logits
 
 
 @functools.cache
-def decode_step_fn():
-    """The jitted sample-then-forward step (model split; sampling settings static)."""
+def decode_loop_fn():
+    """The jitted `_decode_loop` (model graph, buffer width and sampling static)."""
     donate = () if jax.default_backend() == "cpu" else (3,)
-    return jax.jit(_step, static_argnums=(0, 6, 7, 8, 9), donate_argnums=donate)
+    return jax.jit(_decode_loop, static_argnums=(0, 9, 10), donate_argnums=donate)
 
 
 def row_keys_for(seed: int, batch: int) -> jax.Array:
     """``[batch]`` independent PRNG keys derived from ``seed``."""
     return jax.random.split(jax.random.PRNGKey(seed), batch)
+
+
+def decode_rows(
+    model: Any,
+    cache: TransformerCache,
+    logits: jax.Array,
+    budgets: np.ndarray,
+    row_keys: jax.Array,
+    sampling: Sampling = Sampling(),
+    *,
+    eos_ids: Sequence[int] = (),
+    stop_ids: Sequence[int] = (),
+    split: tuple[Any, Any, Any] | None = None,
+) -> Decoded:
+    """Decodes every row of ``cache`` until its first EOS / stop id or its token budget, with
+    the whole loop on the device (no host round trip per token).
+
+    Args:
+      model: the model that filled ``cache``; ``split`` is its ``split_module()`` if at hand.
+      cache: dense cache; each row continues from its own position (not usable afterwards).
+      logits: ``[rows, vocab]`` next-token logits at each row's position.
+      budgets: ``[rows]`` most tokens per row (>= 1); the cache must have room for the largest.
+      row_keys: ``[rows]`` PRNG keys; token p of row b is drawn with ``fold_in(row_keys[b], p)``.
+      sampling: temperature, top-k, top-p and truncation order.
+      eos_ids, stop_ids: token ids that end a row (reported as ``eos`` / ``stop``).
+
+    Returns:
+      `Decoded` with ``tokens``/``logprobs`` ``[rows, max(budgets)]`` (entries past a row's
+      length are not part of it), ``lengths`` and ``ended_by`` per row.
+    """
+    budgets = np.asarray(budgets, np.int32)
+    if budgets.shape != (logits.shape[0],) or np.any(budgets < 1):
+        raise ValueError(f"budgets must give one budget >= 1 per row ({logits.shape[0]}), got {budgets.tolist()}")
+    if sampling.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {sampling.temperature}")
+    steps = int(budgets.max())
+    filled = int(jax.device_get(cache.views[0].indexs).max())
+    capacity = cache.views[0].key.shape[1]
+    if filled + steps > capacity:
+        raise ValueError(f"cache of max_length {capacity} has no room for {steps} tokens after position {filled}")
+    width = min(-(-steps // STEP_BUCKET) * STEP_BUCKET, capacity - filled)
+    graphdef, graphstate, graphother = split or model.split_module()
+    ids = [np.asarray(sorted(set(map(int, x))), np.int32) for x in (eos_ids, stop_ids)]
+    with model.mesh:
+        tokens, logprobs, lengths, ended_by, cache, logits = decode_loop_fn()(
+            graphdef, graphstate, graphother, cache, logits, row_keys, budgets, *ids, width, sampling
+        )
+    tokens, logprobs, lengths, ended_by = jax.device_get((tokens, logprobs, lengths, ended_by))
+    return Decoded(
+        tokens=np.array(tokens[:, :steps]),
+        logprobs=np.array(logprobs[:, :steps]),
+        cache=cache,
+        next_logits=logits,
+        lengths=np.array(lengths),
+        ended_by=[ENDED_BY[int(c)] for c in ended_by],
+    )
 
 
 def decode(
@@ -147,7 +256,8 @@ def decode(
     temperature: float = 0.0,
     row_keys: jax.Array | None = None,
 ) -> Decoded:
-    """Samples ``num_tokens`` tokens per row, feeding each back through the cache.
+    """Samples exactly ``num_tokens`` tokens per row (no stop tokens), feeding each back through
+    the cache (`decode_rows` with one budget for every row).
 
     Args:
       model: the model that filled ``cache``.
@@ -162,30 +272,12 @@ def decode(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     batch = logits.shape[0]
-    filled = int(jax.device_get(cache.views[0].indexs).max())
-    capacity = cache.views[0].key.shape[1]
-    if filled + num_tokens > capacity:
-        raise ValueError(f"cache of max_length {capacity} has no room for {num_tokens} tokens after position {filled}")
     if row_keys is None:
         if temperature > 0:
             raise ValueError("row_keys are required when temperature > 0")
         row_keys = row_keys_for(0, batch)
-    step = decode_step_fn()
-    graphdef, graphstate, graphother = model.split_module()
-    tokens, logprobs = [], []
-    with model.mesh:
-        for _ in range(num_tokens):
-            tok, lp, logits, cache = step(
-                graphdef, graphstate, graphother, cache, logits, row_keys, float(temperature), 0, 1.0, "generate"
-            )
-            tokens.append(tok)
-            logprobs.append(lp)
-    return Decoded(
-        tokens=np.stack(jax.device_get(tokens), axis=1),
-        logprobs=np.stack(jax.device_get(logprobs), axis=1),
-        cache=cache,
-        next_logits=logits,
-    )
+    budgets = np.full(batch, num_tokens, np.int32)
+    return decode_rows(model, cache, logits, budgets, row_keys, Sampling(temperature=float(temperature)))
 
 
 def prefill(model: Any, prompt_ids: np.ndarray, prompt_lens: np.ndarray, max_length: int):

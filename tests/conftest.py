@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
 
 silence_xla_logs()
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -26,6 +28,17 @@ def get_model(family: str = "llama", kv_dtype: str = "float32"):
     if key not in _MODELS:
         _MODELS[key] = build_model(family, kv_dtype=getattr(jnp, kv_dtype), seed=0)
     return _MODELS[key]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops every jit cache after each test module. XLA:CPU maps three memory regions per
+    compiled kernel for as long as its executable lives; over the whole suite that reached the
+    kernel's ``vm.max_map_count`` (65530) and XLA segfaulted loading the next program. Dropped
+    programs come back from the persistent compilation cache when a later module needs them."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

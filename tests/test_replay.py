@@ -94,8 +94,8 @@ def test_stop_strings_eos_and_length(tiny_model, tokenizer_dir, stored_run):
         generate_branches(tiny_model, [states[0]], params)
     with pytest.raises(ValueError, match="repetition_penalty=1.2 is not supported"):
         generate_branches(tiny_model, [states[0]], SamplingParams(n=2, max_tokens=2, repetition_penalty=1.2))
-    with pytest.raises(ValueError, match="engine 'esurge' is not available yet"):
-        generate_branches(tiny_model, [states[0]], SamplingParams(n=2, max_tokens=2), engine="esurge")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        generate_branches(tiny_model, [states[0]], SamplingParams(n=2, max_tokens=2), engine="paged")
 
 
 def test_mc_estimates_match_exact_values(tiny_model, stored_run):

@@ -32,6 +32,7 @@ from replay.branch_replay import (
     trajectory_record,
     value_states,
 )
+from replay.engines import BranchEngine, open_engine
 from replay.rewards import RewardFn
 from replay.steps import Splitter
 from replay.values import MCRecord
@@ -82,6 +83,7 @@ def estimate_values(
     fields: Sequence[dict[str, Any]] | None = None,
     splitter: Splitter | None = None,
     batch_rows: int = 8,
+    engine: BranchEngine | None = None,
 ) -> tuple[list[MCRecord], EstimationStats]:
     """MC values (one `MCRecord` per rollout) of every rollout's states, per ``config.mode``.
 
@@ -89,7 +91,8 @@ def estimate_values(
     branch and, under ``disk``, into the store with the trajectory. ``disk`` needs ``store``
     and ``run`` (a new run name); the run is deleted afterwards (also when replay fails) unless
     ``keep_run``. ``rewards`` (one per rollout) are stored as field ``vinekv_reward``, the
-    groups as ``vinekv_group``.
+    groups as ``vinekv_group``. ``engine``: a started branch engine (default: ``config.engine``,
+    opened for this call and closed after).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -101,6 +104,12 @@ def estimate_values(
     fields = [{} for _ in rollouts] if fields is None else list(fields)
     if len(fields) != len(rollouts):
         raise ValueError(f"{len(fields)} field dicts for {len(rollouts)} rollouts")
+    if engine is None:
+        with open_engine(config.engine, model, tokenizer=tokenizer, max_rows=config.max_rows) as opened:
+            return estimate_values(
+                strategy, model, tokenizer, reward_fns, rollouts, config, store=store, run=run, keep_run=keep_run,
+                rewards=rewards, fields=fields, splitter=splitter, batch_rows=batch_rows, engine=opened,
+            )  # fmt: skip
     if strategy == "disk":
         return _estimate_from_store(
             model,
@@ -116,6 +125,7 @@ def estimate_values(
             fields,
             splitter,
             batch_rows,
+            engine,
         )
     chunks = _captured_chunks(model, rollouts, batch_rows, needs_entropy(config), stats)
     if strategy == "memory":  # every rollout's KV is captured and held before any branch
@@ -127,8 +137,18 @@ def estimate_values(
             rollout = rollouts[len(results)]
             results.append(
                 _value_rollout(
-                    model, tokenizer, reward_fns, config, rollout, full, entropy, fields[len(results)], splitter, stats
-                )
+                    model,
+                    tokenizer,
+                    reward_fns,
+                    config,
+                    rollout,
+                    full,
+                    entropy,
+                    fields[len(results)],
+                    splitter,
+                    stats,
+                    engine,
+                )  # fmt: skip
             )
     stats.replay.warn_if_mostly_truncated(config)
     return results, stats
@@ -148,7 +168,9 @@ def _captured_chunks(model, rollouts, batch_rows, entropy, stats):
         yield chunk
 
 
-def _value_rollout(model, tokenizer, reward_fns, config, rollout, full: CachedState, entropy, fields, splitter, stats):
+def _value_rollout(
+    model, tokenizer, reward_fns, config, rollout, full: CachedState, entropy, fields, splitter, stats, engine
+):
     prompt_len, response = len(rollout.prompt_ids), rollout.response_ids
     plan = plan_trajectory(
         response, tokenizer, config, splitter=splitter, entropy=response_entropy(entropy, prompt_len, len(response))
@@ -156,7 +178,7 @@ def _value_rollout(model, tokenizer, reward_fns, config, rollout, full: CachedSt
     states = {int(b): full.prefix(prompt_len + int(b)) for b in plan.positions[plan.needed(config)]}
     start = time.perf_counter()
     values = value_states(
-        model, tokenizer, reward_fns, config, trajectory_id(rollout.row), response, plan, states, fields
+        model, tokenizer, reward_fns, config, trajectory_id(rollout.row), response, plan, states, fields, engine
     )
     stats.seconds["replay"] += time.perf_counter() - start
     stats.replay.add(values, len(response))
@@ -201,15 +223,18 @@ def spill_rollouts(
 
 
 def _estimate_from_store(
-    model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, fields, splitter, batch_rows
-):
+    model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, fields, splitter, batch_rows,
+    engine,
+):  # fmt: skip
     """Spill, `replay_run` (which picks the states from the stored responses), read values back."""
     if store is None or not run:
         raise ValueError("strategy 'disk' needs a store and a run name")
     try:
         spill_rollouts(store, run, model, rollouts, fields, rewards, needs_entropy(config), stats, batch_rows)
         start = time.perf_counter()
-        stats.replay = replay_run(store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False)
+        stats.replay = replay_run(
+            store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False, engine=engine
+        )
         stats.seconds["replay"] += time.perf_counter() - start
         results = [
             MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"]) for r in rollouts

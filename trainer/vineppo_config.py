@@ -8,7 +8,7 @@ from easydel.trainers.group_relative_policy_optimization.grpo_config import GRPO
 
 from kvstore.codecs import CODECS
 from replay.branch_replay import ReplayConfig
-from replay.sampler import ENGINES
+from replay.engines import ENGINES, ESurgeOptions
 from replay.steps import SELECTIONS
 from trainer.value_estimation import STRATEGIES
 
@@ -69,7 +69,14 @@ class VinePPOConfig(GRPOConfig):
     vineppo_max_branches: int | None = field(
         default=None, metadata={"help": "adaptive K: cap on branches per state (default: the first round's K)"}
     )
-    vineppo_engine: str = field(default="auto", metadata={"help": "auto | esurge | vanilla"})
+    vineppo_engine: str = field(
+        default="auto", metadata={"help": "branch engine: auto (eSurge on accelerators) | esurge | vanilla"}
+    )
+    vineppo_esurge_page_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "eSurge engine: MiB of KV pages (None: 16 on CPU, eSurge's own sizing on accelerators)"},
+    )
+    vineppo_esurge_page_size: int = field(default=16, metadata={"help": "eSurge engine: tokens per KV page"})
     vineppo_cache_strategy: str = field(default="memory", metadata={"help": "memory | disk | recompute"})
     vineppo_store: str | None = field(default=None, metadata={"help": "snapshot store path (required for disk)"})
     vineppo_codec: str = field(default="int8", metadata={"help": "store codec: int8 | lossless"})
@@ -123,6 +130,14 @@ class VinePPOConfig(GRPOConfig):
             (
                 self.vineppo_baseline in BASELINES,
                 f"vineppo_baseline must be one of {BASELINES}, got {self.vineppo_baseline!r}",
+            ),
+            (
+                self.vineppo_esurge_page_budget_mb is None or self.vineppo_esurge_page_budget_mb > 0,
+                f"vineppo_esurge_page_budget_mb must be > 0, got {self.vineppo_esurge_page_budget_mb}",
+            ),
+            (
+                self.vineppo_esurge_page_size >= 1,
+                f"vineppo_esurge_page_size must be >= 1, got {self.vineppo_esurge_page_size}",
             ),
             (
                 self.vineppo_spill_buffer_mb >= 1,
@@ -208,6 +223,14 @@ class VinePPOConfig(GRPOConfig):
 
     def _first_round(self) -> int:
         return self.lite_num_branches if self.vineppo_mode == "lite" else self.vineppo_branches
+
+    def esurge_options(self) -> ESurgeOptions:
+        """The eSurge engine's sizing: prompt + completion fit one request."""
+        return ESurgeOptions(
+            page_size=self.vineppo_esurge_page_size,
+            page_budget_mb=self.vineppo_esurge_page_budget_mb,
+            max_model_len=self.max_prompt_length + self.max_completion_length,
+        )
 
     def replay_config(self, seed: int = 0, stop_token_ids: tuple[int, ...] = ()) -> ReplayConfig:
         """The branch-replay settings of this mode (``off`` has none).

@@ -45,6 +45,7 @@ from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import check_policy
 from kvstore.store import SnapshotStore
 from replay.branch_replay import reward_fields, score_completions
+from replay.engines import BranchEngine, open_engine
 from replay.rewards import weighted_sum
 from replay.steps import Splitter
 from replay.values import MCRecord, branch_returns
@@ -119,6 +120,7 @@ class VinePPOTrainer(GRPOTrainer):
         self.rollout_stop_ids = rollout_stop_ids(self._eos_token_id, arguments.generation_extra_kwargs)
         self.initial_fingerprint = policy_fingerprint(self.model_state.model)
         self.snapshot_store: SnapshotStore | None = None
+        self._branch_engine: BranchEngine | None = None
         if arguments.vineppo_offline_run is not None:
             self.snapshot_store = SnapshotStore.open(arguments.vineppo_store, mode="r")
             self._offline_index = self._index_offline_run(arguments.vineppo_offline_run)
@@ -131,11 +133,29 @@ class VinePPOTrainer(GRPOTrainer):
             )
 
     def close(self) -> None:
-        """Closes the snapshot store: waits for queued spills, releases its writer lock. Call it
-        when done with the trainer (a later `train()` would need a new trainer)."""
+        """Closes the snapshot store (waits for queued spills, releases its writer lock) and the
+        branch engine. Call it when done with the trainer (a later `train()` would need a new
+        trainer)."""
         if self.snapshot_store is not None:
             self.snapshot_store.close()
             self.snapshot_store = None
+        if self._branch_engine is not None:
+            self._branch_engine.close()
+            self._branch_engine = None
+
+    def branch_engine(self, model: EasyDeLBaseModule) -> BranchEngine:
+        """The branch engine (``vineppo_engine``, opened on first use and kept across steps),
+        serving ``model``'s weights."""
+        if self._branch_engine is None:
+            self._branch_engine = open_engine(
+                self.arguments.vineppo_engine,
+                model,
+                tokenizer=self.processing_class,
+                esurge_options=self.arguments.esurge_options(),
+            )
+        else:
+            self._branch_engine.update_model(model)
+        return self._branch_engine
 
     def _apply_runtime_model_config_overrides(self) -> None:
         """BaseTrainer's hook between loading a checkpoint and compiling the steps."""
@@ -323,6 +343,7 @@ class VinePPOTrainer(GRPOTrainer):
                 fields=fields,
                 splitter=self.step_splitter,
                 batch_rows=args.vineppo_capture_rows,
+                engine=self.branch_engine(state.model),
             )
             token_adv = self._token_advantages(rollouts, values, rewards, completion_mask.shape)
             extra = _estimation_metrics(values, stats, rollouts, rewards)

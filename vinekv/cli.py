@@ -156,9 +156,20 @@ def _replay(args: argparse.Namespace) -> int:
         seed=args.seed,
         engine=args.engine,
     )
+    from replay.engines import ESurgeOptions
+
+    esurge = ESurgeOptions(page_size=args.esurge_page_size, page_budget_mb=args.esurge_page_budget_mb)
     with SnapshotStore.open(args.store, mode="r+") as store:
         report = replay_run(
-            store, args.run, model, tokenizer, reward, config, metrics_path=args.metrics, allow_stale=args.allow_stale
+            store,
+            args.run,
+            model,
+            tokenizer,
+            reward,
+            config,
+            metrics_path=args.metrics,
+            allow_stale=args.allow_stale,
+            esurge_options=esurge,
         )
     print(
         f"replayed {report.trajectories} trajectories ({report.skipped} already valued): {report.states} states, "
@@ -395,8 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--adaptive-ci", type=float, help="adaptive K: target 95%% CI half-width of a state's value")
     replay.add_argument("--seed", type=int, default=0, help="run seed of the branch keys")
     replay.add_argument(
-        "--engine", choices=["auto", "vanilla", "esurge"], default="auto", help="branch engine (default auto: vanilla)"
+        "--engine",
+        choices=["auto", "vanilla", "esurge"],
+        default="auto",
+        help="branch engine (default auto: eSurge on accelerators, vanilla on CPU; docs/engines.md)",
     )
+    replay.add_argument(
+        "--esurge-page-budget-mb",
+        type=float,
+        help="eSurge engine: MiB of KV pages (default: 16 on CPU, eSurge's own sizing on accelerators)",
+    )
+    replay.add_argument("--esurge-page-size", type=int, default=16, help="eSurge engine: tokens per page (default 16)")
     replay.add_argument("--metrics", help="append one JSON line per trajectory here")
     replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
     replay.set_defaults(func=_replay)
