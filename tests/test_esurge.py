@@ -226,3 +226,54 @@ def test_a_page_layout_other_than_assumed_is_refused(model, engine, monkeypatch)
     monkeypatch.setattr(internals, "_read_pages", lambda *a: swapped(*a)[::-1])
     with pytest.raises(ESurgeUnavailable, match="page layout"):
         internals.check_layout(engine.esurge, model)
+
+
+def test_trainer_reads_rollout_kv_out_of_esurge_instead_of_a_capture_forward(tmp_path, monkeypatch):
+    """`use_esurge_generation=True`: every rollout's KV comes out of the generation engine's
+    pages (no capture forward), equals a dense forward's KV, and gives the MC values a capture
+    forward gives (same branch keys); `close()` ends the generation engine's workers."""
+    from trainer_kit import make_trainer, prompt_batch
+    from transformers import AutoTokenizer
+
+    import trainer.value_estimation as estimation
+    import trainer.vineppo_trainer as vineppo_module
+    from kvstore.capture import capture_with_entropy
+    from vinekv.models import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok")  # eSurge starts its tokenizer workers from a folder
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    tok.padding_side = "left"
+    tr = make_trainer(tmp_path, tok, use_esurge_generation=True, vineppo_mode="full", vineppo_engine="vanilla")
+    forwards, seen = [], {}
+    real_capture, real_estimate = estimation.capture_with_entropy, vineppo_module.estimate_values
+
+    def estimate(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        seen["values"], seen["stats"] = real_estimate(*args, **kwargs)
+        return seen["values"], seen["stats"]
+
+    def counted_capture(model, sequences, *args, **kwargs):
+        forwards.append(len(sequences))
+        return real_capture(model, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(estimation, "capture_with_entropy", counted_capture)
+    monkeypatch.setattr(vineppo_module, "estimate_values", estimate)
+    try:
+        _, metrics = tr._preprocess_batch_input(tr.model_state, prompt_batch(tok), is_train=True)
+        rollouts, generated = seen["args"][4], seen["kwargs"]["generated_kv"]
+        assert forwards == [] and metrics["vineppo/kv_from_generation"] == 1.0 and len(rollouts) == 8
+        model = tr.model_state.model
+        for rollout in rollouts:
+            keys, values = generated[tuple(rollout.sequence[:-1].tolist())]
+            ((dense, _),) = capture_with_entropy(model, [rollout.sequence[:-1]])
+            np.testing.assert_allclose(keys, dense.keys[:, 0], atol=2e-6)
+            np.testing.assert_allclose(values, dense.values[:, 0], atol=2e-6)
+        kwargs = {**seen["kwargs"], "generated_kv": None}
+        again, _ = real_estimate(*seen["args"], **kwargs)
+        assert [r.returns for r in again] == [r.returns for r in seen["values"]]
+        (generation,) = tr._generation_engines
+        workers = internals.worker_processes(generation)
+        assert workers
+    finally:
+        tr.close()
+    assert all(p.poll() is not None for p in workers)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from kvstore.capture import capture_with_entropy
+from kvstore.dense_cache import kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
@@ -49,6 +50,7 @@ class EstimationStats:
     replay: ReplayReport = dataclasses.field(default_factory=ReplayReport)
     peak_kv_bytes: int = 0
     store_bytes: int = 0
+    kv_from_generation: int = 0  # rollouts whose KV came from the generation engine, not a forward
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: {"capture": 0.0, "spill": 0.0, "replay": 0.0})
 
 
@@ -84,6 +86,7 @@ def estimate_values(
     splitter: Splitter | None = None,
     batch_rows: int = 8,
     engine: BranchEngine | None = None,
+    generated_kv: Mapping[tuple[int, ...], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[list[MCRecord], EstimationStats]:
     """MC values (one `MCRecord` per rollout) of every rollout's states, per ``config.mode``.
 
@@ -92,7 +95,10 @@ def estimate_values(
     and ``run`` (a new run name); the run is deleted afterwards (also when replay fails) unless
     ``keep_run``. ``rewards`` (one per rollout) are stored as field ``vinekv_reward``, the
     groups as ``vinekv_group``. ``engine``: a started branch engine (default: ``config.engine``,
-    opened for this call and closed after).
+    opened for this call and closed after). ``generated_kv`` (``memory`` / ``recompute``, no
+    entropy selection): the KV the generation engine computed, ``(keys, values)``
+    ``[layers, T - 1, kv_heads, head_dim]`` keyed by a rollout's tokens but its last; those
+    rollouts skip the capture forward.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -109,6 +115,7 @@ def estimate_values(
             return estimate_values(
                 strategy, model, tokenizer, reward_fns, rollouts, config, store=store, run=run, keep_run=keep_run,
                 rewards=rewards, fields=fields, splitter=splitter, batch_rows=batch_rows, engine=opened,
+                generated_kv=generated_kv,
             )  # fmt: skip
     if strategy == "disk":
         return _estimate_from_store(
@@ -127,7 +134,8 @@ def estimate_values(
             batch_rows,
             engine,
         )
-    chunks = _captured_chunks(model, rollouts, batch_rows, needs_entropy(config), stats)
+    reuse = None if needs_entropy(config) else generated_kv
+    chunks = _captured_chunks(model, rollouts, batch_rows, needs_entropy(config), stats, reuse)
     if strategy == "memory":  # every rollout's KV is captured and held before any branch
         chunks = list(chunks)
         stats.peak_kv_bytes = sum(s.nbytes for chunk in chunks for s, _ in chunk)
@@ -154,18 +162,42 @@ def estimate_values(
     return results, stats
 
 
-def _captured_chunks(model, rollouts, batch_rows, entropy, stats):
+def _captured_chunks(model, rollouts, batch_rows, entropy, stats, generated_kv=None):
     """Yields ``(state, entropy or None)`` for ``batch_rows`` rollouts at a time (lazily:
-    ``recompute`` captures each chunk right before it is used)."""
+    ``recompute`` captures each chunk right before it is used); a rollout found in
+    ``generated_kv`` takes its KV from there instead of the forward."""
     fingerprint = policy_fingerprint(model)
+    layout = kv_layout(model)
     for lo in range(0, len(rollouts), batch_rows):
         start = time.perf_counter()
-        sequences = [r.sequence for r in rollouts[lo : lo + batch_rows]]
-        captured = capture_with_entropy(model, sequences, batch_rows, fingerprint=fingerprint)
-        chunk = [(s, e if entropy else None) for s, e in captured]
+        part = rollouts[lo : lo + batch_rows]
+        found = {i: _generated_state(r, generated_kv, layout, fingerprint) for i, r in enumerate(part)}
+        found = {i: s for i, s in found.items() if s is not None}
+        missing = [r.sequence for i, r in enumerate(part) if i not in found]
+        captured = capture_with_entropy(model, missing, batch_rows, fingerprint=fingerprint) if missing else iter(())
+        chunk = []
+        for i in range(len(part)):
+            if i in found:
+                chunk.append((found[i], None))
+            else:
+                state, ent = next(captured)
+                chunk.append((state, ent if entropy else None))
+        stats.kv_from_generation += len(found)
         stats.seconds["capture"] += time.perf_counter() - start
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, sum(s.nbytes for s, _ in chunk))
         yield chunk
+
+
+def _generated_state(rollout: Rollout, generated_kv, layout, fingerprint: str) -> CachedState | None:
+    """The rollout's snapshot of all its tokens but the last, from the generation engine's KV."""
+    if not generated_kv:
+        return None
+    sequence = np.asarray(rollout.sequence, np.int32)
+    kv = generated_kv.get(tuple(sequence[:-1].tolist()))
+    if kv is None:
+        return None
+    keys, values = (np.asarray(a, np.dtype(layout.dtype))[:, None] for a in kv)
+    return CachedState(keys, values, sequence[None, :-1], layout, fingerprint)
 
 
 def _value_rollout(

@@ -45,7 +45,7 @@ from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import check_policy
 from kvstore.store import SnapshotStore
 from replay.branch_replay import reward_fields, score_completions
-from replay.engines import BranchEngine, open_engine
+from replay.engines import BranchEngine, esurge_internals, open_engine
 from replay.rewards import weighted_sum
 from replay.steps import Splitter
 from replay.values import MCRecord, branch_returns
@@ -54,7 +54,7 @@ from trainer.losses import ppo_token_loss
 from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
 from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
-from trainer.value_estimation import EstimationStats, estimate_values
+from trainer.value_estimation import EstimationStats, estimate_values, needs_entropy
 from trainer.vineppo_config import VinePPOConfig
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class VinePPOTrainer(GRPOTrainer):
         self.initial_fingerprint = policy_fingerprint(self.model_state.model)
         self.snapshot_store: SnapshotStore | None = None
         self._branch_engine: BranchEngine | None = None
+        self._generated_kv: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._generation_engines: list[tp.Any] = []  # eSurge engines EasyDeL generated with
         if arguments.vineppo_offline_run is not None:
             self.snapshot_store = SnapshotStore.open(arguments.vineppo_store, mode="r")
             self._offline_index = self._index_offline_run(arguments.vineppo_offline_run)
@@ -133,15 +135,37 @@ class VinePPOTrainer(GRPOTrainer):
             )
 
     def close(self) -> None:
-        """Closes the snapshot store (waits for queued spills, releases its writer lock) and the
-        branch engine. Call it when done with the trainer (a later `train()` would need a new
-        trainer)."""
+        """Closes the snapshot store (waits for queued spills, releases its writer lock), the
+        branch engine and the eSurge engines generation used (their worker processes). Call it
+        when done with the trainer (a later `train()` would need a new trainer)."""
         if self.snapshot_store is not None:
             self.snapshot_store.close()
             self.snapshot_store = None
         if self._branch_engine is not None:
             self._branch_engine.close()
             self._branch_engine = None
+        while self._generation_engines:
+            esurge_internals.shutdown(self._generation_engines.pop())
+
+    def generate_unified(self, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        """EasyDeL's generation. With ``use_esurge_generation`` and a cache strategy that keeps
+        the KV in memory (``memory`` / ``recompute``, no entropy selection) the KV eSurge computed
+        for each finished rollout is read out of its page pool before the pages are freed
+        (`esurge_internals.capture_generations`): value estimation then needs no capture forward
+        for it. eSurge's page pool is sized by ``esurge_options().budget_bytes()`` (16 MiB on CPU)."""
+        config = self.arguments
+        if not config.use_esurge_generation:
+            return super().generate_unified(*args, **kwargs)
+        state = kwargs.get("state") or self.model_state
+        keep = config.vineppo_mode != "off" and config.vineppo_cache_strategy != "disk"
+        keep = keep and not needs_entropy(config.replay_config())
+        budget = config.esurge_options().budget_bytes()
+        with esurge_internals.capture_generations(type(state.model), budget, self._generation_engines) as captured:
+            results = super().generate_unified(*args, **kwargs)
+        if keep and config.vineppo_offline_run is None:
+            for tokens, keys, values in captured.values():
+                self._generated_kv[tuple(tokens.tolist())] = (keys, values)
+        return results
 
     def branch_engine(self, model: EasyDeLBaseModule) -> BranchEngine:
         """The branch engine (``vineppo_engine``, opened on first use and kept across steps),
@@ -315,7 +339,9 @@ class VinePPOTrainer(GRPOTrainer):
         if args.vineppo_offline_run is not None and is_train:
             return self._offline_batch(state, batch)
         self.task_fields.fields = [f for f in prompt_fields for _ in range(self.num_generations)]
+        self._generated_kv = {}
         out, metrics = super()._preprocess_batch_input(state, batch, is_train)
+        generated_kv, self._generated_kv = self._generated_kv, {}
         if not is_train:
             return out, metrics
         completion_mask = np.asarray(jax.device_get(out["completion_mask"]))
@@ -344,6 +370,7 @@ class VinePPOTrainer(GRPOTrainer):
                 splitter=self.step_splitter,
                 batch_rows=args.vineppo_capture_rows,
                 engine=self.branch_engine(state.model),
+                generated_kv=generated_kv,
             )
             token_adv = self._token_advantages(rollouts, values, rewards, completion_mask.shape)
             extra = _estimation_metrics(values, stats, rollouts, rewards)
@@ -610,6 +637,7 @@ def _estimation_metrics(
         "vineppo/branch_tokens_per_second": report.tokens_per_second,
         "vineppo/store_bytes": float(stats.store_bytes),
         "vineppo/peak_kv_bytes": float(stats.peak_kv_bytes),
+        "vineppo/kv_from_generation": float(stats.kv_from_generation) / max(len(rollouts), 1),
         "vineppo/capture_seconds": stats.seconds["capture"] + stats.seconds["spill"],
         "vineppo/replay_seconds": stats.seconds["replay"] + stats.seconds["capture"] + stats.seconds["spill"],
         "vineppo/trajectory_reward_mean": float(np.mean(rewards)) if len(rewards) else 0.0,

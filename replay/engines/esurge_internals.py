@@ -406,17 +406,14 @@ def run(engine: Any, requests: Sequence[Any], on_step: Any = None) -> dict[str, 
     return done
 
 
-@contextlib.contextmanager
-def capture_finished(engine: Any) -> Iterator[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """While open, every request eSurge frees leaves ``{request_id: (token_ids, keys, values)}``
-    in the yielded dict: the KV of its ``num_computed_tokens`` first tokens, read out of the page
-    pool before the pages are freed, as ``[layers, t, kv_heads, head_dim]`` (head dim unpadded)."""
+def _install_capture(engine: Any, captured: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Wraps ``engine.scheduler._free_pages`` (on the instance) so that every request it frees
+    first leaves ``captured[request_id] = (token_ids, keys, values)``."""
     scheduler = engine.scheduler
     original = scheduler._free_pages
-    captured: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    layout = engine.runner.model.config.get_text_config()
-    heads = layout.num_key_value_heads or layout.num_attention_heads
-    head_dim = getattr(layout, "head_dim", None) or layout.hidden_size // layout.num_attention_heads
+    config = engine.runner.model.config.get_text_config()
+    heads = config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     def read_then_free(req: Any) -> None:
         page_ids = np.asarray(scheduler.kv_cache_manager.get_page_ids(req.request_id)[0], np.int32)
@@ -431,7 +428,57 @@ def capture_finished(engine: Any) -> Iterator[dict[str, tuple[np.ndarray, np.nda
         original(req)
 
     scheduler._free_pages = read_then_free
+
+
+def _remove_capture(scheduler: Any) -> None:
+    vars(scheduler).pop("_free_pages", None)
+
+
+@contextlib.contextmanager
+def capture_finished(engine: Any) -> Iterator[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """While open, every request eSurge frees leaves ``{request_id: (token_ids, keys, values)}``
+    in the yielded dict: the KV of its ``num_computed_tokens`` first tokens, read out of the page
+    pool before the pages are freed, as ``[layers, t, kv_heads, head_dim]`` (head dim unpadded).
+    The last sampled token of a request is never fed back, so its KV is not there."""
+    captured: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    _install_capture(engine, captured)
     try:
         yield captured
     finally:
-        scheduler._free_pages = original
+        _remove_capture(engine.scheduler)
+
+
+@contextlib.contextmanager
+def capture_generations(
+    model_class: type, page_budget_bytes: int | None, engines: list[Any] | None = None
+) -> Iterator[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """While open, `capture_finished` applies to every eSurge engine ``model_class.get_esurge``
+    hands out (how EasyDeL's trainers reach their generation engine), and eSurge's page pool is
+    sized with ``page_budget_bytes`` (None: eSurge's own sizing) whenever it is (re)built. Each
+    engine handed out is appended to ``engines`` (once), for the caller to `shutdown`: EasyDeL
+    keeps them cached on the model with their worker processes alive."""
+    own = "get_esurge" in vars(model_class)
+    original = model_class.get_esurge
+    captured: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    hooked: list[Any] = []
+
+    def get_esurge(self: Any, *args: Any, **kwargs: Any) -> Any:
+        engine = original(self, *args, **kwargs)
+        if engines is not None and all(e is not engine for e in engines):
+            engines.append(engine)
+        if "_free_pages" not in vars(engine.scheduler):
+            _install_capture(engine, captured)
+            hooked.append(engine.scheduler)
+        return engine
+
+    model_class.get_esurge = get_esurge
+    try:
+        with _page_budget(page_budget_bytes):
+            yield captured
+    finally:
+        if own:
+            model_class.get_esurge = original
+        else:
+            del model_class.get_esurge
+        for scheduler in hooked:
+            _remove_capture(scheduler)
