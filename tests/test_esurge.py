@@ -229,9 +229,9 @@ def test_a_page_layout_other_than_assumed_is_refused(model, engine, monkeypatch)
 
 
 def test_trainer_reads_rollout_kv_out_of_esurge_instead_of_a_capture_forward(tmp_path, monkeypatch):
-    """`use_esurge_generation=True`: every rollout's KV comes out of the generation engine's
-    pages (no capture forward), equals a dense forward's KV, and gives the MC values a capture
-    forward gives (same branch keys); `close()` ends the generation engine's workers."""
+    """`use_esurge_generation=True`, `vineppo_engine="esurge"`: every rollout's KV comes out of
+    the generation engine's pages (no capture forward), equals a dense forward's KV, and gives
+    the MC values a capture forward gives; `close()` ends both engines' workers."""
     from trainer_kit import make_trainer, prompt_batch
     from transformers import AutoTokenizer
 
@@ -243,7 +243,7 @@ def test_trainer_reads_rollout_kv_out_of_esurge_instead_of_a_capture_forward(tmp
     build_tokenizer(tmp_path / "tok")  # eSurge starts its tokenizer workers from a folder
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     tok.padding_side = "left"
-    tr = make_trainer(tmp_path, tok, use_esurge_generation=True, vineppo_mode="full", vineppo_engine="vanilla")
+    tr = make_trainer(tmp_path, tok, use_esurge_generation=True, vineppo_mode="full", vineppo_engine="esurge")
     forwards, seen = [], {}
     real_capture, real_estimate = estimation.capture_with_entropy, vineppo_module.estimate_values
 
@@ -262,6 +262,7 @@ def test_trainer_reads_rollout_kv_out_of_esurge_instead_of_a_capture_forward(tmp
         _, metrics = tr._preprocess_batch_input(tr.model_state, prompt_batch(tok), is_train=True)
         rollouts, generated = seen["args"][4], seen["kwargs"]["generated_kv"]
         assert forwards == [] and metrics["vineppo/kv_from_generation"] == 1.0 and len(rollouts) == 8
+        assert isinstance(seen["kwargs"]["engine"], ESurgeEngine)  # vineppo_engine="esurge" branches
         model = tr.model_state.model
         for rollout in rollouts:
             keys, values = generated[tuple(rollout.sequence[:-1].tolist())]
@@ -272,8 +273,36 @@ def test_trainer_reads_rollout_kv_out_of_esurge_instead_of_a_capture_forward(tmp
         again, _ = real_estimate(*seen["args"], **kwargs)
         assert [r.returns for r in again] == [r.returns for r in seen["values"]]
         (generation,) = tr._generation_engines
-        workers = internals.worker_processes(generation)
-        assert workers
+        workers = internals.worker_processes(generation) + internals.worker_processes(tr._branch_engine.esurge)
+        assert len(workers) == 4
     finally:
         tr.close()
     assert all(p.poll() is not None for p in workers)
+
+
+def test_page_hashes_do_not_depend_on_the_process(engine):
+    """eSurge keys pages by the builtin ``hash`` of ``(parent, tokens, None)`` from a seed drawn
+    from os.urandom (and on Python < 3.12 ``hash(None)`` is an address). vinekv pins the seed and
+    the hash: a page's key computed as eSurge computes it here equals the key another process
+    (another PYTHONHASHSEED) computes."""
+    import importlib
+    import os
+    import subprocess
+    import sys
+
+    from easydel.inference.esurge.core import utils
+
+    manager = importlib.import_module("easydel.inference.esurge.core.manager")
+    assert utils.none_hash == internals.PAGE_HASH_SEED and manager.hash is internals.page_content_hash
+    tokens = tuple(range(100, 116))
+    first = utils.hash_page_tokens(manager.hash, None, tokens, None).hash_value
+    second = utils.hash_page_tokens(manager.hash, first, tokens, None).hash_value
+    code = (
+        "from replay.engines.esurge_internals import PAGE_HASH_SEED, page_content_hash as h\n"
+        f"a = h((PAGE_HASH_SEED, {tokens}, None)); print(a, h((a, {tokens}, None)))"
+    )
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert list(map(int, other.stdout.split())) == [first, second]

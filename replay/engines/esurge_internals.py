@@ -15,13 +15,15 @@ What is used, and why:
   synchronously from the caller's thread, so a batch is scheduled the same way every time;
 - the page-freeing step (``scheduler._free_pages``): the one moment a finished request's page
   ids and ``num_computed_tokens`` are still valid, wrapped to read its KV out;
-- ``core.utils.none_hash``: the seed of the page-hash chain, pinned (below).
+- ``core.utils.none_hash`` and the ``hash`` the page-caching modules call: pinned so a page's
+  prefix-cache key is the same in every process (`pin_page_hashes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import threading
 from collections.abc import Iterator, Sequence
@@ -32,10 +34,26 @@ import jax.numpy as jnp
 import numpy as np
 
 TESTED_EASYDEL = "0.3.0"
-# Seed of eSurge's page-hash chain. eSurge draws it from os.urandom unless PYTHONHASHSEED is set;
-# pinned, the hash of a page of tokens is the same in every process (a tuple of ints hashes
-# deterministically in CPython), so injected pages are keyed reproducibly.
+# Seed of eSurge's page-hash chain. eSurge draws it from os.urandom unless PYTHONHASHSEED is set.
 PAGE_HASH_SEED = 0x76696E656B76  # "vinekv"
+# The modules that hash pages with the builtin ``hash``: on Python < 3.12 ``hash(None)`` (part of
+# every page's key) is the object's address, so a page's hash differed between processes even
+# with the seed pinned. `pin_page_hashes` gives them `page_content_hash` instead.
+_PAGE_HASHING_MODULES = ("easydel.inference.esurge.core.manager", "easydel.inference.esurge.core.page_pool")
+
+
+def page_content_hash(key: tuple) -> int:
+    """A process-independent hash of a page key ``(parent hash, token ids, extra keys)``: the
+    first 8 bytes of the BLAKE2b digest of its ``repr`` (ints, tuples, strings, None)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def pin_page_hashes() -> None:
+    """Makes eSurge's prefix-cache page hashes the same in every process: the chain's seed is
+    `PAGE_HASH_SEED` and pages are hashed with `page_content_hash`."""
+    importlib.import_module("easydel.inference.esurge.core.utils").none_hash = PAGE_HASH_SEED
+    for name in _PAGE_HASHING_MODULES:
+        importlib.import_module(name).hash = page_content_hash
 
 
 class ESurgeUnavailable(RuntimeError):
@@ -190,13 +208,13 @@ def start(
             silent_mode=True,
         )
     _stop_thread(engine)
+    pin_page_hashes()
     try:
         _check_instance(engine)
         check_layout(engine, model)
     except ESurgeUnavailable:
         shutdown(engine)
         raise
-    importlib.import_module("easydel.inference.esurge.core.utils").none_hash = PAGE_HASH_SEED
     return engine
 
 
@@ -225,6 +243,7 @@ def worker_processes(engine: Any) -> list[Any]:
 def update_weights(engine: Any, model: Any) -> None:
     """Serves ``model``'s weights from now on (compiled programs kept; prefix cache cleared)."""
     engine.update_model_weights(paged_model(model), restart_scheduler=False)
+    pin_page_hashes()  # the rebuilt scheduler drew a new chain seed
     _stop_thread(engine)
 
 
@@ -252,6 +271,7 @@ def reset_batch_state(engine: Any, key: jax.Array) -> None:
     assigned in request order) and the sampling key set to ``key`` (eSurge folds it with the
     step's token count and each row's slot)."""
     engine.runner.reset_state()
+    pin_page_hashes()
     manager = engine.runner.executor_manager
     manager.rng_key = jax.device_put(key, manager.rng_key.sharding)
 
@@ -290,7 +310,8 @@ def inject(engine: Any, token_ids: Sequence[int], keys: np.ndarray, values: np.n
     utils = importlib.import_module("easydel.inference.esurge.core.utils")
     parent = None
     for i, page in enumerate(pages):
-        page_hash = utils.hash_page_tokens(hash, parent, [int(t) for t in token_ids[i * size : (i + 1) * size]], None)
+        page_tokens = [int(t) for t in token_ids[i * size : (i + 1) * size]]
+        page_hash = utils.hash_page_tokens(page_content_hash, parent, page_tokens, None)
         keyed = utils.PageHashWithGroupId(page_hash, 0)
         page.page_hash = keyed
         pool.cached_page_hash_to_page[keyed][page.page_id] = page
