@@ -159,12 +159,13 @@ def test_auto_picks_esurge_when_it_can_and_logs_why_not(model, caplog):
     finally:
         chosen.close()
     assert all(p.poll() is not None for p in workers)
-    sliding = get_model("qwen2", "float32")
-    sliding.config.get_text_config().sliding_window, sliding.config.get_text_config().use_sliding_window = 8, True
+    config = get_model("qwen2", "float32").config.get_text_config()
+    before = config.sliding_window, config.use_sliding_window
+    config.sliding_window, config.use_sliding_window = 8, True
     try:
-        assert isinstance(open_engine("auto", sliding, auto_on_cpu=True), VanillaEngine)
+        assert isinstance(open_engine("auto", get_model("qwen2", "float32"), auto_on_cpu=True), VanillaEngine)
     finally:
-        sliding.config.get_text_config().use_sliding_window = False
+        config.sliding_window, config.use_sliding_window = before
     assert "sliding-window attention" in caplog.text
 
 
