@@ -72,7 +72,7 @@ def sample_rollouts(
     config: RolloutConfig,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Any], list[bool]]:
-    """``config.group`` responses per prompt, sampled from the prompt's KV with the branch engine.
+    """``config.group`` responses per prompt, sampled from the prompt's KV with the dense branch engine.
 
     Returns the `trainer.rollouts.Rollout` list (prompt i's members in rows ``i*group..``) and
     whether each response ended in a stop token. Keys: ``(config.seed, prompt index, member)``.
@@ -96,7 +96,9 @@ def sample_rollouts(
         states = [capture_state(model, np.asarray([ids], np.int32), len(ids)) for ids in encoded]
         keys = [(lo + i, 0) for i in range(len(encoded))]
         for i, branches in enumerate(
-            generate_branches(model, states, params, seed=config.seed, tokenizer=tokenizer, state_keys=keys)
+            generate_branches(
+                model, states, params, "vanilla", config.seed, tokenizer=tokenizer, state_keys=keys
+            )  # the dense engine: each response is keyed by (seed, prompt, member), whatever the batch
         ):
             for tokens, done in zip(branches.tokens, branches.finished, strict=True):
                 row = len(rollouts)
