@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,9 +114,11 @@ def main() -> None:
     max_len = max(s.position for s in states) + args.tokens + args.page_size
     options = ESurgeOptions(page_size=args.page_size, max_model_len=max_len, max_num_seqs=len(states) * k)
     dense = VanillaEngine(model, max_rows=len(states) * k)
-    injected = ESurgeEngine(model, tokenizer, options).start()
+    folder = tempfile.TemporaryDirectory(prefix="vinekv-engine-bench-")  # eSurge loads its tokenizer by path
+    tokenizer.save_pretrained(folder.name)
+    injected = ESurgeEngine(model, folder.name, options).start()
     recompute = internals.start(
-        model, injected._tokenizer_folder(), page_size=args.page_size, page_budget_bytes=options.budget_bytes(),
+        model, folder.name, page_size=args.page_size, page_budget_bytes=options.budget_bytes(),
         max_model_len=max_len, max_num_seqs=len(states) * k, prefix_caching=False,
     )  # fmt: skip
     seconds = {m: [] for m in MODES}
@@ -156,6 +159,7 @@ def main() -> None:
     finally:
         injected.close()
         internals.shutdown(recompute)
+        folder.cleanup()
     layout = kv_layout(model)
     token_bytes = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
     shared = [(s.position - 1) // args.page_size * args.page_size for s in states]  # injected, held once

@@ -269,8 +269,6 @@ def decode(
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     batch = logits.shape[0]
     if row_keys is None:
         if temperature > 0:

@@ -156,7 +156,7 @@ def estimate_values(
                     splitter,
                     stats,
                     engine,
-                )  # fmt: skip
+                )
             )
     stats.replay.warn_if_mostly_truncated(config)
     return results, stats

@@ -117,7 +117,6 @@ class ESurgeEngine(BranchEngine):
         reason = unsupported_reason(self.model)
         if reason:
             raise internals.ESurgeUnavailable(f"eSurge cannot branch from injected snapshots: {reason}")
-        internals.require()
         config = self.model.config.get_text_config()
         max_len = self.options.max_model_len or min(int(getattr(config, "max_position_embeddings", 2048)), 2048)
         self._engine = internals.start(

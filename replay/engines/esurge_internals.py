@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvstore.dense_cache import kv_layout
+
 TESTED_EASYDEL = "0.3.0"
 # Seed of eSurge's page-hash chain. eSurge draws it from os.urandom unless PYTHONHASHSEED is set.
 PAGE_HASH_SEED = 0x76696E656B76  # "vinekv"
@@ -243,7 +245,6 @@ def worker_processes(engine: Any) -> list[Any]:
 def update_weights(engine: Any, model: Any) -> None:
     """Serves ``model``'s weights from now on (compiled programs kept; prefix cache cleared)."""
     engine.update_model_weights(paged_model(model), restart_scheduler=False)
-    pin_page_hashes()  # the rebuilt scheduler drew a new chain seed
     _stop_thread(engine)
 
 
@@ -432,9 +433,8 @@ def _install_capture(engine: Any, captured: dict[str, tuple[np.ndarray, np.ndarr
     first leaves ``captured[request_id] = (token_ids, keys, values)``."""
     scheduler = engine.scheduler
     original = scheduler._free_pages
-    config = engine.runner.model.config.get_text_config()
-    heads = config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layout = kv_layout(engine.runner.model)
+    heads, head_dim = layout.num_kv_heads, layout.head_dim
 
     def read_then_free(req: Any) -> None:
         page_ids = np.asarray(scheduler.kv_cache_manager.get_page_ids(req.request_id)[0], np.int32)
