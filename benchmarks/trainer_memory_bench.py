@@ -122,7 +122,7 @@ def child(strategy: str, n: int, folder: str, codec: str = "int8") -> dict:
         "accelerator_peak_bytes": device_peak,
         "spill_buffer_mib": SPILL_BUFFER_MIB if strategy == "disk" else None,
         "codec": codec if strategy == "disk" else None,
-        "values_finite": bool(all(np.all(np.isfinite(v.mean)) for v in values)),
+        "returns_finite": bool(all(np.isfinite(r).all() for v in values for r in v.returns)),
     }
 
 
@@ -151,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trajectories", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--strategies", nargs="+", default=["memory", "disk"])
-    parser.add_argument("--codec", default="int8", choices=["int8", "lossless"], help="store codec of disk")
+    parser.add_argument("--codec", default="int8", choices=["int8", "int4", "lossless"], help="store codec of disk")
     parser.add_argument("--child", nargs=2, metavar=("STRATEGY", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -3,13 +3,15 @@
 Public API:
   capture_state, resume_from_state   the plan's snapshot/resume utilities
   capture_sequences                  whole rollouts -> one snapshot each, in fixed row chunks
+  capture_encoded                    the same, encoded with a store codec on the device (codes only)
   extract_state, cache_from_states   live cache -> snapshot, snapshots -> fresh cache
   forward_chunk                      run a chunk of tokens from each row's cache position
   CachedState, KVLayout              the snapshot container and its layout descriptor
+  EncodedState                       a trajectory's KV as a codec's codes, ready to spill
   policy_fingerprint                 cheap stable identity of a model's weights
   StalePolicyError                   a snapshot from another policy
   SnapshotStore                      the TensorStore/Zarr v3 snapshot store
-  get_codec                          KV codecs ("int8", "lossless")
+  get_codec                          KV codecs ("int8", "int4", "lossless")
 
 Names load lazily: the store and codecs work without importing EasyDeL or JAX.
 """
@@ -25,9 +27,11 @@ silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unl
 
 _EXPORTS = {
     "CachedState": "kvstore.state",
+    "EncodedState": "kvstore.state",
     "KVLayout": "kvstore.state",
     "StalePolicyError": "kvstore.policy",
     "check_policy": "kvstore.policy",
+    "capture_encoded": "kvstore.capture",
     "capture_sequences": "kvstore.capture",
     "capture_state": "kvstore.capture",
     "check_fingerprint": "kvstore.capture",

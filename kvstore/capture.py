@@ -6,6 +6,9 @@ The plan's cache-introspection utilities:
   through a fresh dense cache and copies its K/V to the host.
 - ``capture_sequences(model, sequences)`` captures whole rollouts (prompt + response) in
   fixed-size row chunks, for spilling or keeping.
+- ``capture_encoded(model, sequences, prompt_lens, codec)`` does the same but encodes each
+  rollout's prompt and response with a store codec on the device, so only the codes cross to
+  the host (half the bytes for int8, a quarter for int4), ready for `SnapshotStore.spill`.
 - ``resume_from_state(model, state, continuation_ids)`` writes a snapshot into a fresh cache and
   runs ``continuation_ids`` from its end: no re-prefill of the prefix. Its logits equal those of
   a no-cache forward over ``prefix ++ continuation`` to float tolerance.
@@ -13,6 +16,7 @@ The plan's cache-introspection utilities:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from easydel.caching import TransformerCache
 
+from kvstore.codecs import KVCodec, get_codec
 from kvstore.dense_cache import cache_from_states, extract_state, forward_chunk, kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import StalePolicyError, check_policy  # noqa: F401 (StalePolicyError: re-export)
-from kvstore.state import CachedState
+from kvstore.state import CachedState, EncodedState
+from vinekv.runtime import release_free_memory
 
 CAPTURE_BUCKET = 64  # capture widths are rounded up to this many tokens (fewer compiled shapes)
 
@@ -133,12 +139,77 @@ def next_token_entropy(logits: jax.Array) -> jax.Array:
     return -(jnp.exp(logp) * logp).sum(-1)
 
 
-def _capture(model, sequences, batch_rows, fingerprint, entropy):
+def capture_encoded(
+    model: Any,
+    sequences: Sequence[Any],
+    prompt_lens: Sequence[int],
+    codec: str | dict[str, Any] | KVCodec,
+    batch_rows: int = 8,
+    *,
+    fingerprint: str | None = None,
+    entropy: bool = False,
+) -> Iterator[tuple[EncodedState, np.ndarray | None]]:
+    """`capture_with_entropy` whose states are encoded with ``codec`` on the device.
+
+    Each sequence's prompt ``[0, prompt_lens[i])`` and response are encoded separately (as the
+    store keeps them) by one jitted program per chunk shape; only the codes are copied to the
+    host. Yields ``(EncodedState, entropies or None)`` per sequence; the codes equal the host
+    codec's `encode` of the `capture_sequences` KV bit for bit.
+    """
+    codec = get_codec(codec)
+    if len(prompt_lens) != len(sequences):
+        raise ValueError(f"{len(prompt_lens)} prompt lengths for {len(sequences)} sequences")
+    layout = kv_layout(model)
+    fingerprint = fingerprint or policy_fingerprint(model)
+    for start, cache, ids, chunk, ents in _captured(model, sequences, batch_rows, entropy):
+        lens = [len(seq) for seq in chunk]
+        plens = [int(p) for p in prompt_lens[start : start + len(chunk)]]
+        for i, (plen, n) in enumerate(zip(plens, lens, strict=True)):
+            if not 1 <= plen <= n:
+                raise ValueError(f"prompt_lens[{start + i}] = {plen} outside [1, {n}] (the sequence's length)")
+        # Two segments (prompt, response) per row of the chunk's fixed batch: one compiled shape.
+        rows = np.repeat(np.arange(batch_rows, dtype=np.int32), 2)
+        starts, counts = np.zeros(2 * batch_rows, np.int32), np.zeros(2 * batch_rows, np.int32)
+        starts[1 : 2 * len(chunk) : 2] = plens
+        counts[0 : 2 * len(chunk) : 2] = plens
+        counts[1 : 2 * len(chunk) : 2] = np.subtract(lens, plens)
+        keys, values = [view.key for view in cache.views], [view.value for view in cache.views]
+        codes = jax.device_get(_encode_segments(codec)(keys, values, rows, starts, counts))
+        for i, (plen, n) in enumerate(zip(plens, lens, strict=True)):
+            prompt = codec.trim({name: a[2 * i] for name, a in codes.items()}, plen)
+            response = codec.trim({name: a[2 * i + 1] for name, a in codes.items()}, n - plen)
+            state = EncodedState(prompt, response, codec.spec(), ids[i : i + 1, :n].copy(), plen, layout, fingerprint)
+            yield state, (ents[i, :n] if entropy else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _encode_segments(codec: KVCodec) -> Any:
+    """Jitted: segments ``(row, start, count)`` of per-layer caches ``[batch, W, heads, dim]``, each
+    rotated to start at token 0 (width W; tokens past ``count`` are ignored) and encoded by
+    ``codec``. Segments run one after another (`lax.map`), so the temporaries are one segment's."""
+
+    def encode(keys, values, rows, starts, counts):
+        def one(segment):
+            row, start, count = segment
+
+            def take(layers):
+                x = jnp.stack([jax.lax.dynamic_index_in_dim(layer, row, axis=0, keepdims=False) for layer in layers])
+                return jnp.roll(x, -start, axis=1)
+
+            return codec._device_encode(take(keys), take(values), count)
+
+        return jax.lax.map(one, (rows, starts, counts))
+
+    return jax.jit(encode)
+
+
+def _captured(model, sequences, batch_rows, entropy):
+    """Yields ``(start, cache, ids, chunk, entropies)`` per chunk of ``batch_rows`` sequences run
+    through one fresh dense cache."""
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     vocab = kv_layout(model).vocab_size
     seqs = [_token_matrix(np.asarray(s)[None], f"sequences[{i}]", vocab)[0] for i, s in enumerate(sequences)]
-    fingerprint = fingerprint or policy_fingerprint(model)
     split = model.split_module()
     for start in range(0, len(seqs), batch_rows):
         chunk = seqs[start : start + batch_rows]
@@ -149,6 +220,14 @@ def _capture(model, sequences, batch_rows, fingerprint, entropy):
         cache = model.init_cache(batch_size=batch_rows, max_length=width)
         logits, cache = forward_chunk(model, cache, ids, split=split)
         entropies = np.asarray(jax.device_get(next_token_entropy(logits))) if entropy else None
+        yield start, cache, ids, chunk, entropies
+        del cache, logits
+        release_free_memory()  # the chunk's buffers: glibc would keep them (flat peak over long loops)
+
+
+def _capture(model, sequences, batch_rows, fingerprint, entropy):
+    fingerprint = fingerprint or policy_fingerprint(model)
+    for _, cache, ids, chunk, entropies in _captured(model, sequences, batch_rows, entropy):
         for row, seq in enumerate(chunk):
             state = extract_state(model, cache, ids, len(seq), rows=[row], fingerprint=fingerprint)
             yield state, (entropies[row, : len(seq)] if entropy else None)

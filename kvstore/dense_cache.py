@@ -166,28 +166,78 @@ def cache_from_states(model: Any, states: Sequence[CachedState], max_length: int
     longest = max(state.position for state in states)
     if max_length < longest:
         raise ValueError(f"max_length {max_length} is shorter than the longest snapshot ({longest} positions)")
-    lengths = np.repeat(np.concatenate([np.full(s.batch, s.position) for s in states]), repeats).astype(np.int32)
-    batch = lengths.size
-    template = _cache_template(model, batch, max_length)
+    positions = np.concatenate([np.full(s.batch, s.position) for s in states]).astype(np.int32)
+    lengths = np.repeat(positions, repeats)
+    template = _cache_template(model, lengths.size, max_length)
     dtype = np.dtype(template.views[0].key.dtype)
-    shape = (layout.num_layers, batch, max_length, layout.num_kv_heads, layout.head_dim)
-    host = {"key": np.zeros(shape, dtype), "value": np.zeros(shape, dtype)}
-    row = 0
-    for state in states:
-        for b in range(state.batch):  # broadcast each snapshot row into its `repeats` cache rows
-            rows = slice(row, row + repeats)
-            host["key"][:, rows, : state.position] = state.keys[:, b : b + 1]
-            host["value"][:, rows, : state.position] = state.values[:, b : b + 1]
-            row += repeats
+    if broadcast_on_device():  # snapshot rows cross once, padded to a bucket; `repeats` copies made there
+        bucket = min(max_length, -(-longest // INJECT_BUCKET) * INJECT_BUCKET)
+        rows = [_padded_rows(states, part, bucket) for part in ("keys", "values")]
+        keys, values = _expand_rows(*rows, repeats=repeats, max_length=max_length, dtype=dtype)
+    else:  # host memory is device memory: numpy broadcasts bfloat16 ~2x faster than XLA:CPU
+        keys, values = (_host_rows(states, part, repeats, max_length, dtype) for part in ("keys", "values"))
+    indexs = jax.device_put(lengths, template.views[0].indexs.sharding)
     views = [
         view.replace(
-            key=jax.device_put(host["key"][layer], view.key.sharding),
-            value=jax.device_put(host["value"][layer], view.value.sharding),
-            indexs=jax.device_put(lengths, view.indexs.sharding),
+            key=jax.device_put(keys[layer], view.key.sharding),
+            value=jax.device_put(values[layer], view.value.sharding),
+            indexs=jax.device_put(indexs, view.indexs.sharding),
         )
         for layer, view in enumerate(template.views)
     ]
     return TransformerCache(views=views)
+
+
+INJECT_BUCKET = 64  # snapshot rows go to the device padded to a multiple of this many tokens
+
+
+def broadcast_on_device() -> bool:
+    """Whether `cache_from_states` copies snapshots to the device once and repeats rows there
+    (accelerators) rather than building the cache on the host (the CPU backend)."""
+    return jax.default_backend() != "cpu"
+
+
+def _host_rows(states: Sequence[CachedState], part: str, repeats: int, max_length: int, dtype: Any) -> np.ndarray:
+    """``[layers, rows * repeats, max_length, kv_heads, head_dim]`` of ``part`` built on the host."""
+    first = np.asarray(getattr(states[0], part))
+    rows = sum(s.batch for s in states) * repeats
+    out = np.zeros((first.shape[0], rows, max_length, *first.shape[3:]), dtype)
+    row = 0
+    for state in states:
+        block = np.asarray(getattr(state, part))
+        for b in range(state.batch):  # each snapshot row broadcast into its `repeats` cache rows
+            out[:, row : row + repeats, : state.position] = block[:, b : b + 1]
+            row += repeats
+    return out
+
+
+def _padded_rows(states: Sequence[CachedState], part: str, bucket: int) -> Any:
+    """``[layers, rows, bucket, kv_heads, head_dim]``: every state's rows of ``part`` (keys or
+    values), zero-padded to ``bucket`` tokens (the cache is zero past each row's position);
+    assembled on the host unless a state is on the device."""
+    arrays = [getattr(s, part) for s in states]
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        first = arrays[0]
+        out = np.zeros((first.shape[0], sum(a.shape[1] for a in arrays), bucket, *first.shape[3:]), first.dtype)
+        row = 0
+        for a in arrays:
+            out[:, row : row + a.shape[1], : a.shape[2]] = a
+            row += a.shape[1]
+        return out
+    padded = [jnp.pad(jnp.asarray(a), [(0, 0), (0, 0), (0, bucket - a.shape[2]), (0, 0), (0, 0)]) for a in arrays]
+    return jnp.concatenate(padded, axis=1) if len(padded) > 1 else padded[0]
+
+
+@functools.partial(jax.jit, static_argnames=("repeats", "max_length", "dtype"))
+def _expand_rows(keys, values, *, repeats: int, max_length: int, dtype: Any):
+    """Per-layer cache buffers ``[rows * repeats, max_length, kv_heads, head_dim]`` in ``dtype``:
+    each zero-padded snapshot row repeated ``repeats`` times, zero-padded to ``max_length``."""
+
+    def expand(x):
+        x = jnp.repeat(x, repeats, axis=1).astype(dtype)
+        return list(jnp.pad(x, [(0, 0), (0, 0), (0, max_length - x.shape[2]), (0, 0), (0, 0)]))
+
+    return expand(keys), expand(values)
 
 
 _TEMPLATES: dict[int, dict[tuple[int, int], TransformerCache]] = {}

@@ -7,12 +7,20 @@ weights. Equal weights give equal fingerprints in any process; an optimizer step
 essentially every weight, changes it. A change confined to elements outside the samples (say
 one embedding row) is not seen: the fingerprint guards against stale snapshots, it is not a
 checksum.
+
+The fingerprint of a model is cached against the identity of its parameter arrays (held by
+weak reference): a later call on the same model object costs a pass over its parameter
+`Variable`s (~1 ms for Qwen2-0.5B's 291, against ~50 ms to recompute), and any update that
+replaces a parameter's value (an optimizer step, `nnx.update`) recomputes it. Replacing a whole
+submodule is not seen by the cache: call `policy_fingerprint(model, cached=False)` after that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import weakref
 import zlib
 from typing import Any
 
@@ -76,9 +84,44 @@ def _gather_samples(values: list[Any], layout: tuple[tuple[str, tuple[int, ...],
     return jax.device_get(_GATHERS[layout](values))
 
 
-def policy_fingerprint(model: Any) -> str:
-    """Returns a 32-hex-digit fingerprint of ``model``'s architecture config and parameters."""
+# id(model) -> (weak ref to the model, its parameter Variables, weak refs to their arrays, fingerprint).
+# Keyed by id: EasyDeL modules hash by hashing their whole state.
+_CACHE: dict[int, tuple[Any, list[Any], list[Any], str]] = {}
+
+
+def _value_ref(value: Any) -> Any:
+    try:
+        return weakref.ref(value)
+    except TypeError:  # not weak-referenceable: hold it (identity stays meaningful)
+        return lambda: value
+
+
+def policy_fingerprint(model: Any, cached: bool = True) -> str:
+    """Returns a 32-hex-digit fingerprint of ``model``'s architecture config and parameters.
+
+    With ``cached``, a previous result for this model object is reused while every parameter
+    `Variable` still holds the very array it held then.
+    """
+    entry = _CACHE.get(id(model)) if cached else None
+    if entry is not None:
+        model_ref, variables, refs, fingerprint = entry
+        if model_ref() is model and all(ref() is var.raw_value for var, ref in zip(variables, refs, strict=True)):
+            return fingerprint
     params = nnx.state(model, nnx.Param)
+    fingerprint = _fingerprint(model, params)
+    variables = [leaf for leaf in jax.tree_util.tree_leaves(params, is_leaf=_is_variable) if _is_variable(leaf)]
+    for key in [k for k, (ref, *_) in _CACHE.items() if ref() is None]:
+        del _CACHE[key]
+    with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced is not cached
+        _CACHE[id(model)] = (weakref.ref(model), variables, [_value_ref(v.raw_value) for v in variables], fingerprint)
+    return fingerprint
+
+
+def _is_variable(leaf: Any) -> bool:
+    return isinstance(leaf, nnx.Variable)
+
+
+def _fingerprint(model: Any, params: Any) -> str:
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     values = [leaf.value if hasattr(leaf, "value") else leaf for _, leaf in leaves]
     layout = tuple(

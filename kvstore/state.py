@@ -123,3 +123,42 @@ class CachedState:
         return dataclasses.replace(
             self, keys=self.keys[:, :, :t], values=self.values[:, :, :t], token_ids=self.token_ids[:, :t]
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedState:
+    """One trajectory's KV already encoded by a codec (on the device), ready to spill.
+
+    The prompt ``[0, prompt_len)`` and the response ``[prompt_len, position)`` are encoded
+    separately, as the store keeps them in separate nodes (a codec that groups tokens groups
+    each part from its own start).
+
+    Attributes:
+      prompt, response: the codec's stored arrays (token axis 2) of each part.
+      codec: the codec's spec.
+      token_ids: ``[1, position]`` int32.
+      prompt_len: tokens of the prompt part.
+      layout: the `KVLayout` of the KV before encoding.
+      fingerprint: `policy_fingerprint` of the model that produced the KV.
+    """
+
+    prompt: dict[str, Any]
+    response: dict[str, Any]
+    codec: dict[str, Any]
+    token_ids: np.ndarray
+    prompt_len: int
+    layout: KVLayout
+    fingerprint: str
+
+    @property
+    def position(self) -> int:
+        return self.token_ids.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the codes of both parts."""
+        return sum(a.data.nbytes for part in (self.prompt, self.response) for a in part.values())

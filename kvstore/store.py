@@ -8,9 +8,10 @@ Layout (Zarr v3, see docs/store-format.md)::
     runs/<run>/trajectories/<id>/       response KV + attrs: token ids, prompt ref, fields
 
 A snapshot at token ``t`` is positions ``[0, t)`` of the prompt KV followed by the response KV.
-Writes go through a background thread with a bounded number of bytes in flight; each node is
-committed atomically (see `tensorstore_backend`), so a crash leaves every committed trajectory
-intact and nothing half-written visible.
+Writes go through a `SpillQueue` (background writers, a bound on the bytes in flight); each node
+is committed atomically (see `tensorstore_backend`), so a crash leaves every committed trajectory
+intact and nothing half-written visible. With ``durability="flush"`` trajectories are staged
+as they are written and committed together at `SnapshotStore.flush` with one round of fsyncs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import logging
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,12 @@ from typing import Any
 import numpy as np
 
 from kvstore.codecs import KVCodec, get_codec
+from kvstore.codecs.base import StoredArray
+from kvstore.errors import CorruptChunkError, MissingEntryError, StoreError, StoreFormatError
 from kvstore.policy import check_policy
-from kvstore.state import CachedState, KVLayout
+from kvstore.reads import ReadPart, ReadPlan
+from kvstore.spill_queue import SpillQueue
+from kvstore.state import CachedState, EncodedState, KVLayout
 from kvstore.tensorstore_backend import TensorStoreBackend, group_json
 
 logger = logging.getLogger(__name__)
@@ -41,26 +45,9 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_TOKENS = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
 DEFAULT_WRITE_CONCURRENCY = 4
+DEFAULT_CACHE_BYTES = 64 * 2**20
+DURABILITY = ("trajectory", "flush")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-class StoreError(Exception):
-    """Base class of the store's errors."""
-
-
-class StoreFormatError(StoreError):
-    """The path is not a vinekv store, or one of a format version this code cannot read."""
-
-
-class MissingEntryError(StoreError, KeyError):
-    """A run or trajectory that is not in the store."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class CorruptChunkError(StoreError):
-    """Stored bytes failed their checksum (or could not be decoded)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +92,9 @@ def prompt_key(token_ids: np.ndarray, fingerprint: str) -> str:
 class _Spill:
     run: str
     trajectory_id: str
-    state: CachedState
+    state: CachedState | EncodedState
     prompt_len: int
     fields: dict[str, Any]
-
-    @property
-    def nbytes(self) -> int:
-        return self.state.nbytes
 
 
 class SnapshotStore:
@@ -124,26 +107,44 @@ class SnapshotStore:
         mode: str,
         max_inflight_bytes: int,
         write_concurrency: int,
+        durability: str,
     ):
         self._backend = backend
         self._meta = root_attrs
         self.mode = mode
+        self.durability = durability
         self.codec: KVCodec = get_codec(root_attrs["codec"])
         self.chunk_tokens: int = root_attrs["chunk_tokens"]
-        self.max_inflight_bytes = max_inflight_bytes
         self._attrs_cache: dict[str, dict[str, Any]] = {}
         self._arrays: dict[str, Any] = {}
-        self._cond = threading.Condition()
-        self._queue: deque[_Spill] = deque()
-        self._pending: set[tuple[str, str]] = set()
-        self._inflight = 0
-        self._errors: list[BaseException] = []
-        self._closed = False
-        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
         self._prompt_locks: dict[str, threading.Lock] = {}
-        self.write_concurrency = write_concurrency
+        self._staged: list[tuple[str, str]] = []  # (staging, final) awaiting the group commit
+        self._staged_keys: set[str] = set()
+        self._closed = False
         self._layout_on_disk = root_attrs.get("layout") is not None
-        self.stats = {"spilled": 0, "raw_bytes": 0, "write_seconds": 0.0}
+        self._queue = SpillQueue(
+            self._write_trajectory,
+            max_inflight_bytes,
+            write_concurrency,
+            describe=lambda item: f"trajectory {item.trajectory_id!r} of run {item.run!r}",
+        )
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return self._queue.max_inflight_bytes
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Background-write counters: ``spilled`` trajectories, ``bytes`` queued (raw or codes),
+        ``write_seconds`` summed over writers, ``peak_inflight_bytes``."""
+        q = self._queue
+        return {
+            "spilled": q.stats["written"],
+            "bytes": q.stats["bytes"],
+            "write_seconds": q.stats["write_seconds"],
+            "peak_inflight_bytes": q.peak_inflight_bytes,
+        }
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -156,6 +157,8 @@ class SnapshotStore:
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         write_concurrency: int = DEFAULT_WRITE_CONCURRENCY,
+        durability: str = "trajectory",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> SnapshotStore:
         """Opens (or creates) a store.
 
@@ -163,12 +166,20 @@ class SnapshotStore:
           path_or_spec: local path, TensorStore kvstore URL (``memory://name/``) or JSON spec.
           mode: ``"r"`` read only; ``"r+"`` read/write, must exist; ``"a"`` read/write, created
             if missing; ``"w-"`` create, must not exist.
-          codec: codec of new trajectories in a new store (``"int8"``, ``"lossless"``, a spec or
-            a `KVCodec`); an existing store keeps the codec it was created with.
+          codec: codec of new trajectories in a new store (``"int8"``, ``"int4"``,
+            ``"lossless"``, a spec such as ``{"name": "int4", "group_size": 32}``, or a
+            `KVCodec`); an existing store keeps the codec it was created with.
           chunk_tokens: tokens per stored chunk (the unit a prefix read fetches) of a new store.
-          max_inflight_bytes: raw KV bytes queued or being written before `spill` blocks.
+          max_inflight_bytes: bytes queued or being written (raw KV of a `CachedState`, codes of
+            an `EncodedState`) before `spill` blocks.
           write_concurrency: trajectories written at once by background threads (commit
             latency, mostly fsync, overlaps; commits may land out of spill order).
+          durability: ``"trajectory"`` (default): each trajectory is committed, fsynced, as
+            soon as it is written. ``"flush"``: trajectories are staged as they are written and
+            committed together at `flush` (or `close`) with one round of fsyncs; each is still
+            atomic, and a crash loses only those spilled since the last flush.
+          cache_bytes: decoded chunks kept in memory for reads (a replay reads a shared
+            prompt's chunks once); 0 disables the cache.
         """
         if mode not in ("r", "r+", "a", "w-"):
             raise ValueError(f"mode must be 'r', 'r+', 'a' or 'w-', got {mode!r}")
@@ -178,9 +189,16 @@ class SnapshotStore:
             raise ValueError(f"max_inflight_bytes must be positive, got {max_inflight_bytes}")
         if not isinstance(write_concurrency, int) or write_concurrency < 1:
             raise ValueError(f"write_concurrency must be a positive int, got {write_concurrency!r}")
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {DURABILITY}, got {durability!r}")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
         codec = get_codec(codec)
+        _check_chunking(codec, chunk_tokens)
         _check_local_path(path_or_spec, mode)
-        backend = TensorStoreBackend(path_or_spec)
+        backend = TensorStoreBackend(path_or_spec, durable_writes=durability == "trajectory", cache_bytes=cache_bytes)
+        if durability == "flush" and backend.local_root is None:
+            raise ValueError("durability='flush' needs a local store (staging and rename); use 'trajectory'")
         root = backend.read_json("zarr.json")
         if root is None:
             if mode in ("r", "r+"):
@@ -199,7 +217,7 @@ class SnapshotStore:
             if mode == "w-":
                 raise FileExistsError(f"a store already exists at {backend.description} (mode 'w-')")
             attrs = _check_root(root, backend.description)
-        store = cls(backend, attrs, mode, max_inflight_bytes, write_concurrency)
+        store = cls(backend, attrs, mode, max_inflight_bytes, write_concurrency, durability)
         if mode != "r":
             backend.lock_for_writing()
         return store
@@ -220,32 +238,41 @@ class SnapshotStore:
         self.close()
 
     # -- writing ---------------------------------------------------------------------------
-    def spill(self, run: str, trajectory_id: str | int, state: CachedState, prompt_len: int, **fields: Any) -> None:
+    def spill(
+        self, run: str, trajectory_id: str | int, state: CachedState | EncodedState, prompt_len: int, **fields: Any
+    ) -> None:
         """Queues one trajectory's KV for writing and returns (blocks only when the queue is full).
 
         Args:
           run: the run (rollout batch / iteration) the trajectory belongs to.
           trajectory_id: unique within the run.
-          state: `CachedState` of batch 1 covering the whole trajectory, prompt and response.
+          state: `CachedState` of batch 1 covering the whole trajectory, prompt and response
+            (encoded on the host by a writer thread), or an `EncodedState` encoded with this
+            store's codec (on the device, see `kvstore.capture.capture_encoded`).
           prompt_len: number of prompt tokens at the start of ``state`` (1 <= prompt_len <= T).
           **fields: JSON-able per-trajectory metadata (reward, step boundaries, gold answer...).
 
         Raises:
           the error of an earlier failed write, if any; ValueError/TypeError for bad input.
         """
-        self._raise_write_errors()
+        self._queue.raise_errors()
         if self.mode == "r":
             raise PermissionError("store is open read-only (mode 'r')")
         if self._closed:
             raise RuntimeError("store is closed")
         run = _check_name("run", run)
         tid = _check_name("trajectory_id", trajectory_id)
-        if not isinstance(state, CachedState):
-            raise TypeError(f"state must be a CachedState, got {type(state).__name__}")
+        if not isinstance(state, CachedState | EncodedState):
+            raise TypeError(f"state must be a CachedState or an EncodedState, got {type(state).__name__}")
         if state.batch != 1:
             raise ValueError(f"spill takes one trajectory (batch 1), got a state of batch {state.batch}")
         if isinstance(prompt_len, bool) or not 1 <= int(prompt_len) <= state.position:
             raise ValueError(f"prompt_len {prompt_len} outside [1, {state.position}] (the trajectory's length)")
+        if isinstance(state, EncodedState):
+            if state.codec != self.codec.spec():
+                raise ValueError(f"state was encoded with codec {state.codec['name']!r}, the store uses {self.codec!r}")
+            if state.prompt_len != int(prompt_len):
+                raise ValueError(f"prompt_len {prompt_len} != the {state.prompt_len} the state was encoded with")
         fields = _jsonable(fields)
         layout = self.layout
         if layout is None:
@@ -253,78 +280,43 @@ class SnapshotStore:
         elif layout != state.layout:
             diffs = {k: (v, layout.to_dict()[k]) for k, v in state.layout.to_dict().items() if layout.to_dict()[k] != v}
             raise ValueError(f"snapshot layout does not match the store's: (snapshot, store) = {diffs}")
-        with self._cond:
-            key = (run, tid)
-            if key in self._pending or self._backend.exists(_traj_prefix(run, tid) + "zarr.json"):
-                raise FileExistsError(f"trajectory {tid!r} of run {run!r} is already in the store")
-            while self._inflight and self._inflight + state.nbytes > self.max_inflight_bytes:
-                self._cond.wait()
-                if self._errors:
-                    break
-            self._pending.add(key)
-            self._queue.append(_Spill(run, tid, state, int(prompt_len), fields))
-            self._inflight += state.nbytes
-            self._ensure_writer()
-            self._cond.notify_all()
-        self._raise_write_errors()
+        prefix = _traj_prefix(run, tid)
+        if prefix in self._staged_keys or self._backend.exists(prefix + "zarr.json"):
+            raise FileExistsError(f"trajectory {tid!r} of run {run!r} is already in the store")
+        try:
+            self._queue.put(prefix, _Spill(run, tid, state, int(prompt_len), fields), state.nbytes)
+        except FileExistsError:
+            raise FileExistsError(f"trajectory {tid!r} of run {run!r} is already in the store") from None
 
     def flush(self) -> None:
-        """Waits until every queued trajectory is committed; raises the first write error."""
-        with self._cond:
-            while self._queue or self._inflight:
-                self._cond.wait()
-        self._raise_write_errors()
+        """Waits until every queued trajectory is committed (with ``durability="flush"``: commits
+        them, with one round of fsyncs); raises the first write error."""
+        try:
+            self._queue.drain()
+        finally:
+            self._commit_staged()
 
     def close(self) -> None:
-        """Flushes, stops the writer and releases the store's write lock."""
+        """Flushes, stops the writers and releases the store's write lock."""
         if self._closed:
             return
         try:
             self.flush()
         finally:
-            with self._cond:
-                self._closed = True
-                self._cond.notify_all()
-            for thread in self._threads:
-                thread.join()
+            self._closed = True
+            self._queue.close()
             self._backend.unlock()
 
-    def _ensure_writer(self) -> None:
-        self._threads = [t for t in self._threads if t.is_alive()]
-        while len(self._threads) < min(self.write_concurrency, len(self._queue) + len(self._threads)):
-            thread = threading.Thread(target=self._writer_loop, name="vinekv-spill", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _writer_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                item = self._queue.popleft()
-            start = time.perf_counter()
-            try:
-                self._write_trajectory(item)
-            except BaseException as err:  # surfaced on the next spill/flush/close
-                logger.error("spill of %s/%s failed: %s", item.run, item.trajectory_id, err)
-                with self._cond:
-                    self._errors.append(err)
-            with self._cond:
-                self._pending.discard((item.run, item.trajectory_id))
-                self._inflight -= item.nbytes
-                self.stats["spilled"] += 1
-                self.stats["raw_bytes"] += item.nbytes
-                self.stats["write_seconds"] += time.perf_counter() - start
-                self._cond.notify_all()
-
-    def _raise_write_errors(self) -> None:
-        with self._cond:
-            errors, self._errors = self._errors, []
-        if errors:
-            more = f" (and {len(errors) - 1} more failed writes)" if len(errors) > 1 else ""
-            raise StoreError(f"a background write failed: {errors[0]}{more}") from errors[0]
+    def _commit_staged(self) -> None:
+        with self._lock:
+            staged, self._staged = self._staged, []
+        failed = self._backend.commit_group(staged)
+        with self._lock:
+            self._staged_keys.difference_update(final for _, final in staged)
+        if failed:
+            (final, err), more = failed[0], len(failed) - 1
+            tail = f" (and {more} more)" if more else ""
+            raise StoreError(f"group commit of {final} failed: {err}{tail}") from err
 
     def _write_trajectory(self, item: _Spill) -> None:
         state, plen = item.state, item.prompt_len
@@ -337,12 +329,12 @@ class SnapshotStore:
         pkey = prompt_key(tokens[:plen], state.fingerprint)
         common = {"fingerprint": state.fingerprint, "layout": state.layout.to_dict(), "codec": self.codec.spec()}
         prompt_prefix = f"runs/{item.run}/prompts/{pkey}/"
-        with self._cond:
+        with self._lock:
             prompt_lock = self._prompt_locks.setdefault(prompt_prefix, threading.Lock())
         with prompt_lock:  # trajectories of one prompt in flight together write it once
-            if not self._backend.exists(prompt_prefix + "zarr.json"):
+            if prompt_prefix not in self._staged_keys and not self._backend.exists(prompt_prefix + "zarr.json"):
                 attrs = {"kind": "prompt", "length": plen, "token_ids": tokens[:plen].tolist(), **common}
-                self._write_node(prompt_prefix, state.keys[:, 0, :plen], state.values[:, 0, :plen], attrs)
+                self._write_node(prompt_prefix, _codes(self.codec, state, 0, plen), attrs)
         attrs = {
             "kind": "trajectory",
             "format_version": FORMAT_VERSION,
@@ -353,28 +345,33 @@ class SnapshotStore:
             "fields": item.fields,
             **common,
         }
-        response = (state.keys[:, 0, plen:], state.values[:, 0, plen:])
-        self._write_node(_traj_prefix(item.run, item.trajectory_id), *response, attrs)
+        self._write_node(_traj_prefix(item.run, item.trajectory_id), _codes(self.codec, state, plen, None), attrs)
 
-    def _write_node(self, final_prefix: str, keys: np.ndarray, values: np.ndarray, attrs: dict[str, Any]) -> None:
-        """Writes K/V ``[layers, tokens, kv_heads, head_dim]`` and ``attrs`` as one committed node."""
+    def _write_node(self, final_prefix: str, codes: dict[str, StoredArray] | None, attrs: dict[str, Any]) -> None:
+        """Writes a node's stored arrays (None: no tokens) and ``attrs``, committed atomically
+        now (``durability="trajectory"``) or staged for the next flush."""
         staging = self._backend.staging_prefix(final_prefix)
         try:
-            if keys.shape[1]:
-                futures = [
-                    self._backend.write_array(
-                        staging + name,
-                        stored.data,
-                        stored.dims,
-                        self.chunk_tokens,
-                        self.codec.zstd_level,
-                        {"vinekv": {"codec": self.codec.spec(), "array": name}},
-                    )
-                    for name, stored in self.codec.encode(keys, values).items()
-                ]
-                for future in futures:
-                    future.result()
-            self._backend.commit(staging, final_prefix, {"vinekv": attrs})
+            futures = [
+                self._backend.write_array(
+                    staging + name,
+                    stored.data,
+                    stored.dims,
+                    self.chunk_tokens // stored.token_group,
+                    self.codec.zstd_level,
+                    {"vinekv": {"codec": self.codec.spec(), "array": name, "token_group": stored.token_group}},
+                )
+                for name, stored in (codes or {}).items()
+            ]
+            for future in futures:
+                future.result()
+            if self.durability == "flush":
+                self._backend.stage(staging, {"vinekv": attrs})
+                with self._lock:
+                    self._staged.append((staging, final_prefix))
+                    self._staged_keys.add(final_prefix)
+            else:
+                self._backend.commit(staging, final_prefix, {"vinekv": attrs})
         except BaseException:
             self._backend.discard(staging)
             raise
@@ -439,6 +436,7 @@ class SnapshotStore:
         allow_stale: bool = False,
         *,
         fingerprint: str | None = None,
+        on_device: bool = False,
     ) -> CachedState:
         """The snapshot of positions ``[0, t)`` of a stored trajectory.
 
@@ -448,13 +446,17 @@ class SnapshotStore:
           model: when given, the KV is decoded to its kv dtype, its layout is checked, and the
             snapshot's policy fingerprint must equal the model's unless ``allow_stale``.
           allow_stale: accept snapshots made by another policy.
-          fingerprint: ``model``'s `policy_fingerprint` when the caller already has it.
+          fingerprint: ``model``'s `policy_fingerprint` when the caller already has it (else
+            computed, once per version of the model's weights).
+          on_device: decode on the default device; keys/values are then jax arrays.
 
         Returns:
           a `CachedState` of batch 1, ready for `resume_from_state`.
         """
         requests = [(run, trajectory_id, t)]
-        return self.read_prefixes(requests, model=model, allow_stale=allow_stale, fingerprint=fingerprint)[0]
+        return self.read_prefixes(
+            requests, model=model, allow_stale=allow_stale, fingerprint=fingerprint, on_device=on_device
+        )[0]
 
     def read_prefixes(
         self,
@@ -463,28 +465,38 @@ class SnapshotStore:
         allow_stale: bool = False,
         *,
         fingerprint: str | None = None,
+        on_device: bool = False,
     ) -> list[CachedState]:
         """`read_prefix` for many ``(run, trajectory_id, t)`` at once; all reads are issued
-        asynchronously before any is awaited, so I/O and decompression overlap."""
+        asynchronously before any is awaited, so I/O and decompression overlap.
+
+        With ``on_device``, the codes are decompressed and verified on the host, moved to the
+        default device and decoded there (`KVCodec.device_decode`, bit-identical to the host
+        decode): the states' keys/values are then jax arrays.
+        """
         requests = [(r, str(tid), t) for r, tid, t in requests]
         out_dtype, fingerprint = self._consumer(model, fingerprint)
-        plans = [self._plan_read(run, tid, t) for run, tid, t in requests]
-        for plan in plans:
-            for part in plan["parts"]:
-                part["futures"] = {name: arr[:, :, : part["stop"]].read() for name, arr in part["arrays"].items()}
+        plans = [self.plan_read(run, tid, t) for run, tid, t in requests]
+        started = [[part.start() for part in plan.parts] for plan in plans]
         states = []
-        for (run, tid, t), plan in zip(requests, plans, strict=True):
-            info = plan["info"]
+        for plan, futures in zip(plans, started, strict=True):
+            info = plan.info
             if fingerprint is not None and not allow_stale:
-                check_policy(info["fingerprint"], fingerprint, f"trajectory {tid!r} of run {run!r}")
+                check_policy(info["fingerprint"], fingerprint, f"trajectory {plan.trajectory_id!r} of run {plan.run!r}")
             layout = KVLayout.from_dict(info["layout"])
-            blocks = [
-                self._decode_part(run, tid, part, layout.dtype, out_dtype or layout.dtype) for part in plan["parts"]
-            ]
-            kv = np.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
-            tokens = np.asarray(plan["token_ids"][:t], dtype=np.int32)[None]
-            out_layout = dataclasses.replace(layout, dtype=str(kv.dtype))
-            states.append(CachedState(kv[:, 0][:, None], kv[:, 1][:, None], tokens, out_layout, info["fingerprint"]))
+            dtype = out_dtype or np.dtype(layout.dtype)
+            blocks = []
+            for part, part_futures in zip(plan.parts, futures, strict=True):
+                codes = part.result(part_futures, plan.what, self.chunk_tokens)
+                if on_device:
+                    blocks.append(part.codec.device_decode(codes, layout.dtype, dtype))
+                else:
+                    blocks.append(part.codec.decode(codes, layout.dtype, dtype))
+            xp = _array_module(on_device)
+            kv = xp.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
+            out_layout = dataclasses.replace(layout, dtype=np.dtype(dtype).name)
+            keys, values = kv[:, 0][:, None], kv[:, 1][:, None]
+            states.append(CachedState(keys, values, plan.token_ids[None], out_layout, info["fingerprint"]))
         return states
 
     def _consumer(self, model: Any, fingerprint: str | None) -> tuple[Any, str | None]:
@@ -499,18 +511,25 @@ class SnapshotStore:
             self.layout.check_compatible(model_layout, what="store")
         return np.dtype(model_layout.dtype), fingerprint or policy_fingerprint(model)
 
-    def _plan_read(self, run: str, tid: str, t: int) -> dict[str, Any]:
+    def plan_read(self, run: str, trajectory_id: str | int, t: int) -> ReadPlan:
+        """Which stored parts the snapshot ``[0, t)`` needs (a `ReadPlan`); `read_prefixes` runs
+        plans, and a caller that decodes elsewhere can fetch a plan's codes itself with
+        `ReadPart.start` / `ReadPart.result`."""
+        tid = str(trajectory_id)
         info = self.trajectory_info(run, tid)
         length, plen = info["length"], info["prompt_len"]
         if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 1 <= t <= length:
             raise ValueError(f"t={t!r} outside [1, {length}] for trajectory {tid!r} of run {run!r} ({length} tokens)")
-        prompt = f"runs/{run}/prompts/{info['prompt']}/"
-        parts = [{"prefix": prompt, "offset": 0, "stop": min(t, plen)}]
+        spans = [(f"runs/{run}/prompts/{info['prompt']}/", 0, min(t, plen))]
         if t > plen:
-            parts.append({"prefix": _traj_prefix(run, tid), "offset": plen, "stop": t - plen})
-        for part in parts:
-            part["arrays"] = {name: self._array(part["prefix"] + name) for name in self._array_names(part["prefix"])}
-        return {"info": info, "parts": parts, "token_ids": self.token_ids(run, tid)}
+            spans.append((_traj_prefix(run, tid), plen, t - plen))
+        parts = []
+        for prefix, offset, stop in spans:
+            codec = get_codec(self._node_attrs(prefix)["codec"])
+            arrays = {name: self._array(prefix + name) for name in codec.array_names}
+            parts.append(ReadPart(prefix, offset, stop, codec, arrays))
+        tokens = np.asarray(self.token_ids(run, tid)[:t], dtype=np.int32)
+        return ReadPlan(run, tid, int(t), info, tuple(parts), tokens)
 
     def _node_attrs(self, prefix: str) -> dict[str, Any]:
         if prefix not in self._attrs_cache:
@@ -520,39 +539,10 @@ class SnapshotStore:
             self._attrs_cache[prefix] = node["attributes"]["vinekv"]
         return self._attrs_cache[prefix]
 
-    def _array_names(self, prefix: str) -> tuple[str, ...]:
-        return get_codec(self._node_attrs(prefix)["codec"]).array_names
-
     def _array(self, path: str) -> Any:
         if path not in self._arrays:
             self._arrays[path] = self._backend.open_array(path)
         return self._arrays[path]
-
-    def _decode_part(self, run: str, tid: str, part: dict[str, Any], raw_dtype: str, out_dtype: Any) -> np.ndarray:
-        arrays = {}
-        for name, future in part["futures"].items():
-            try:
-                arrays[name] = future.result()
-            except ValueError as err:
-                lo, hi = part["offset"], part["offset"] + part["stop"]
-                bad = self._locate_corruption(part["arrays"][name], part["stop"])
-                where = ", ".join(f"[{part['offset'] + a}, {part['offset'] + b})" for a, b in bad) or f"[{lo}, {hi})"
-                raise CorruptChunkError(
-                    f"run {run!r} trajectory {tid!r}: stored array {part['prefix']}{name} is corrupt at "
-                    f"positions {where} (read of [{lo}, {hi})): {err}"
-                ) from err
-        codec = get_codec(self._node_attrs(part["prefix"])["codec"])
-        return codec.decode(arrays, raw_dtype, out_dtype)
-
-    def _locate_corruption(self, array: Any, stop: int) -> list[tuple[int, int]]:
-        bad = []
-        for lo in range(0, stop, self.chunk_tokens):
-            hi = min(lo + self.chunk_tokens, stop)
-            try:
-                array[:, :, lo:hi].read().result()
-            except ValueError:
-                bad.append((lo, hi))
-        return bad
 
     def _require_run(self, run: str) -> None:
         if not self._backend.exists(f"runs/{run}/zarr.json"):
@@ -582,6 +572,33 @@ class SnapshotStore:
         self._backend.delete_prefix(f"runs/{run}/")
         self._attrs_cache = {k: v for k, v in self._attrs_cache.items() if not k.startswith(f"runs/{run}/")}
         self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"runs/{run}/")}
+
+
+def _codes(codec: KVCodec, state: CachedState | EncodedState, lo: int, hi: int | None) -> dict[str, StoredArray] | None:
+    """Stored arrays of tokens ``[lo, hi)`` (``hi`` None: to the end) of a spilled state, which
+    is either the prompt (``lo == 0``) or the response; None when the part has no tokens."""
+    if isinstance(state, EncodedState):
+        tokens = state.prompt_len if lo == 0 else state.position - state.prompt_len
+        return (state.prompt if lo == 0 else state.response) if tokens else None
+    keys = state.keys[:, 0, lo:hi]
+    return codec.encode(keys, state.values[:, 0, lo:hi]) if keys.shape[1] else None
+
+
+def _array_module(on_device: bool) -> Any:
+    if on_device:
+        import jax.numpy as jnp
+
+        return jnp
+    return np
+
+
+def _check_chunking(codec: KVCodec, chunk_tokens: int) -> None:
+    for name, group in codec.token_groups().items():
+        if chunk_tokens % group:
+            raise ValueError(
+                f"chunk_tokens {chunk_tokens} must be a multiple of codec {codec.name!r}'s token group {group} "
+                f"(array {name!r})"
+            )
 
 
 def _traj_prefix(run: str, tid: str) -> str:

@@ -1,7 +1,8 @@
 """Subprocess for the kill-mid-spill test: spills synthetic trajectories forever, announcing commits.
 
-Usage: python tests/_store_worker.py STORE_PATH
+Usage: python tests/_store_worker.py STORE_PATH [trajectory|flush]
 Prints "committed N" after trajectory N is durable. Trajectory N's KV is `synthetic_state(N)`.
+With ``flush`` (group commit) it spills GROUP trajectories between flushes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kvstore import CachedState, KVLayout, SnapshotStore
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", vocab_size=260, model_type="llama")
 PROMPT_LEN = 16
+GROUP = 4
 
 
 @functools.cache
@@ -33,10 +35,13 @@ def synthetic_state(n: int, length: int = 1500) -> CachedState:
 
 
 if __name__ == "__main__":
-    with SnapshotStore.open(sys.argv[1], codec="lossless", chunk_tokens=64) as store:
+    durability = sys.argv[2] if len(sys.argv) > 2 else "trajectory"
+    group = GROUP if durability == "flush" else 1
+    with SnapshotStore.open(sys.argv[1], codec="lossless", chunk_tokens=64, durability=durability) as store:
         n = 0
         while True:
-            store.spill("run0", f"traj{n:04d}", synthetic_state(n), PROMPT_LEN, reward=float(n))
+            for _ in range(group):
+                store.spill("run0", f"traj{n:04d}", synthetic_state(n), PROMPT_LEN, reward=float(n))
+                n += 1
             store.flush()
-            print(f"committed {n}", flush=True)
-            n += 1
+            print(f"committed {n - 1}", flush=True)

@@ -51,3 +51,18 @@ def test_fingerprint_changes_after_optimizer_step():
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     nnx.update(model, optax.apply_updates(params, updates))
     assert policy_fingerprint(model) != before
+
+
+def test_cached_fingerprint_follows_every_parameter_update():
+    """The cache (per model object, against its parameter arrays) never serves a stale value."""
+    model = build_model("llama", seed=0)
+    first = policy_fingerprint(model)
+    assert policy_fingerprint(model) == first == policy_fingerprint(model, cached=False)
+    params = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)]
+    last = params[-1]  # replace one leaf only: every other array stays the same object
+    last.set_value(last.get_value() + 1)
+    changed = policy_fingerprint(model)
+    assert changed != first and changed == policy_fingerprint(model, cached=False)
+    last.set_value(last.get_value() - 1)  # a new array with the old contents: same fingerprint again
+    assert policy_fingerprint(model) == first
+    assert policy_fingerprint(build_model("llama", seed=0)) == first  # another object, same weights

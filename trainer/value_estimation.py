@@ -13,14 +13,13 @@ state index, branch index)``, so with the lossless codec they give identical val
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from kvstore.capture import capture_with_entropy
+from kvstore.capture import capture_encoded, capture_with_entropy
 from kvstore.dense_cache import kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
@@ -228,17 +227,23 @@ def spill_rollouts(
     stats: EstimationStats | None = None,
     batch_rows: int = 8,
 ) -> EstimationStats:
-    """Captures every rollout's KV (``batch_rows`` at a time) and spills it to ``run``, then flushes.
+    """Captures every rollout's KV (``batch_rows`` at a time), encodes it with the store's codec
+    on the device (only the codes reach the host) and spills it to ``run``, then flushes.
 
     Trajectory ``trajectory_id(rollout.row)`` gets ``fields[i]`` plus ``vinekv_group``, the
     reward as ``vinekv_reward`` (when ``rewards`` is given) and, with ``entropy``, the policy's
     per-response-token entropy as ``vinekv_entropy``. Returns ``stats`` with capture and spill
-    seconds, the peak captured bytes and the run's stored bytes.
+    seconds, the peak bytes of codes held on the host and the run's stored bytes.
     """
     stats = EstimationStats() if stats is None else stats
-    start, chunk_bytes, capture_before = time.perf_counter(), 0, stats.seconds["capture"]
-    chunks = itertools.chain.from_iterable(_captured_chunks(model, rollouts, batch_rows, entropy, stats))
-    for index, (rollout, (state, ent)) in enumerate(zip(rollouts, chunks, strict=True)):
+    start, chunk_bytes, capture_seconds = time.perf_counter(), 0, 0.0
+    sequences = [r.sequence for r in rollouts]
+    prompt_lens = [len(r.prompt_ids) for r in rollouts]
+    captured = capture_encoded(model, sequences, prompt_lens, store.codec, batch_rows, entropy=entropy)
+    for index, rollout in enumerate(rollouts):
+        tick = time.perf_counter()
+        state, ent = next(captured)
+        capture_seconds += time.perf_counter() - tick
         extra = {**fields[index], "vinekv_group": rollout.group}
         if rewards is not None:
             extra["vinekv_reward"] = float(rewards[index])
@@ -249,7 +254,8 @@ def spill_rollouts(
         chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
     store.flush()
-    stats.seconds["spill"] += time.perf_counter() - start - (stats.seconds["capture"] - capture_before)
+    stats.seconds["capture"] += capture_seconds
+    stats.seconds["spill"] += time.perf_counter() - start - capture_seconds
     stats.store_bytes = store.size(run).stored
     return stats
 

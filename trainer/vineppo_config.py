@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from easydel.trainers.group_relative_policy_optimization.grpo_config import GRPOConfig
 
 from kvstore.codecs import CODECS
+from kvstore.store import DURABILITY
 from replay.branch_replay import ReplayConfig
 from replay.engines import ENGINES, ESurgeOptions
 from replay.steps import SELECTIONS
@@ -79,9 +80,16 @@ class VinePPOConfig(GRPOConfig):
     vineppo_esurge_page_size: int = field(default=16, metadata={"help": "eSurge engine: tokens per KV page"})
     vineppo_cache_strategy: str = field(default="memory", metadata={"help": "memory | disk | recompute"})
     vineppo_store: str | None = field(default=None, metadata={"help": "snapshot store path (required for disk)"})
-    vineppo_codec: str = field(default="int8", metadata={"help": "store codec: int8 | lossless"})
+    vineppo_codec: str = field(default="int8", metadata={"help": "store codec: int8 | int4 | lossless"})
     vineppo_spill_buffer_mb: int = field(
-        default=256, metadata={"help": "disk: MiB of raw KV queued for the store's writers before a spill waits"}
+        default=256, metadata={"help": "disk: MiB of encoded KV queued for the store's writers before a spill waits"}
+    )
+    vineppo_spill_durability: str = field(
+        default="flush",
+        metadata={
+            "help": "disk: 'flush' commits a step's rollouts together with one round of fsyncs (a crash loses "
+            "only the unfinished step's, which are never used); 'trajectory' fsyncs each as it is written"
+        },
     )
     vineppo_step_delimiter: str = field(default="\n", metadata={"help": "full mode: reasoning-step delimiter"})
     vineppo_gamma: float = field(default=1.0, metadata={"help": "discount"})
@@ -144,6 +152,10 @@ class VinePPOConfig(GRPOConfig):
                 f"vineppo_spill_buffer_mb must be >= 1, got {self.vineppo_spill_buffer_mb}",
             ),
             (self.vineppo_capture_rows >= 1, f"vineppo_capture_rows must be >= 1, got {self.vineppo_capture_rows}"),
+            (
+                self.vineppo_spill_durability in DURABILITY,
+                f"vineppo_spill_durability must be one of {DURABILITY}, got {self.vineppo_spill_durability!r}",
+            ),
             (
                 self.vineppo_codec in CODECS,
                 f"vineppo_codec must be one of {sorted(CODECS)}, got {self.vineppo_codec!r}",

@@ -127,11 +127,16 @@ class VinePPOTrainer(GRPOTrainer):
             self.snapshot_store = SnapshotStore.open(arguments.vineppo_store, mode="r")
             self._offline_index = self._index_offline_run(arguments.vineppo_offline_run)
         elif arguments.vineppo_mode != "off" and arguments.vineppo_cache_strategy == "disk":
+            durability = arguments.vineppo_spill_durability
+            if durability == "flush" and "://" in str(arguments.vineppo_store):
+                logger.info("vineppo_store %s is not a local path; group commit needs one", arguments.vineppo_store)
+                durability = "trajectory"
             self.snapshot_store = SnapshotStore.open(
                 arguments.vineppo_store,
                 mode="a",
                 codec=arguments.vineppo_codec,
                 max_inflight_bytes=arguments.vineppo_spill_buffer_mb * 2**20,
+                durability=durability,
             )
 
     def close(self) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 from pathlib import Path
@@ -43,3 +46,23 @@ def quiet_logs() -> None:
     """Silences EasyDeL/absl chatter below WARNING so progress output stays readable."""
     for name in ("easydel", "eformer", "ejkernel", "absl", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_free_memory() -> None:
+    """Returns the C heap's free memory to the OS (glibc ``malloc_trim(0)``; no-op elsewhere).
+
+    Capture loops allocate and free large buffers chunk after chunk (XLA:CPU buffers, numpy
+    copies) from several threads; glibc keeps what they free in its arenas, so a long loop's
+    resident size creeps up by hundreds of MiB though nothing is live (measured in
+    docs/benchmarks.md, "Trainer memory"). Trimming after each chunk keeps the peak flat.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

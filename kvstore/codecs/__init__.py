@@ -9,6 +9,8 @@ reader needs nothing from vinekv.
 - ``lossless``: the cache dtype as it is (bfloat16 kept as its uint16 bit pattern, since
   zarr-python cannot read bfloat16), zstd-compressed. Bit-exact.
 - ``int8``: symmetric absmax quantisation, one float16 scale per (layer, k/v, token, head).
+- ``int4``: asymmetric 4-bit codes (KIVI style), two per byte; keys per channel over groups of
+  ``group_size`` tokens, values per token; float16 (scale, zero) parameters.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from kvstore.codecs.base import KVCodec, zarr_chunk_codecs
+from kvstore.codecs.int4 import Int4Codec
 from kvstore.codecs.int8 import Int8Codec
 from kvstore.codecs.lossless import LosslessCodec
 
-CODECS: dict[str, type[KVCodec]] = {"lossless": LosslessCodec, "int8": Int8Codec}
+CODECS: dict[str, type[KVCodec]] = {"lossless": LosslessCodec, "int8": Int8Codec, "int4": Int4Codec}
 
 
 def get_codec(codec: str | dict[str, Any] | KVCodec) -> KVCodec:
-    """A codec from its name (``"int8"``, ``"lossless"``), its spec dict, or itself."""
+    """A codec from its name (``"int8"``, ``"int4"``, ``"lossless"``), its spec dict, or itself."""
     if isinstance(codec, KVCodec):
         return codec
     spec = {"name": codec} if isinstance(codec, str) else dict(codec)
@@ -34,4 +37,4 @@ def get_codec(codec: str | dict[str, Any] | KVCodec) -> KVCodec:
     return CODECS[name].from_spec(spec)
 
 
-__all__ = ["CODECS", "Int8Codec", "KVCodec", "LosslessCodec", "get_codec", "zarr_chunk_codecs"]
+__all__ = ["CODECS", "Int4Codec", "Int8Codec", "KVCodec", "LosslessCodec", "get_codec", "zarr_chunk_codecs"]

@@ -31,6 +31,22 @@ class LosslessCodec(KVCodec):
             data = data.view(ml_dtypes.bfloat16)
         return data.astype(out_dtype, copy=False)
 
+    def _device_encode(self, keys: Any, values: Any, length: Any) -> dict[str, Any]:
+        import jax
+        import jax.numpy as jnp
+
+        kv = jnp.stack([keys, values], axis=1)
+        bits = _BITS.get(str(kv.dtype))
+        return {"kv": jax.lax.bitcast_convert_type(kv, bits) if bits is not None else kv}
+
+    def _device_decode(self, arrays: dict[str, Any], raw_dtype: str, out_dtype: Any) -> Any:
+        import jax
+
+        data = arrays["kv"]
+        if raw_dtype in _BITS:
+            data = jax.lax.bitcast_convert_type(data, ml_dtypes.bfloat16)
+        return data.astype(out_dtype)
+
     def spec(self) -> dict[str, Any]:
         return {
             "name": self.name,
