@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from kvstore.codecs import CODECS
 from vinekv.models import FAMILIES
 
 
@@ -22,7 +23,8 @@ class DemoConfig:
       kv_dtype: dtype of the KV cache (``float32`` or ``bfloat16``).
       store: snapshot store path; empty for a temporary one. The store's run ``demo`` is
         replaced on every run.
-      codec: codec of a new store (``lossless`` resumes exactly; ``int8`` is ~2x smaller).
+      codec: codec of a new store (``lossless`` resumes exactly; ``int8`` is ~2.5x, ``int4`` ~4x
+        smaller than bf16).
       branches: K branches per anchor in the replay step.
       branch_max_tokens: token budget of a branch.
       anchor_stride: Lite-mode anchors every this many response tokens (plus the final token).
@@ -62,7 +64,7 @@ class DemoConfig:
         for name in ("branches", "branch_max_tokens", "anchor_stride"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.codec not in ("lossless", "int8"):
-            raise ValueError(f"codec must be 'lossless' or 'int8', got {self.codec!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {sorted(CODECS)}, got {self.codec!r}")
         if self.kv_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"kv_dtype must be 'float32' or 'bfloat16', got {self.kv_dtype!r}")

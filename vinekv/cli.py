@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import sys
 
+from kvstore.codecs import CODECS
 from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
 
 silence_xla_logs()
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--store", help="snapshot store path to keep (default: a temporary store)")
     demo.add_argument(
         "--codec",
-        choices=["lossless", "int8"],
+        choices=sorted(CODECS),
         help="codec of the demo's store (default lossless, so resumed logits are exact; the API's default is int8)",
     )
     demo.set_defaults(func=_demo)
@@ -325,9 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     rollout.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1: off)")
     rollout.add_argument("--top-k", type=int, default=0, help="top-k (default 0: off)")
-    rollout.add_argument(
-        "--codec", choices=["int8", "lossless"], default="int8", help="codec of a new store (default int8)"
-    )
+    rollout.add_argument("--codec", choices=sorted(CODECS), default="int8", help="codec of a new store (default int8)")
     rollout.set_defaults(func=_rollout)
     comparison = sub.add_parser(
         "compare",
