@@ -7,8 +7,8 @@ The plan's cache-introspection utilities:
 - ``capture_sequences(model, sequences)`` captures whole rollouts (prompt + response) in
   fixed-size row chunks, for spilling or keeping.
 - ``capture_encoded(model, sequences, prompt_lens, codec)`` does the same but encodes each
-  rollout's prompt and response with a store codec on the device, so only the codes cross to
-  the host (half the bytes for int8, a quarter for int4), ready for `SnapshotStore.spill`.
+  rollout with a store codec on the device, so only the codes cross to the host (about half
+  the bytes for int8), ready for `SnapshotStore.spill`.
 - ``resume_from_state(model, state, continuation_ids)`` writes a snapshot into a fresh cache and
   runs ``continuation_ids`` from its end: no re-prefill of the prefix. Its logits equal those of
   a no-cache forward over ``prefix ++ continuation`` to float tolerance.
@@ -151,10 +151,12 @@ def capture_encoded(
 ) -> Iterator[tuple[EncodedState, np.ndarray | None]]:
     """`capture_with_entropy` whose states are encoded with ``codec`` on the device.
 
-    Each sequence's prompt ``[0, prompt_lens[i])`` and response are encoded separately (as the
-    store keeps them) by one jitted program per chunk shape; only the codes are copied to the
-    host. Yields ``(EncodedState, entropies or None)`` per sequence; the codes equal the host
-    codec's `encode` of the `capture_sequences` KV bit for bit.
+    Each sequence is encoded by one jitted program per chunk shape, its prompt
+    ``[0, prompt_lens[i])`` and response separately when the codec groups tokens (as the store
+    keeps them), and only the codes are copied to the host: about half the cache's bytes for
+    int8, 0.6x for int4 (two encodings of the chunk's width). Yields ``(EncodedState, entropies
+    or None)`` per sequence; the codes equal the host codec's `encode` of the
+    `capture_sequences` KV bit for bit.
     """
     codec = get_codec(codec)
     if len(prompt_lens) != len(sequences):
@@ -167,17 +169,28 @@ def capture_encoded(
         for i, (plen, n) in enumerate(zip(plens, lens, strict=True)):
             if not 1 <= plen <= n:
                 raise ValueError(f"prompt_lens[{start + i}] = {plen} outside [1, {n}] (the sequence's length)")
-        # Two segments (prompt, response) per row of the chunk's fixed batch: one compiled shape.
-        rows = np.repeat(np.arange(batch_rows, dtype=np.int32), 2)
-        starts, counts = np.zeros(2 * batch_rows, np.int32), np.zeros(2 * batch_rows, np.int32)
-        starts[1 : 2 * len(chunk) : 2] = plens
-        counts[0 : 2 * len(chunk) : 2] = plens
-        counts[1 : 2 * len(chunk) : 2] = np.subtract(lens, plens)
+        # Per-token codecs encode each row once and split it on the host; a codec that groups
+        # tokens encodes prompt and response separately (groups start at each part's first
+        # token). Segments are padded to the chunk's fixed batch: one compiled shape.
+        split = any(group > 1 for group in codec.token_groups().values())
+        per_row = 2 if split else 1
+        rows = np.repeat(np.arange(batch_rows, dtype=np.int32), per_row)
+        starts, counts = np.zeros(per_row * batch_rows, np.int32), np.zeros(per_row * batch_rows, np.int32)
+        if split:
+            starts[1 : 2 * len(chunk) : 2] = plens
+            counts[0 : 2 * len(chunk) : 2] = plens
+            counts[1 : 2 * len(chunk) : 2] = np.subtract(lens, plens)
+        else:
+            counts[: len(chunk)] = lens
         keys, values = [view.key for view in cache.views], [view.value for view in cache.views]
         codes = jax.device_get(_encode_segments(codec)(keys, values, rows, starts, counts))
         for i, (plen, n) in enumerate(zip(plens, lens, strict=True)):
-            prompt = codec.trim({name: a[2 * i] for name, a in codes.items()}, plen)
-            response = codec.trim({name: a[2 * i + 1] for name, a in codes.items()}, n - plen)
+            if split:
+                prompt = codec.trim({name: a[2 * i] for name, a in codes.items()}, plen)
+                response = codec.trim({name: a[2 * i + 1] for name, a in codes.items()}, n - plen)
+            else:
+                prompt = codec.trim({name: a[i] for name, a in codes.items()}, plen)
+                response = codec.trim({name: a[i, :, :, plen:] for name, a in codes.items()}, n - plen)
             state = EncodedState(prompt, response, codec.spec(), ids[i : i + 1, :n].copy(), plen, layout, fingerprint)
             yield state, (ents[i, :n] if entropy else None)
 

@@ -217,8 +217,8 @@ def _padded_rows(states: Sequence[CachedState], part: str, bucket: int) -> Any:
     assembled on the host unless a state is on the device."""
     arrays = [getattr(s, part) for s in states]
     if all(isinstance(a, np.ndarray) for a in arrays):
-        first = arrays[0]
-        out = np.zeros((first.shape[0], sum(a.shape[1] for a in arrays), bucket, *first.shape[3:]), first.dtype)
+        first, dtype = arrays[0], np.result_type(*arrays)  # no snapshot is rounded to another's dtype
+        out = np.zeros((first.shape[0], sum(a.shape[1] for a in arrays), bucket, *first.shape[3:]), dtype)
         row = 0
         for a in arrays:
             out[:, row : row + a.shape[1], : a.shape[2]] = a

@@ -11,8 +11,10 @@ checksum.
 The fingerprint of a model is cached against the identity of its parameter arrays (held by
 weak reference): a later call on the same model object costs a pass over its parameter
 `Variable`s (~1 ms for Qwen2-0.5B's 291, against ~50 ms to recompute), and any update that
-replaces a parameter's value (an optimizer step, `nnx.update`) recomputes it. Replacing a whole
-submodule is not seen by the cache: call `policy_fingerprint(model, cached=False)` after that.
+replaces a parameter's value (an optimizer step, `nnx.update`, `Variable.set_value`) recomputes
+it. Replacing a `Variable` object itself (``module.kernel = nnx.Param(...)``) or a submodule is
+not seen by the cache: call `policy_fingerprint(model, cached=False)` after that. An entry is
+dropped with its model, so the cache keeps no model's parameters alive.
 """
 
 from __future__ import annotations
@@ -84,16 +86,10 @@ def _gather_samples(values: list[Any], layout: tuple[tuple[str, tuple[int, ...],
     return jax.device_get(_GATHERS[layout](values))
 
 
-# id(model) -> (weak ref to the model, its parameter Variables, weak refs to their arrays, fingerprint).
+# id(model) -> (weak ref to the model, its parameter Variables, weak refs to their arrays, fingerprint);
+# an entry is dropped when its model is collected.
 # Keyed by id: EasyDeL modules hash by hashing their whole state.
 _CACHE: dict[int, tuple[Any, list[Any], list[Any], str]] = {}
-
-
-def _value_ref(value: Any) -> Any:
-    try:
-        return weakref.ref(value)
-    except TypeError:  # not weak-referenceable: hold it (identity stays meaningful)
-        return lambda: value
 
 
 def policy_fingerprint(model: Any, cached: bool = True) -> str:
@@ -110,10 +106,11 @@ def policy_fingerprint(model: Any, cached: bool = True) -> str:
     params = nnx.state(model, nnx.Param)
     fingerprint = _fingerprint(model, params)
     variables = [leaf for leaf in jax.tree_util.tree_leaves(params, is_leaf=_is_variable) if _is_variable(leaf)]
-    for key in [k for k, (ref, *_) in _CACHE.items() if ref() is None]:
-        del _CACHE[key]
-    with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced is not cached
-        _CACHE[id(model)] = (weakref.ref(model), variables, [_value_ref(v.raw_value) for v in variables], fingerprint)
+    with contextlib.suppress(TypeError):  # something not weakly referenceable: not cached
+        refs = [weakref.ref(v.raw_value) for v in variables]
+        if id(model) not in _CACHE:  # the entry (it holds the Variables) goes with the model
+            weakref.finalize(model, _CACHE.pop, id(model), None)
+        _CACHE[id(model)] = (weakref.ref(model), variables, refs, fingerprint)
     return fingerprint
 
 

@@ -69,7 +69,8 @@ class SpillQueue:
             return key in self._keys
 
     def put(self, key: Hashable, item: Any, nbytes: int) -> None:
-        """Queues ``item`` (blocks while the byte budget is spent); raises an earlier failure.
+        """Queues ``item`` (blocks while the byte budget is spent); raises an earlier failure,
+        before or while waiting, instead of queuing (the item is then not written).
 
         Raises:
           SpillError: an earlier write failed. RuntimeError: the queue is closed.
@@ -83,12 +84,14 @@ class SpillQueue:
                 raise FileExistsError(f"{key!r} is already queued for writing")
             while self._inflight and self._inflight + nbytes > self.max_inflight_bytes and not self._errors:
                 self._cond.wait()
-            self._keys.add(key)
-            self._queue.append((key, item, nbytes))
-            self._inflight += nbytes
-            self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight)
-            self._start_writers()
-            self._cond.notify_all()
+            if not self._errors:  # else: raised below, and this item is not queued
+                self._keys.add(key)
+                self._queue.append((key, item, nbytes))
+                self._inflight += nbytes
+                self.peak_inflight_bytes = max(self.peak_inflight_bytes, self._inflight)
+                self._start_writers()
+                self._cond.notify_all()
+                return
         self.raise_errors()
 
     def drain(self) -> None:

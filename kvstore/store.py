@@ -119,7 +119,7 @@ class SnapshotStore:
         self._arrays: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._prompt_locks: dict[str, threading.Lock] = {}
-        self._staged: list[tuple[str, str]] = []  # (staging, final) awaiting the group commit
+        self._staged: list[tuple[str, str, str | None]] = []  # (staging, final, requires) for the group commit
         self._staged_keys: set[str] = set()
         self._closed = False
         self._layout_on_disk = root_attrs.get("layout") is not None
@@ -211,8 +211,8 @@ class SnapshotStore:
                 "layout": None,
                 "about": "KV snapshots of rollouts written by vinekv; see docs/store-format.md",
             }
-            backend.write_bytes("runs/zarr.json", group_json({"vinekv": {"kind": "runs"}}))
-            backend.write_bytes("zarr.json", group_json({"vinekv": attrs}))
+            backend.write_durable("runs/zarr.json", group_json({"vinekv": {"kind": "runs"}}))
+            backend.write_durable("zarr.json", group_json({"vinekv": attrs}))
         else:
             if mode == "w-":
                 raise FileExistsError(f"a store already exists at {backend.description} (mode 'w-')")
@@ -310,9 +310,11 @@ class SnapshotStore:
     def _commit_staged(self) -> None:
         with self._lock:
             staged, self._staged = self._staged, []
-        failed = self._backend.commit_group(staged)
-        with self._lock:
-            self._staged_keys.difference_update(final for _, final in staged)
+        try:
+            failed = self._backend.commit_group(staged)
+        finally:  # every node of the batch is now committed or discarded
+            with self._lock:
+                self._staged_keys.difference_update(final for _, final, _ in staged)
         if failed:
             (final, err), more = failed[0], len(failed) - 1
             tail = f" (and {more} more)" if more else ""
@@ -320,11 +322,12 @@ class SnapshotStore:
 
     def _write_trajectory(self, item: _Spill) -> None:
         state, plen = item.state, item.prompt_len
-        self._ensure_root_layout()
-        if not self._backend.exists(f"runs/{item.run}/zarr.json"):
-            for sub in ("prompts", "trajectories"):
-                self._ensure_group(f"runs/{item.run}/{sub}/", {"kind": sub})
-            self._ensure_group(f"runs/{item.run}/", {"kind": "run", "created": time.time()})
+        with self._lock:  # writers create the root layout and a run's groups once
+            self._ensure_root_layout()
+            if not self._backend.exists(f"runs/{item.run}/zarr.json"):
+                for sub in ("prompts", "trajectories"):
+                    self._ensure_group(f"runs/{item.run}/{sub}/", {"kind": sub})
+                self._ensure_group(f"runs/{item.run}/", {"kind": "run", "created": time.time()})
         tokens = state.token_ids[0]
         pkey = prompt_key(tokens[:plen], state.fingerprint)
         common = {"fingerprint": state.fingerprint, "layout": state.layout.to_dict(), "codec": self.codec.spec()}
@@ -345,9 +348,16 @@ class SnapshotStore:
             "fields": item.fields,
             **common,
         }
-        self._write_node(_traj_prefix(item.run, item.trajectory_id), _codes(self.codec, state, plen, None), attrs)
+        codes = _codes(self.codec, state, plen, None)
+        self._write_node(_traj_prefix(item.run, item.trajectory_id), codes, attrs, requires=prompt_prefix)
 
-    def _write_node(self, final_prefix: str, codes: dict[str, StoredArray] | None, attrs: dict[str, Any]) -> None:
+    def _write_node(
+        self,
+        final_prefix: str,
+        codes: dict[str, StoredArray] | None,
+        attrs: dict[str, Any],
+        requires: str | None = None,
+    ) -> None:
         """Writes a node's stored arrays (None: no tokens) and ``attrs``, committed atomically
         now (``durability="trajectory"``) or staged for the next flush."""
         staging = self._backend.staging_prefix(final_prefix)
@@ -368,7 +378,7 @@ class SnapshotStore:
             if self.durability == "flush":
                 self._backend.stage(staging, {"vinekv": attrs})
                 with self._lock:
-                    self._staged.append((staging, final_prefix))
+                    self._staged.append((staging, final_prefix, requires))
                     self._staged_keys.add(final_prefix)
             else:
                 self._backend.commit(staging, final_prefix, {"vinekv": attrs})
@@ -378,11 +388,11 @@ class SnapshotStore:
 
     def _ensure_group(self, prefix: str, attrs: dict[str, Any]) -> None:
         if not self._backend.exists(prefix + "zarr.json"):
-            self._backend.write_bytes(prefix + "zarr.json", group_json({"vinekv": attrs}))
+            self._backend.write_durable(prefix + "zarr.json", group_json({"vinekv": attrs}))
 
     def _ensure_root_layout(self) -> None:
         if not self._layout_on_disk:
-            self._backend.write_bytes("zarr.json", group_json({"vinekv": self._meta}))
+            self._backend.write_durable("zarr.json", group_json({"vinekv": self._meta}))
             self._layout_on_disk = True
 
     # -- reading ---------------------------------------------------------------------------
@@ -472,7 +482,10 @@ class SnapshotStore:
 
         With ``on_device``, the codes are decompressed and verified on the host, moved to the
         default device and decoded there (`KVCodec.device_decode`, bit-identical to the host
-        decode): the states' keys/values are then jax arrays.
+        decode): the states' keys/values are then jax arrays. Codes are padded to whole chunks,
+        so the decode compiles once per chunk count, but cutting the result to ``t`` still
+        compiles a small program per new length (~0.1 s on a CPU): `replay_run` decodes on the
+        host for that reason.
         """
         requests = [(r, str(tid), t) for r, tid, t in requests]
         out_dtype, fingerprint = self._consumer(model, fingerprint)
@@ -488,8 +501,9 @@ class SnapshotStore:
             blocks = []
             for part, part_futures in zip(plan.parts, futures, strict=True):
                 codes = part.result(part_futures, plan.what, self.chunk_tokens)
-                if on_device:
-                    blocks.append(part.codec.device_decode(codes, layout.dtype, dtype))
+                if on_device:  # padded to whole chunks: one compiled decode per chunk count
+                    padded = _pad_to_chunks(codes, part.codec.token_groups(), self.chunk_tokens)
+                    blocks.append(part.codec.device_decode(padded, layout.dtype, dtype)[:, :, : part.stop])
                 else:
                     blocks.append(part.codec.decode(codes, layout.dtype, dtype))
             xp = _array_module(on_device)
@@ -582,6 +596,16 @@ def _codes(codec: KVCodec, state: CachedState | EncodedState, lo: int, hi: int |
         return (state.prompt if lo == 0 else state.response) if tokens else None
     keys = state.keys[:, 0, lo:hi]
     return codec.encode(keys, state.values[:, 0, lo:hi]) if keys.shape[1] else None
+
+
+def _pad_to_chunks(codes: dict[str, np.ndarray], groups: dict[str, int], chunk_tokens: int) -> dict[str, np.ndarray]:
+    """Codes zero-padded along the token axis to whole chunks of ``chunk_tokens`` tokens."""
+    padded = {}
+    for name, array in codes.items():
+        step = chunk_tokens // groups[name]
+        extra = -array.shape[2] % step
+        padded[name] = np.pad(array, [(0, 0), (0, 0), (0, extra)] + [(0, 0)] * (array.ndim - 3)) if extra else array
+    return padded
 
 
 def _array_module(on_device: bool) -> Any:

@@ -175,8 +175,10 @@ class TensorStoreBackend:
         return array.write(data)
 
     def open_array(self, path: str) -> ts.TensorStore:
-        """Opens a committed array for reading; cached chunks are trusted (nodes are immutable)."""
-        spec = {**self.array_spec(path), "open": True, "recheck_cached_data": False, "recheck_cached_metadata": False}
+        """Opens a committed array for reading. Cached chunks are revalidated when an array is
+        opened (a run deleted and written again under the same names is not served from the
+        cache), not on every read of an open handle (a committed node never changes)."""
+        spec = {**self.array_spec(path), "open": True, "recheck_cached_data": "open", "recheck_cached_metadata": "open"}
         return ts.open(spec, context=self.context, read=True).result()
 
     # -- commits ---------------------------------------------------------------------------
@@ -205,24 +207,37 @@ class TensorStoreBackend:
         (self.local_root / staging).mkdir(parents=True, exist_ok=True)  # a node without arrays
         _write_file(self.local_root / staging / "zarr.json", group_json(attributes), self.durable_writes)
 
-    def commit_group(self, nodes: list[tuple[str, str]]) -> list[tuple[str, BaseException]]:
-        """Commits staged ``(staging, final_prefix)`` nodes, in order, with one round of fsyncs.
+    def commit_group(self, nodes: list[tuple[str, str, str | None]]) -> list[tuple[str, BaseException]]:
+        """Commits staged ``(staging, final_prefix, requires)`` nodes, in order, with one round of
+        fsyncs.
 
         Every file and directory of every staged node is fsynced (in parallel), then each node is
-        renamed into place and the parent directories are fsynced once. Returns the nodes that
-        could not be committed with their errors (their staging data is discarded).
+        renamed into place and the parent directories are fsynced once. A node whose ``requires``
+        (the final prefix of a node it references, earlier in ``nodes`` or already committed) did
+        not commit is not committed either. Every node not committed has its staging data
+        discarded. Returns ``(final_prefix, error)`` of those nodes; if the fsync round itself
+        fails, nothing is committed and the error is raised.
         """
         if self.local_root is None or not nodes:
             return []
         root = self.local_root
-        entries = [p for staging, _ in nodes for p in (root / staging).rglob("*")]
-        dirs = [root / staging for staging, _ in nodes] + [p for p in entries if p.is_dir()]
-        with ThreadPoolExecutor(max_workers=16) as pool:  # fsync releases the GIL: one parallel round
-            list(pool.map(_fsync_path, [p for p in entries if p.is_file()]))
-            list(pool.map(_fsync_path, dirs))
-        failed, parents = [], set()
-        for staging, final in nodes:
+        try:
+            entries = [p for staging, _, _ in nodes for p in (root / staging).rglob("*")]
+            dirs = [root / staging for staging, _, _ in nodes] + [p for p in entries if p.is_dir()]
+            with ThreadPoolExecutor(max_workers=16) as pool:  # fsync releases the GIL: one parallel round
+                list(pool.map(_fsync_path, [p for p in entries if p.is_file()]))
+                list(pool.map(_fsync_path, dirs))
+        except BaseException:
+            for staging, _, _ in nodes:
+                self.discard(staging)
+            raise
+        failed: list[tuple[str, BaseException]] = []
+        parents = set()
+        for staging, final, requires in nodes:
+            missing = requires is not None and not (root / requires / "zarr.json").is_file()
             try:
+                if missing:
+                    raise FileNotFoundError(f"{requires} (which {final} references) was not committed")
                 self._rename(staging, final)
                 parents.add((root / final).parent)
             except OSError as err:
@@ -231,6 +246,20 @@ class TensorStoreBackend:
         for parent in sorted(parents):
             _fsync_path(parent)
         return failed
+
+    def write_durable(self, key: str, value: bytes) -> None:
+        """`write_bytes`, and on a local disk also fsynced with every folder above it (for the
+        few metadata files a store or run is created with)."""
+        if self.local_root is None:
+            self.write_bytes(key, value)
+            return
+        path = self.local_root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_durable(path, value)
+        for folder in [path.parent, *path.parent.parents]:
+            _fsync_path(folder)
+            if folder == self.local_root:
+                break
 
     def _rename(self, staging: str, final_prefix: str) -> None:
         src, dst = self.local_root / staging, self.local_root / final_prefix

@@ -150,3 +150,24 @@ def test_inject_broadcast_on_device_equals_the_host_build(tiny_model, token_seq,
     np.testing.assert_array_equal(np.asarray(host.views[0].indexs), [5, 5, 5, 70, 70, 70])
     np.testing.assert_array_equal(np.asarray(host.views[1].key[3:, :70]), np.repeat(states[1].keys[1], 3, axis=0))
     assert not np.asarray(host.views[1].key[:3, 5:]).any()  # zero past each row's position
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # NaN codes
+@pytest.mark.parametrize("codec", CODECS, ids=["int8", "lossless", "int4"])
+def test_device_codec_matches_host_on_edge_values(codec):
+    """Subnormals (XLA:CPU flushes them), signed zeros and NaN give the same stored bytes."""
+    import jax
+    import jax.numpy as jnp
+
+    codec = get_codec(codec)
+    tiny = np.finfo(np.float32).tiny
+    keys = np.full((2, 32, 2, 4), 0.5, np.float32)
+    keys[0, :, 0] = [tiny / 4, -tiny / 8, 0.0, -0.0]  # subnormals and signed zeros
+    keys[0, :16, 1] = -0.0
+    keys[0, 16:, 1] = 0.0
+    keys[1, 5, 0, 2] = np.nan
+    values = -keys
+    host = codec.encode(keys, values)
+    device = codec.trim(jax.device_get(codec.device_encode(jnp.asarray(keys), jnp.asarray(values), 32)), 32)
+    for name in host:
+        np.testing.assert_array_equal(_bits(host[name].data), _bits(device[name].data), err_msg=name)

@@ -69,12 +69,24 @@ def test_failure_is_raised_once_on_the_next_call_naming_the_item():
 
 
 def test_failure_surfaces_on_put_and_counts_the_rest():
-    queue, _ = make(fail={"a", "b"}, workers=2)
+    queue, rec = make(fail={"a", "b"}, workers=2)
     queue.put("a", "a", 1)
     queue.put("b", "b", 1)
     time.sleep(0.2)
     with pytest.raises(SpillError, match=r"and 1 more failed writes"):
         queue.put("c", "c", 1)
+    queue.close()
+    assert rec.done == [] and not queue.pending("c")  # a put that raises queued nothing
+
+
+def test_a_failure_while_waiting_for_room_is_raised_without_queuing():
+    queue, rec = make(delay=0.1, fail={"bad"}, budget=10, workers=1)
+    queue.put("bad", "bad", 10)
+    with pytest.raises(SpillError, match="item bad"):
+        queue.put("next", "next", 10)  # waits for room; the failure arrives instead
+    queue.put("next", "next", 10)  # the same item can be put again
+    queue.close()
+    assert rec.done == ["next"]
 
 
 def test_close_writes_everything_pending_then_refuses():

@@ -411,3 +411,58 @@ def test_prompt_only_trajectory_is_stored_and_read_back(tmp_path, durability):
         got = store.read_prefix("r", "p", PROMPT_LEN)
         np.testing.assert_array_equal(got.token_ids, state.token_ids)
         assert np.abs(got.keys - state.keys).max() <= np.abs(state.keys).max() / 127
+
+
+def test_a_run_deleted_and_written_again_reads_the_new_data(tmp_path):
+    """The chunk cache must not serve a deleted run's chunks under the same names."""
+    with SnapshotStore.open(tmp_path / "s", codec="lossless", cache_bytes=2**26) as store:
+        for length, n in ((200, 1), (200, 2), (150, 3)):  # same length (same chunk keys), then another
+            store.spill("r", "t0", synthetic_state(n, length=length), PROMPT_LEN)
+            store.flush()
+            got = store.read_prefix("r", "t0", length)
+            np.testing.assert_array_equal(got.keys, synthetic_state(n, length=length).keys)
+            store.delete_run("r")
+
+
+def test_failed_group_commit_leaves_a_consistent_store(tmp_path, monkeypatch):
+    """An fsync error commits nothing of the batch and the ids can be spilled again; a prompt
+    that fails to commit takes the trajectories that use it with it (no dangling reference)."""
+    from kvstore import tensorstore_backend
+
+    store = SnapshotStore.open(tmp_path / "s", codec="int8", durability="flush")
+    real_fsync = tensorstore_backend._fsync_path
+    calls = {"n": 0}
+
+    def failing_fsync(path):
+        if ".staging" in str(path):  # the group commit's fsync round
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(5, "Input/output error")
+        real_fsync(path)
+
+    monkeypatch.setattr(tensorstore_backend, "_fsync_path", failing_fsync)
+    store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.flush()
+    assert store.trajectories("r") == [] and not [p for p in (tmp_path / "s/.staging").iterdir() if p.is_dir()]
+    store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)  # not "already in the store"
+    store.spill("r", "t1", synthetic_state(1, length=100), PROMPT_LEN)  # same prompt: it must be written again
+    store.flush()
+    assert store.trajectories("r") == ["t0", "t1"]
+    np.testing.assert_array_equal(store.read_prefix("r", "t1", 100).token_ids, synthetic_state(1, 100).token_ids)
+
+    real_rename = store._backend._rename
+
+    def prompt_rename_fails(staging, final):
+        if "/prompts/" in final:
+            raise OSError(28, "No space left on device")
+        real_rename(staging, final)
+
+    monkeypatch.setattr(store._backend, "_rename", prompt_rename_fails)
+    other = synthetic_state(2, length=100)
+    other.token_ids[0, :PROMPT_LEN] += 1  # another prompt
+    store.spill("q", "t0", other, PROMPT_LEN)
+    with pytest.raises(StoreError, match="group commit of runs/q/prompts/.* failed: .*No space left.*and 1 more"):
+        store.flush()
+    assert store.trajectories("q") == []  # the trajectory was not committed without its prompt
+    store.close()

@@ -102,10 +102,19 @@ def _ceil16_div15(xp: Any, r: Any) -> Any:
     return xp.where(fifteen * down.astype(xp.float32) >= r, down, s)
 
 
+def _canonical(xp: Any, x: Any) -> Any:
+    """float32 ``x`` with subnormals and -0 made +0 (XLA:CPU flushes subnormals to zero; numpy
+    does not), so host and device see the same numbers."""
+    return xp.where(xp.abs(x) < xp.float32(np.finfo(np.float32).tiny), xp.float32(0), x)
+
+
 def _params(xp: Any, lo: Any, hi: Any) -> tuple[Any, Any]:
-    """(scale, zero) float16 of groups with float32 minimum ``lo`` and maximum ``hi``."""
+    """(scale, zero) float16 of groups with float32 minimum ``lo`` and maximum ``hi``; NaN
+    parameters (NaN in a group) are the one canonical float16 NaN."""
     zero = _floor16(xp, lo)
-    return _ceil16_div15(xp, hi - zero.astype(xp.float32)), zero
+    scale = _ceil16_div15(xp, hi - zero.astype(xp.float32))
+    nan = xp.float16(np.nan)
+    return xp.where(xp.isnan(scale), nan, scale), xp.where(xp.isnan(zero), nan, zero)
 
 
 def _codes(xp: Any, x: Any, scale: Any, zero: Any) -> Any:
@@ -148,8 +157,8 @@ class Int4Codec(KVCodec):
         _check_head_dim(head_dim)
         g = self.group_size
         groups = token_entries(tokens, g)
-        k = np.asarray(keys).astype(np.float32, copy=False)
-        v = np.asarray(values).astype(np.float32, copy=False)
+        k = _canonical(np, np.asarray(keys).astype(np.float32, copy=False))
+        v = _canonical(np, np.asarray(values).astype(np.float32, copy=False))
         key_params = np.zeros((layers, 2, groups, heads, head_dim), np.float16)
         value_params = np.zeros((layers, 2, tokens, heads), np.float16)
         q = np.zeros((layers, 2, tokens, heads, head_dim), np.uint8)
@@ -195,7 +204,7 @@ class Int4Codec(KVCodec):
         _check_head_dim(head_dim)
         g = self.group_size
         groups = token_entries(width, g)
-        k, v = keys.astype(jnp.float32), values.astype(jnp.float32)
+        k, v = _canonical(jnp, keys.astype(jnp.float32)), _canonical(jnp, values.astype(jnp.float32))
         grouped = jnp.pad(k, ((0, 0), (0, groups * g - width), (0, 0), (0, 0))).reshape(layers, groups, g, heads, -1)
         real = (jnp.arange(groups * g) < length).reshape(1, groups, g, 1, 1)
         lo = jnp.where(real, grouped, jnp.float32(np.inf)).min(axis=2)
