@@ -62,10 +62,22 @@ class StoreSize:
         return self.raw / self.stored if self.stored else float("nan")
 
 
+RESERVED_NAMES = ("zarr.json",)  # the store's own file names
+RESERVED_FIELDS = ("mc",)  # written by `replay_run` (`annotate`), never by `spill`
+
+
 def _check_name(kind: str, name: Any) -> str:
+    """``name`` (a str or int id) as a str, or ValueError/TypeError naming the rule it breaks."""
+    if isinstance(name, bool) or not isinstance(name, str | int | np.integer):
+        raise TypeError(f"{kind} must be a str or an int, got {type(name).__name__}")
     name = str(name)
-    if not _NAME.match(name):
-        raise ValueError(f"{kind} {name!r} must match {_NAME.pattern} (letters, digits, '_', '.', '-')")
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{kind} {name!r} breaks the naming rule: 1-128 characters, letters, digits, '_', '.' and '-' "
+            "only (no spaces, slashes or control characters), not starting with '.' or '-'"
+        )
+    if name in RESERVED_NAMES:
+        raise ValueError(f"{kind} {name!r} is reserved (a file name of the store's own)")
     return name
 
 
@@ -256,18 +268,20 @@ class SnapshotStore:
           the error of an earlier failed write, if any; ValueError/TypeError for bad input.
         """
         self._queue.raise_errors()
-        if self.mode == "r":
-            raise PermissionError("store is open read-only (mode 'r')")
-        if self._closed:
-            raise RuntimeError("store is closed")
+        self._check_writable()
         run = _check_name("run", run)
         tid = _check_name("trajectory_id", trajectory_id)
         if not isinstance(state, CachedState | EncodedState):
             raise TypeError(f"state must be a CachedState or an EncodedState, got {type(state).__name__}")
         if state.batch != 1:
             raise ValueError(f"spill takes one trajectory (batch 1), got a state of batch {state.batch}")
-        if isinstance(prompt_len, bool) or not 1 <= int(prompt_len) <= state.position:
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int | np.integer):
+            raise TypeError(f"prompt_len must be an int, got {prompt_len!r}")
+        if not 1 <= prompt_len <= state.position:
             raise ValueError(f"prompt_len {prompt_len} outside [1, {state.position}] (the trajectory's length)")
+        reserved = sorted(set(fields) & set(RESERVED_FIELDS))
+        if reserved:
+            raise ValueError(f"field names {reserved} are reserved: replay_run writes the MC values there")
         if isinstance(state, EncodedState):
             if state.codec != self.codec.spec():
                 raise ValueError(f"state was encoded with codec {state.codec['name']!r}, the store uses {self.codec!r}")
@@ -306,6 +320,12 @@ class SnapshotStore:
             self._closed = True
             self._queue.close()
             self._backend.unlock()
+
+    def _check_writable(self) -> None:
+        if self.mode == "r":
+            raise PermissionError("store is open read-only (mode 'r')")
+        if self._closed:
+            raise RuntimeError(f"store {self._backend.description} is closed: open it again to write")
 
     def _commit_staged(self) -> None:
         with self._lock:
@@ -427,8 +447,7 @@ class SnapshotStore:
 
         One atomic metadata write: readers see the old or the new fields, never a mix.
         """
-        if self.mode == "r":
-            raise PermissionError("store is open read-only (mode 'r')")
+        self._check_writable()
         tid = str(trajectory_id)
         key = _traj_prefix(run, tid)
         self._attrs_cache.pop(key, None)
@@ -579,8 +598,7 @@ class SnapshotStore:
 
     def delete_run(self, run: str) -> None:
         """Removes a run and everything in it."""
-        if self.mode == "r":
-            raise PermissionError("store is open read-only (mode 'r')")
+        self._check_writable()
         self._require_run(run)
         self.flush()
         self._backend.delete_prefix(f"runs/{run}/")

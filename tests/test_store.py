@@ -254,14 +254,26 @@ def test_bad_input_errors(tiny_model, trajectories, tmp_path):
             )
         with pytest.raises(TypeError, match="not JSON-serialisable"):
             store.spill("r0", "t5", states[0], PLEN, reward=object())
-        with pytest.raises(ValueError, match="run '../x' must match"):
-            store.spill("../x", "t5", states[0], PLEN)
+        for bad in ("../x", "x\n", "a b", ".hidden", "x" * 129):
+            with pytest.raises(ValueError, match=r"breaks the naming rule: 1-128 characters"):
+                store.spill(bad, "t5", states[0], PLEN)
+        with pytest.raises(ValueError, match="trajectory_id 'zarr.json' is reserved"):
+            store.spill("r0", "zarr.json", states[0], PLEN)
+        with pytest.raises(TypeError, match="trajectory_id must be a str or an int, got float"):
+            store.spill("r0", 2.5, states[0], PLEN)
+        with pytest.raises(TypeError, match="prompt_len must be an int, got 2.7"):
+            store.spill("r0", "t5", states[0], 2.7)
+        with pytest.raises(ValueError, match=r"field names \['mc'\] are reserved"):
+            store.spill("r0", "t5", states[0], PLEN, mc={"mean": [1.0]})
         # a stale policy is refused unless allowed
         stale_model = build_model("llama", seed=5)
         with pytest.raises(StalePolicyError, match="pass allow_stale=True"):
             store.read_prefix("r0", "t0", 5, model=stale_model)
         assert store.read_prefix("r0", "t0", 5, model=stale_model, allow_stale=True).position == 5
         assert store.trajectories("r0") == ["t0"]  # nothing refused above was written
+    for write in (lambda: store.annotate("r0", "t0", x=1), lambda: store.delete_run("r0")):
+        with pytest.raises(RuntimeError, match="is closed: open it again to write"):
+            write()  # a closed store no longer holds the writer lock
     # unknown format version; not a vinekv store; a file; an unwritable location
     root = json.loads((tmp_path / "s/zarr.json").read_text())
     root["attributes"]["vinekv"]["format_version"] = 99
