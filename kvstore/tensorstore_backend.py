@@ -303,6 +303,11 @@ class TensorStoreBackend:
             self._lock_fd = None
 
 
+def is_local(path_or_spec: str | Path | dict[str, Any]) -> bool:
+    """Whether a store location is a local directory (a path, ``file://`` URL or file spec)."""
+    return _kvstore_spec(path_or_spec).get("driver") == "file"
+
+
 def _kvstore_spec(path_or_spec: str | Path | dict[str, Any]) -> dict[str, Any]:
     if isinstance(path_or_spec, dict):
         spec = dict(path_or_spec)

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import check_policy
 from kvstore.store import SnapshotStore
+from kvstore.tensorstore_backend import is_local
 from replay.branch_replay import reward_fields, score_completions
 from replay.engines import BranchEngine, esurge_internals, open_engine
 from replay.rewards import weighted_sum
@@ -128,7 +129,7 @@ class VinePPOTrainer(GRPOTrainer):
             self._offline_index = self._index_offline_run(arguments.vineppo_offline_run)
         elif arguments.vineppo_mode != "off" and arguments.vineppo_cache_strategy == "disk":
             durability = arguments.vineppo_spill_durability
-            if durability == "flush" and "://" in str(arguments.vineppo_store):
+            if durability == "flush" and not is_local(arguments.vineppo_store):
                 logger.info("vineppo_store %s is not a local path; group commit needs one", arguments.vineppo_store)
                 durability = "trajectory"
             self.snapshot_store = SnapshotStore.open(
