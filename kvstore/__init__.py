@@ -11,6 +11,7 @@ Public API:
   policy_fingerprint                 cheap stable identity of a model's weights
   StalePolicyError                   a snapshot from another policy
   SnapshotStore                      the TensorStore/Zarr v3 snapshot store
+  StoreError, IntegrityError, ...    its errors (IntegrityError: damaged or missing data, naming the file)
   get_codec                          KV codecs ("int8", "int4", "lossless")
 
 Names load lazily: the store and codecs work without importing EasyDeL or JAX.
@@ -46,6 +47,9 @@ _EXPORTS = {
     "StoreFormatError": "kvstore.store",
     "MissingEntryError": "kvstore.store",
     "CorruptChunkError": "kvstore.store",
+    "CorruptMetadataError": "kvstore.store",
+    "IntegrityError": "kvstore.store",
+    "StoreProblem": "kvstore.store",
     "StoreSize": "kvstore.store",
     "get_codec": "kvstore.codecs",
 }

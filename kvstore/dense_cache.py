@@ -28,6 +28,12 @@ from flax import nnx
 
 from kvstore.state import CachedState, KVLayout
 
+# `extract_state` slices the device cache at a multiple of this many tokens and cuts the exact
+# prefix on the host: an eager slice of another length is another compiled XLA program (a gather
+# and a broadcast, ~30-60 ms each on CPU), so cutting at the exact length compiled once per
+# trajectory length. The bucket matches the capture widths (`capture.CAPTURE_BUCKET`).
+EXTRACT_BUCKET = 64
+
 
 def kv_layout(model: Any) -> KVLayout:
     """The `KVLayout` of the dense cache ``model`` decodes with."""
@@ -110,6 +116,9 @@ def extract_state(
 ) -> CachedState:
     """Copies positions ``[0, position)`` of the chosen rows of a live cache to the host.
 
+    The device copy covers ``position`` rounded up to a multiple of `EXTRACT_BUCKET` (at most the
+    cache's length) and is cut on the host: one compiled program per bucket, not per position.
+
     Args:
       model: the model that filled ``cache``.
       cache: a dense cache whose chosen rows hold at least ``position`` positions.
@@ -134,10 +143,11 @@ def extract_state(
         raise ValueError(f"position {position} outside [1, {int(filled.min())}] filled in rows {rows.tolist()}")
     if token_ids.ndim != 2 or token_ids.shape[0] != batch or token_ids.shape[1] < position:
         raise ValueError(f"token_ids shape {token_ids.shape} must be [{batch}, >= {position}]")
-    picked = jax.device_get([(v.key[rows, :position], v.value[rows, :position]) for v in cache.views])
+    width = min(cache.views[0].key.shape[1], -(-position // EXTRACT_BUCKET) * EXTRACT_BUCKET)
+    picked = jax.device_get([(v.key[rows, :width], v.value[rows, :width]) for v in cache.views])
     return CachedState(
-        keys=np.stack([k for k, _ in picked]),
-        values=np.stack([v for _, v in picked]),
+        keys=np.stack([k[:, :position] for k, _ in picked]),
+        values=np.stack([v[:, :position] for _, v in picked]),
         token_ids=token_ids[rows, :position].astype(np.int32),
         layout=kv_layout(model),
         fingerprint=fingerprint or policy_fingerprint(model),

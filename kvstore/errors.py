@@ -18,5 +18,13 @@ class MissingEntryError(StoreError, KeyError):
         return str(self.args[0])
 
 
-class CorruptChunkError(StoreError):
-    """Stored bytes failed their checksum (or could not be decoded)."""
+class IntegrityError(StoreError):
+    """Stored data or metadata is damaged or missing: the store refuses to return it."""
+
+
+class CorruptChunkError(IntegrityError):
+    """Stored KV bytes failed their checksum, could not be decoded, or their file is missing."""
+
+
+class CorruptMetadataError(IntegrityError):
+    """A metadata file (``zarr.json``) is unreadable, fails its digest, or is missing."""

@@ -28,6 +28,7 @@ class ReadPart:
       stop: tokens of the node to read.
       codec: the codec the node was written with.
       arrays: the node's opened TensorStore arrays, by name.
+      location: where the node is (a folder path or URL), for error messages.
     """
 
     prefix: str
@@ -35,6 +36,7 @@ class ReadPart:
     stop: int
     codec: KVCodec
     arrays: dict[str, Any]
+    location: str = ""
 
     def start(self) -> dict[str, Any]:
         """Starts the reads of every array's entries covering ``[0, stop)``; futures by name."""
@@ -52,8 +54,12 @@ class ReadPart:
                 group = self.codec.token_groups()[name]
                 bad = locate_corruption(self.arrays[name], token_entries(self.stop, group), chunk_tokens // group)
                 where = ", ".join(f"[{lo + a * group}, {lo + min(b * group, self.stop)})" for a, b in bad)
+                array = f"{self.location or self.prefix}{name}"
+                problem = (
+                    "has missing chunks (a deleted or truncated file)" if "NOT_FOUND" in str(err) else "is corrupt"
+                )
                 raise CorruptChunkError(
-                    f"{what}: stored array {self.prefix}{name} is corrupt at positions {where or f'[{lo}, {hi})'} "
+                    f"{what}: stored array {array} {problem} at positions {where or f'[{lo}, {hi})'} "
                     f"(read of [{lo}, {hi})): {err}"
                 ) from err
         return codes

@@ -4,7 +4,7 @@ Layout (Zarr v3, see docs/store-format.md)::
 
     /                                   attrs.vinekv: format, format_version, codec, layout
     runs/<run>/                         attrs.vinekv: kind = "run"
-    runs/<run>/prompts/<prompt_key>/    prompt KV, stored once per (prompt tokens, fingerprint)
+    runs/<run>/prompts/<key>/           prompt KV, stored once per content (tokens, policy, codes)
     runs/<run>/trajectories/<id>/       response KV + attrs: token ids, prompt ref, fields
 
 A snapshot at token ``t`` is positions ``[0, t)`` of the prompt KV followed by the response KV.
@@ -12,12 +12,16 @@ Writes go through a `SpillQueue` (background writers, a bound on the bytes in fl
 is committed atomically (see `tensorstore_backend`), so a crash leaves every committed trajectory
 intact and nothing half-written visible. With ``durability="flush"`` trajectories are staged
 as they are written and committed together at `SnapshotStore.flush` with one round of fsyncs.
+
+Integrity (format 2): every node's metadata is sealed with a digest that also covers its arrays'
+metadata (`kvstore.integrity`), chunks carry crc32c, and a missing chunk or file is an error, so
+a read returns the stored KV, tokens and fields or raises an `IntegrityError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -31,7 +35,15 @@ import numpy as np
 
 from kvstore.codecs import KVCodec, get_codec
 from kvstore.codecs.base import StoredArray
-from kvstore.errors import CorruptChunkError, MissingEntryError, StoreError, StoreFormatError
+from kvstore.errors import (
+    CorruptChunkError,
+    CorruptMetadataError,
+    IntegrityError,
+    MissingEntryError,
+    StoreError,
+    StoreFormatError,
+)
+from kvstore.integrity import check_sealed, group_attrs, json_digest, prompt_content_key, seal
 from kvstore.policy import check_policy
 from kvstore.reads import ReadPart, ReadPlan
 from kvstore.spill_queue import SpillQueue
@@ -41,7 +53,8 @@ from kvstore.tensorstore_backend import TensorStoreBackend, group_json
 logger = logging.getLogger(__name__)
 
 FORMAT = "vinekv.kvstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1 (no digests) is read without integrity checks, never written
 DEFAULT_CHUNK_TOKENS = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
 DEFAULT_WRITE_CONCURRENCY = 4
@@ -60,6 +73,16 @@ class StoreSize:
     @property
     def ratio(self) -> float:
         return self.raw / self.stored if self.stored else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreProblem:
+    """A damaged or missing piece of a run found by `SnapshotStore.verify`; ``message`` names the
+    file (``trajectory_id`` None: the run's own metadata)."""
+
+    run: str
+    trajectory_id: str | None
+    message: str
 
 
 RESERVED_NAMES = ("zarr.json",)  # the store's own file names
@@ -94,12 +117,6 @@ def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(fields, default=convert))
 
 
-def prompt_key(token_ids: np.ndarray, fingerprint: str) -> str:
-    """Name of the shared prompt node for these prompt tokens under this policy."""
-    digest = hashlib.blake2b(np.asarray(token_ids, np.int32).tobytes(), digest_size=10, key=fingerprint.encode()[:64])
-    return digest.hexdigest()
-
-
 @dataclasses.dataclass
 class _Spill:
     run: str
@@ -129,10 +146,13 @@ class SnapshotStore:
         self.chunk_tokens: int = root_attrs["chunk_tokens"]
         self._attrs_cache: dict[str, dict[str, Any]] = {}
         self._arrays: dict[str, Any] = {}
+        self._sealed = root_attrs["format_version"] >= 2  # nodes carry digests, chunks are never missing
+        self._verified_runs: set[str] = set()
         self._lock = threading.Lock()
         self._prompt_locks: dict[str, threading.Lock] = {}
         self._staged: list[tuple[str, str, str | None]] = []  # (staging, final, requires) for the group commit
         self._staged_keys: set[str] = set()
+        self._shared: set[str] = set()  # content-addressed prompt prefixes (another writer may commit them too)
         self._closed = False
         self._layout_on_disk = root_attrs.get("layout") is not None
         self._queue = SpillQueue(
@@ -215,20 +235,32 @@ class SnapshotStore:
         if root is None:
             if mode in ("r", "r+"):
                 raise StoreFormatError(f"no vinekv store at {backend.description} (mode {mode!r} needs one)")
-            attrs = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "codec": codec.spec(),
-                "chunk_tokens": chunk_tokens,
-                "layout": None,
-                "about": "KV snapshots of rollouts written by vinekv; see docs/store-format.md",
-            }
-            backend.write_durable("runs/zarr.json", group_json({"vinekv": {"kind": "runs"}}))
-            backend.write_durable("zarr.json", group_json({"vinekv": attrs}))
-        else:
-            if mode == "w-":
-                raise FileExistsError(f"a store already exists at {backend.description} (mode 'w-')")
-            attrs = _check_root(root, backend.description)
+            attrs = seal(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "codec": codec.spec(),
+                    "chunk_tokens": chunk_tokens,
+                    "layout": None,
+                    "about": "KV snapshots of rollouts written by vinekv; see docs/store-format.md",
+                }
+            )
+            runs = group_json({"vinekv": seal({"kind": "runs"})})
+            if backend.create_root(group_json({"vinekv": attrs}), {"runs/zarr.json": runs}):
+                root = None
+            elif mode == "w-":
+                raise FileExistsError(f"a store was created at {backend.description} by another process (mode 'w-')")
+            else:  # a racing creator won: use its store
+                root = backend.read_json("zarr.json")
+        elif mode == "w-":
+            raise FileExistsError(f"a store already exists at {backend.description} (mode 'w-')")
+        if root is not None:
+            attrs = _check_root(root, backend)
+            if attrs["format_version"] < FORMAT_VERSION and mode != "r":
+                raise StoreFormatError(
+                    f"store {backend.description} has format version {attrs['format_version']} (no integrity "
+                    f"records): open it with mode 'r', or write a new store (format {FORMAT_VERSION})"
+                )
         store = cls(backend, attrs, mode, max_inflight_bytes, write_concurrency, durability)
         if mode != "r":
             backend.lock_for_writing()
@@ -321,17 +353,20 @@ class SnapshotStore:
             self._queue.close()
             self._backend.unlock()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"store {self._backend.description} is closed: open it again to use it")
+
     def _check_writable(self) -> None:
+        self._check_open()
         if self.mode == "r":
             raise PermissionError("store is open read-only (mode 'r')")
-        if self._closed:
-            raise RuntimeError(f"store {self._backend.description} is closed: open it again to write")
 
     def _commit_staged(self) -> None:
         with self._lock:
             staged, self._staged = self._staged, []
         try:
-            failed = self._backend.commit_group(staged)
+            failed = self._backend.commit_group(staged, frozenset(self._shared))
         finally:  # every node of the batch is now committed or discarded
             with self._lock:
                 self._staged_keys.difference_update(final for _, final, _ in staged)
@@ -344,20 +379,20 @@ class SnapshotStore:
         state, plen = item.state, item.prompt_len
         with self._lock:  # writers create the root layout and a run's groups once
             self._ensure_root_layout()
-            if not self._backend.exists(f"runs/{item.run}/zarr.json"):
-                for sub in ("prompts", "trajectories"):
-                    self._ensure_group(f"runs/{item.run}/{sub}/", {"kind": sub})
-                self._ensure_group(f"runs/{item.run}/", {"kind": "run", "created": time.time()})
+            self._ensure_run(item.run)
         tokens = state.token_ids[0]
-        pkey = prompt_key(tokens[:plen], state.fingerprint)
         common = {"fingerprint": state.fingerprint, "layout": state.layout.to_dict(), "codec": self.codec.spec()}
+        prompt_codes = _codes(self.codec, state, 0, plen)
+        pkey = prompt_content_key(tokens[:plen], state.fingerprint, common["layout"], common["codec"], prompt_codes)
         prompt_prefix = f"runs/{item.run}/prompts/{pkey}/"
         with self._lock:
             prompt_lock = self._prompt_locks.setdefault(prompt_prefix, threading.Lock())
+            self._shared.add(prompt_prefix)
         with prompt_lock:  # trajectories of one prompt in flight together write it once
             if prompt_prefix not in self._staged_keys and not self._backend.exists(prompt_prefix + "zarr.json"):
                 attrs = {"kind": "prompt", "length": plen, "token_ids": tokens[:plen].tolist(), **common}
-                self._write_node(prompt_prefix, _codes(self.codec, state, 0, plen), attrs)
+                with contextlib.suppress(FileExistsError):  # another writer committed the same content first
+                    self._write_node(prompt_prefix, prompt_codes, attrs)
         attrs = {
             "kind": "trajectory",
             "format_version": FORMAT_VERSION,
@@ -381,8 +416,9 @@ class SnapshotStore:
         """Writes a node's stored arrays (None: no tokens) and ``attrs``, committed atomically
         now (``durability="trajectory"``) or staged for the next flush."""
         staging = self._backend.staging_prefix(final_prefix)
+        futures = []
         try:
-            futures = [
+            futures += [
                 self._backend.write_array(
                     staging + name,
                     stored.data,
@@ -395,45 +431,72 @@ class SnapshotStore:
             ]
             for future in futures:
                 future.result()
+            arrays = {name: json_digest(self._backend.read_json(f"{staging}{name}/zarr.json")) for name in codes or {}}
+            sealed = {"vinekv": seal({**attrs, "arrays": arrays})}
             if self.durability == "flush":
-                self._backend.stage(staging, {"vinekv": attrs})
+                self._backend.stage(staging, sealed)
                 with self._lock:
                     self._staged.append((staging, final_prefix, requires))
                     self._staged_keys.add(final_prefix)
             else:
-                self._backend.commit(staging, final_prefix, {"vinekv": attrs})
+                self._backend.commit(staging, final_prefix, sealed)
         except BaseException:
+            for future in futures:  # no write may land in the staging folder after it is discarded
+                with contextlib.suppress(Exception):  # the first failure is the one raised
+                    future.result()
             self._backend.discard(staging)
             raise
 
-    def _ensure_group(self, prefix: str, attrs: dict[str, Any]) -> None:
-        if not self._backend.exists(prefix + "zarr.json"):
-            self._backend.write_durable(prefix + "zarr.json", group_json({"vinekv": attrs}))
+    def _ensure_run(self, run: str) -> None:
+        """Creates the run's groups, atomically (a crash leaves no half-made run)."""
+        prefix = f"runs/{run}/"
+        if self._backend.exists(prefix + "zarr.json"):
+            return
+        staging = self._backend.staging_prefix(prefix)
+        try:
+            for sub in ("prompts", "trajectories"):
+                self._backend.write_bytes(f"{staging}{sub}/zarr.json", group_json({"vinekv": seal({"kind": sub})}))
+            attrs = {"vinekv": seal({"kind": "run", "created": time.time()})}
+            self._backend.commit(staging, prefix, attrs, durable=True)
+        except FileExistsError:  # another writer created it first
+            self._backend.discard(staging)
 
     def _ensure_root_layout(self) -> None:
-        if not self._layout_on_disk:
+        """Records the layout of the first spill in the root metadata (checked against a layout
+        another writer may have recorded meanwhile)."""
+        if self._layout_on_disk:
+            return
+        with self._backend.meta_lock():
+            root = _check_root(self._backend.read_json("zarr.json"), self._backend)
+            if root.get("layout") not in (None, self._meta["layout"]):
+                theirs, ours = root["layout"], self._meta["layout"]
+                raise ValueError(f"another writer recorded layout {theirs} in the store; this spill has {ours}")
+            self._meta = seal({**self._meta})
             self._backend.write_durable("zarr.json", group_json({"vinekv": self._meta}))
-            self._layout_on_disk = True
+        self._layout_on_disk = True
 
     # -- reading ---------------------------------------------------------------------------
     def runs(self) -> list[str]:
+        self._check_open()
         return self._backend.children("runs/")
 
     def trajectories(self, run: str) -> list[str]:
         """Committed trajectory ids of ``run``, sorted."""
+        self._check_open()
         self._require_run(run)
         return self._backend.children(f"runs/{run}/trajectories/")
 
     def trajectory_info(self, run: str, trajectory_id: str | int) -> dict[str, Any]:
         """The trajectory's attributes: token ids, prompt_len, length, fields, fingerprint, ..."""
+        self._check_open()
         tid = str(trajectory_id)
         key = _traj_prefix(run, tid)
         if key not in self._attrs_cache:
-            node = self._backend.read_json(key + "zarr.json")
-            if node is None:
+            info = self._read_node(key)
+            if info is None:
                 self._require_run(run)
                 raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
-            self._attrs_cache[key] = node["attributes"]["vinekv"]
+            self._attrs_cache[key] = info
         return self._attrs_cache[key]
 
     def token_ids(self, run: str, trajectory_id: str | int) -> list[int]:
@@ -445,15 +508,19 @@ class SnapshotStore:
     def annotate(self, run: str, trajectory_id: str | int, **fields: Any) -> None:
         """Merges JSON-able ``fields`` into a committed trajectory's ``fields`` attribute.
 
-        One atomic metadata write: readers see the old or the new fields, never a mix.
+        One atomic metadata write: readers see the old or the new fields, never a mix; writers
+        in other processes annotating the same trajectory are serialised (no lost update).
         """
         self._check_writable()
         tid = str(trajectory_id)
         key = _traj_prefix(run, tid)
-        self._attrs_cache.pop(key, None)
-        info = dict(self.trajectory_info(run, tid))
-        info["fields"] = {**info["fields"], **_jsonable(fields)}
-        self._backend.write_bytes(key + "zarr.json", group_json({"vinekv": info}))
+        fields = _jsonable(fields)
+        with self._backend.meta_lock():
+            self._attrs_cache.pop(key, None)
+            info = dict(self.trajectory_info(run, tid))
+            info["fields"] = {**info["fields"], **fields}
+            info = seal(info) if self._sealed else info
+            self._backend.write_bytes(key + "zarr.json", group_json({"vinekv": info}))
         self._attrs_cache[key] = info
 
     def read_prefix(
@@ -548,6 +615,7 @@ class SnapshotStore:
         """Which stored parts the snapshot ``[0, t)`` needs (a `ReadPlan`); `read_prefixes` runs
         plans, and a caller that decodes elsewhere can fetch a plan's codes itself with
         `ReadPart.start` / `ReadPart.result`."""
+        self._check_open()
         tid = str(trajectory_id)
         info = self.trajectory_info(run, tid)
         length, plen = info["length"], info["prompt_len"]
@@ -558,32 +626,88 @@ class SnapshotStore:
             spans.append((_traj_prefix(run, tid), plen, t - plen))
         parts = []
         for prefix, offset, stop in spans:
-            codec = get_codec(self._node_attrs(prefix)["codec"])
-            arrays = {name: self._array(prefix + name) for name in codec.array_names}
-            parts.append(ReadPart(prefix, offset, stop, codec, arrays))
+            attrs = self._node_attrs(prefix)
+            codec = get_codec(attrs["codec"])
+            arrays = {name: self._array(prefix, name, attrs) for name in codec.array_names}
+            parts.append(ReadPart(prefix, offset, stop, codec, arrays, self._backend.location(prefix)))
         tokens = np.asarray(self.token_ids(run, tid)[:t], dtype=np.int32)
         return ReadPlan(run, tid, int(t), info, tuple(parts), tokens)
 
+    def _read_node(self, prefix: str) -> dict[str, Any] | None:
+        """A node's verified ``attributes.vinekv`` (None if it has no ``zarr.json``)."""
+        key = prefix + "zarr.json"
+        node = self._backend.read_json(key)
+        if node is None:
+            return None
+        where = self._backend.location(key)
+        attrs = group_attrs(node, where)
+        return check_sealed(attrs, where) if self._sealed else attrs
+
     def _node_attrs(self, prefix: str) -> dict[str, Any]:
         if prefix not in self._attrs_cache:
-            node = self._backend.read_json(prefix + "zarr.json")
-            if node is None:
-                raise CorruptChunkError(f"missing node {prefix} referenced by a trajectory")
-            self._attrs_cache[prefix] = node["attributes"]["vinekv"]
+            attrs = self._read_node(prefix)
+            if attrs is None:
+                where = self._backend.location(prefix + "zarr.json")
+                raise CorruptMetadataError(f"{where} is missing (a node a trajectory references)")
+            self._attrs_cache[prefix] = attrs
         return self._attrs_cache[prefix]
 
-    def _array(self, path: str) -> Any:
+    def _array(self, prefix: str, name: str, node: dict[str, Any]) -> Any:
+        """A node's stored array, its metadata checked against the digest the node recorded."""
+        path = prefix + name
         if path not in self._arrays:
-            self._arrays[path] = self._backend.open_array(path)
+            if not self._sealed:
+                self._arrays[path] = self._backend.open_array(path)
+                return self._arrays[path]
+            where = self._backend.location(path + "/zarr.json")
+            expected = node.get("arrays", {}).get(name)
+            if expected is None:
+                raise CorruptMetadataError(
+                    f"{self._backend.location(prefix + 'zarr.json')}: no record of array {name!r}"
+                )
+            metadata = self._backend.read_json(path + "/zarr.json")
+            if metadata is None:
+                raise CorruptMetadataError(f"{where} is missing (array metadata of a committed node)")
+            if json_digest(metadata) != expected:
+                raise CorruptMetadataError(f"{where}: array metadata does not match the digest its node recorded")
+            self._arrays[path] = self._backend.open_array(path, metadata)
         return self._arrays[path]
 
     def _require_run(self, run: str) -> None:
-        if not self._backend.exists(f"runs/{run}/zarr.json"):
+        if run in self._verified_runs:
+            return
+        if self._read_node(f"runs/{run}/") is None:
             raise MissingEntryError(f"no run {run!r} in the store (runs: {self.runs()})")
+        for sub in ("prompts", "trajectories"):
+            if self._read_node(f"runs/{run}/{sub}/") is None:
+                raise CorruptMetadataError(f"{self._backend.location(f'runs/{run}/{sub}/zarr.json')} is missing")
+        self._verified_runs.add(run)
+
+    def verify(self, runs: Iterable[str] | None = None) -> list[StoreProblem]:
+        """Checks every byte of ``runs`` (default: all): each node's and array's metadata against
+        its digest and every stored chunk against its checksum, by reading each trajectory whole.
+        Returns the problems found (empty: the runs are intact); never raises `IntegrityError`."""
+        self._check_open()
+        problems = []
+        for run in self.runs() if runs is None else runs:
+            try:
+                ids = self.trajectories(run)
+            except IntegrityError as err:
+                problems.append(StoreProblem(run, None, str(err)))
+                continue
+            for tid in ids:
+                try:
+                    plan = self.plan_read(run, tid, self.trajectory_info(run, tid)["length"])
+                    for part in plan.parts:
+                        part.result(part.start(), plan.what, self.chunk_tokens)
+                except IntegrityError as err:
+                    problems.append(StoreProblem(run, tid, str(err)))
+        return problems
 
     # -- accounting and deletion -------------------------------------------------------------
     def size(self, run: str) -> StoreSize:
         """Raw (uncompressed cache dtype) vs stored bytes of a run, prompts counted once."""
+        self._check_open()
         self._require_run(run)
         raw = 0
         prefixes = [_traj_prefix(run, tid) for tid in self.trajectories(run)]
@@ -597,11 +721,13 @@ class SnapshotStore:
         return StoreSize(raw=raw, stored=self._backend.stored_bytes(f"runs/{run}/"))
 
     def delete_run(self, run: str) -> None:
-        """Removes a run and everything in it."""
+        """Removes a run and everything in it, atomically: after a crash the run is either whole
+        or gone (its remains are swept when the store is next opened for writing)."""
         self._check_writable()
         self._require_run(run)
         self.flush()
-        self._backend.delete_prefix(f"runs/{run}/")
+        self._backend.retire(f"runs/{run}/")
+        self._verified_runs.discard(run)
         self._attrs_cache = {k: v for k, v in self._attrs_cache.items() if not k.startswith(f"runs/{run}/")}
         self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"runs/{run}/")}
 
@@ -647,26 +773,37 @@ def _traj_prefix(run: str, tid: str) -> str:
     return f"runs/{run}/trajectories/{tid}/"
 
 
-def _check_root(root: dict[str, Any], where: str) -> dict[str, Any]:
-    attrs = root.get("attributes", {}).get("vinekv")
+def _check_root(root: dict[str, Any] | None, backend: TensorStoreBackend) -> dict[str, Any]:
+    """The root's attributes, checked: a vinekv store of a readable version, digest intact."""
+    where = backend.location("zarr.json")
+    if root is None:
+        raise CorruptMetadataError(f"{where} is missing")
+    attrs = root.get("attributes", {}).get("vinekv") if isinstance(root.get("attributes"), dict) else None
     if root.get("node_type") != "group" or not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
-        raise StoreFormatError(f"{where} holds a Zarr node that is not a vinekv store (no attributes.vinekv.format)")
+        raise StoreFormatError(f"{where}: a Zarr node that is not a vinekv store (no attributes.vinekv.format)")
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise StoreFormatError(
-            f"store {where} has format version {version!r}; this vinekv reads version {FORMAT_VERSION}"
+            f"{where}: store format version {version!r}; this vinekv reads versions {list(READABLE_VERSIONS)}"
         )
+    if version >= 2:
+        check_sealed(attrs, where)
+        runs, where = backend.read_json("runs/zarr.json"), backend.location("runs/zarr.json")
+        if runs is None:
+            raise CorruptMetadataError(f"{where} is missing")
+        check_sealed(group_attrs(runs, where), where)
     return attrs
 
 
 def _check_local_path(path_or_spec: Any, mode: str) -> None:
-    """Clear errors for local paths that cannot be a store, before TensorStore sees them."""
+    """Clear errors for local paths that cannot be a store, before TensorStore sees them. A
+    directory holding only what an interrupted creation leaves is a store still to be created."""
     if isinstance(path_or_spec, dict) or "://" in str(path_or_spec):
         return
     path = Path(path_or_spec).expanduser()
     if path.exists() and not path.is_dir():
         raise StoreFormatError(f"{path} is a file, not a vinekv store directory")
-    if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
+    if path.is_dir() and not (path / "zarr.json").exists() and not _creation_leftovers(path):
         raise StoreFormatError(f"{path} is a non-empty directory without zarr.json: not a vinekv store")
     if mode != "r":
         try:
@@ -675,11 +812,35 @@ def _check_local_path(path_or_spec: Any, mode: str) -> None:
             raise OSError(err.errno, f"cannot create the store at {path}: {err.strerror}") from err
 
 
+def _creation_leftovers(path: Path) -> bool:
+    """Whether a directory without ``zarr.json`` holds nothing but an unfinished store creation
+    (``runs/zarr.json``, the staging folder, temporary files), or nothing at all."""
+
+    def temporary(p: Path) -> bool:
+        return p.is_file() and p.name.startswith("zarr.json.") and p.name.endswith(".tmp")
+
+    for entry in path.iterdir():
+        if entry.name == ".staging" and entry.is_dir():
+            continue
+        if (
+            entry.name == "runs"
+            and entry.is_dir()
+            and all(p.name == "zarr.json" or temporary(p) for p in entry.iterdir())
+        ):
+            continue
+        if not temporary(entry):
+            return False
+    return True
+
+
 __all__ = [
     "CorruptChunkError",
+    "CorruptMetadataError",
+    "IntegrityError",
     "MissingEntryError",
     "SnapshotStore",
     "StoreError",
     "StoreFormatError",
+    "StoreProblem",
     "StoreSize",
 ]

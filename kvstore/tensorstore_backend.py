@@ -6,9 +6,15 @@ v3 with the ``sharding_indexed`` codec: one shard (one file) per array, inner ch
 checksummed too. A prefix read fetches the index and only the inner chunks it needs.
 
 Commits: a node becomes visible when its group ``zarr.json`` appears. On a local path
-everything is written under ``.staging/<id>/`` and then renamed into place in one atomic
-``rename``; on other kvstores (``memory://``, object stores) the arrays are written in place
-and the group ``zarr.json`` last, which readers take as the commit marker.
+everything is written under ``.staging/<session>/<id>/`` and then renamed into place in one
+atomic ``rename``; on other kvstores (``memory://``, object stores) the arrays are written in
+place and the group ``zarr.json`` last, which readers take as the commit marker. Deleting a
+node renames it into staging first, so it disappears at once and whole.
+
+Writers on a local path share a lock (``.staging/zarr.json``); each writes under its own
+session folder, and leftovers of crashed writers are swept by the first writer that finds no
+other writer holding the lock. Read-modify-write of metadata (`meta_lock`) is serialised
+across processes by an exclusive lock on ``.staging/meta.lock``.
 
 Durability on a local path: ``durable_writes=True`` fsyncs every file as TensorStore writes it
 and each node's directories at its commit; with ``False`` nothing is fsynced until
@@ -22,6 +28,7 @@ kept in a cache pool of ``cache_bytes`` (shared prompt chunks are read from disk
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -29,6 +36,7 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,8 @@ import numpy as np
 import tensorstore as ts
 
 from kvstore.codecs.base import zarr_chunk_codecs
+from kvstore.errors import CorruptMetadataError
+from kvstore.integrity import parse_json
 
 STAGING = ".staging"
 
@@ -79,6 +89,7 @@ class TensorStoreBackend:
         self.kvstore = ts.KvStore.open(spec, context=self.context).result()
         self.local_root = Path(spec["path"]) if spec.get("driver") == "file" else None
         self._lock_fd: int | None = None
+        self._session = uuid.uuid4().hex[:12]
 
     def __repr__(self) -> str:
         return f"TensorStoreBackend({self.kvstore.spec().to_json()})"
@@ -87,10 +98,21 @@ class TensorStoreBackend:
     def description(self) -> str:
         return str(self.local_root) if self.local_root else json.dumps(self.kvstore.spec().to_json())
 
+    def location(self, key: str) -> str:
+        """Where ``key`` is, for error messages: a file path, or the kvstore URL and key."""
+        if self.local_root is None:
+            return self.kvstore.url + key
+        return str(self.local_root / key) + ("/" if key.endswith("/") else "")
+
     # -- plain keys ------------------------------------------------------------------------
     def read_json(self, key: str) -> dict[str, Any] | None:
-        result = self.kvstore.read(key).result()
-        return json.loads(result.value) if result.state == "value" else None
+        """The JSON object at ``key`` (None if absent); `CorruptMetadataError` naming the file if
+        it is not a JSON object."""
+        try:
+            result = self.kvstore.read(key).result()
+        except ValueError as err:
+            raise CorruptMetadataError(f"{self.location(key)}: unreadable ({err})") from None
+        return parse_json(result.value, self.location(key)) if result.state == "value" else None
 
     def write_bytes(self, key: str, value: bytes) -> None:
         self.kvstore.write(key, value).result()
@@ -99,12 +121,22 @@ class TensorStoreBackend:
         return self.kvstore.read(key).result().state == "value"
 
     def children(self, prefix: str) -> list[str]:
-        """Names of the committed child groups of ``prefix`` (those with a ``zarr.json``)."""
+        """Names of the committed child groups of ``prefix`` (those with a ``zarr.json``).
+
+        On a local path, a child folder without ``zarr.json`` cannot come from a commit (nodes
+        appear by rename, whole) and raises `CorruptMetadataError` naming it.
+        """
         if self.local_root is not None:
             folder = self.local_root / prefix
             if not folder.is_dir():
                 return []
-            return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file())
+            names = []
+            for p in folder.iterdir():
+                if (p / "zarr.json").is_file():
+                    names.append(p.name)
+                elif p.is_dir():
+                    raise CorruptMetadataError(f"{p}/zarr.json is missing: the node's metadata was deleted")
+            return sorted(names)
         keys = self.kvstore.list(ts.KvStore.KeyRange(prefix, _prefix_end(prefix))).result()
         names = set()
         for key in keys:
@@ -114,10 +146,26 @@ class TensorStoreBackend:
         return sorted(names)
 
     def delete_prefix(self, prefix: str) -> None:
+        """Removes everything under ``prefix`` (not atomic: for staging data and other kvstores)."""
         if self.local_root is not None:
             shutil.rmtree(self.local_root / prefix, ignore_errors=True)
             return
         self.kvstore.delete_range(ts.KvStore.KeyRange(prefix, _prefix_end(prefix))).result()
+
+    def retire(self, prefix: str) -> None:
+        """Deletes a committed node atomically: on a local path it is renamed into this session's
+        staging folder (gone from its place at once and whole, swept if a crash interrupts the
+        removal), then removed; elsewhere its ``zarr.json`` goes first, then the rest."""
+        if self.local_root is None:
+            marker = prefix + "zarr.json"
+            self.kvstore.delete_range(ts.KvStore.KeyRange(marker, marker + "\0")).result()
+            self.delete_prefix(prefix)
+            return
+        graveyard = self.staging_prefix(prefix)
+        (self.local_root / graveyard).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self.local_root / prefix, self.local_root / graveyard)
+        _fsync_path((self.local_root / prefix).parent)
+        self.delete_prefix(graveyard)
 
     def stored_bytes(self, prefix: str) -> int:
         """Bytes stored under ``prefix`` (files on disk, or values in other kvstores)."""
@@ -165,39 +213,59 @@ class TensorStoreBackend:
             "attributes": attributes,
         }
         # Staging folders are fresh; in-place writes (other kvstores) replace a crashed attempt's data.
+        # Every chunk is stored, also one equal to the fill value: readers refuse missing chunks.
         spec = {
             **self.array_spec(path),
             "metadata": metadata,
             "create": True,
             "delete_existing": self.local_root is None,
+            "store_data_equal_to_fill_value": True,
+            "context": {"cache_pool": {"total_bytes_limit": 0}},  # written chunks are not kept for reads
         }
         array = ts.open(spec, context=self.context).result()
         return array.write(data)
 
-    def open_array(self, path: str) -> ts.TensorStore:
-        """Opens a committed array for reading. Cached chunks are revalidated when an array is
-        opened (a run deleted and written again under the same names is not served from the
-        cache), not on every read of an open handle (a committed node never changes)."""
-        spec = {**self.array_spec(path), "open": True, "recheck_cached_data": "open", "recheck_cached_metadata": "open"}
+    def open_array(self, path: str, metadata: dict[str, Any] | None = None) -> ts.TensorStore:
+        """Opens a committed array for reading.
+
+        With ``metadata`` (the array's ``zarr.json``, already verified by the caller) the stored
+        metadata is not read again, and a missing chunk or shard file is an error instead of
+        reading as the fill value. Cached chunks are revalidated when an array is opened (a run
+        deleted and written again under the same names is not served from the cache), not on
+        every read of an open handle (a committed node never changes).
+        """
+        spec = {**self.array_spec(path), "open": True, "recheck_cached_data": "open"}
+        if metadata is None:
+            spec["recheck_cached_metadata"] = "open"
+        else:
+            spec.update(metadata=metadata, assume_metadata=True, fill_missing_data_reads=False)
         return ts.open(spec, context=self.context, read=True).result()
 
     # -- commits ---------------------------------------------------------------------------
     def staging_prefix(self, final_prefix: str) -> str:
-        """Where to write a node that will be committed at ``final_prefix``."""
+        """Where to write a node that will be committed at ``final_prefix`` (this session's own
+        staging folder on a local path)."""
         if self.local_root is None:
             return final_prefix
-        return f"{STAGING}/{uuid.uuid4().hex}/"
+        return f"{STAGING}/{self._session}/{uuid.uuid4().hex}/"
 
-    def commit(self, staging: str, final_prefix: str, attributes: dict[str, Any]) -> None:
-        """Writes the group ``zarr.json`` and makes the node visible at ``final_prefix``."""
+    def commit(self, staging: str, final_prefix: str, attributes: dict[str, Any], durable: bool | None = None) -> None:
+        """Writes the group ``zarr.json`` and makes the node visible at ``final_prefix``;
+        ``durable`` (default: ``durable_writes``) fsyncs the node and its new directory entry.
+        `FileExistsError` if a node is already there."""
         if self.local_root is None:
             self.write_bytes(final_prefix + "zarr.json", group_json(attributes))
             return
-        self.stage(staging, attributes)
-        if self.durable_writes:
+        durable = self.durable_writes if durable is None else durable
+        (self.local_root / staging).mkdir(parents=True, exist_ok=True)  # a node without arrays
+        _write_file(self.local_root / staging / "zarr.json", group_json(attributes), durable)
+        if durable and not self.durable_writes:  # TensorStore did not fsync the node's files
+            for path in sorted((self.local_root / staging).rglob("*"), reverse=True):
+                _fsync_path(path)
+        if durable:
             _fsync_path(self.local_root / staging)
         self._rename(staging, final_prefix)
-        if self.durable_writes:
+        if durable:
             _fsync_path((self.local_root / final_prefix).parent)
 
     def stage(self, staging: str, attributes: dict[str, Any]) -> None:
@@ -207,9 +275,12 @@ class TensorStoreBackend:
         (self.local_root / staging).mkdir(parents=True, exist_ok=True)  # a node without arrays
         _write_file(self.local_root / staging / "zarr.json", group_json(attributes), self.durable_writes)
 
-    def commit_group(self, nodes: list[tuple[str, str, str | None]]) -> list[tuple[str, BaseException]]:
+    def commit_group(
+        self, nodes: list[tuple[str, str, str | None]], shared: frozenset[str] = frozenset()
+    ) -> list[tuple[str, BaseException]]:
         """Commits staged ``(staging, final_prefix, requires)`` nodes, in order, with one round of
-        fsyncs.
+        fsyncs. A node in ``shared`` (content-addressed) that another writer committed first
+        counts as committed.
 
         Every file and directory of every staged node is fsynced (in parallel), then each node is
         renamed into place and the parent directories are fsynced once. A node whose ``requires``
@@ -240,6 +311,10 @@ class TensorStoreBackend:
                     raise FileNotFoundError(f"{requires} (which {final} references) was not committed")
                 self._rename(staging, final)
                 parents.add((root / final).parent)
+            except FileExistsError as err:
+                self.discard(staging)
+                if final not in shared:
+                    failed.append((final, err))
             except OSError as err:
                 self.discard(staging)
                 failed.append((final, err))
@@ -275,8 +350,32 @@ class TensorStoreBackend:
         """Removes an uncommitted node's data (after a failed write)."""
         self.delete_prefix(staging)
 
+    def create_root(self, root: bytes, files: dict[str, bytes]) -> bool:
+        """Creates a store: writes ``files`` (key -> bytes) and then the root ``zarr.json`` as the
+        commit marker, which only one of racing creators writes (an exclusive link on a local
+        path). Returns False when a root already existed (the caller reads it)."""
+        for key, value in files.items():
+            self.write_durable(key, value)
+        if self.local_root is None:
+            if self.exists("zarr.json"):
+                return False
+            self.write_bytes("zarr.json", root)
+            return True
+        path = self.local_root / "zarr.json"
+        tmp = path.with_name(f"zarr.json.{uuid.uuid4().hex}.tmp")
+        _write_file(tmp, root, durable=True, replace=False)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+        _fsync_path(self.local_root)
+        return True
+
     def lock_for_writing(self) -> None:
-        """One writer per local store: takes an exclusive lock and clears stale staging data."""
+        """Registers a writer of a local store (a shared lock) and, when no other writer holds
+        it, clears crashed writers' staging data and deletions."""
         if self.local_root is None:
             return
         staging = self.local_root / STAGING
@@ -289,16 +388,32 @@ class TensorStoreBackend:
         fd = os.open(staging / "zarr.json", os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            os.close(fd)
-            raise RuntimeError(f"store {self.local_root} is open for writing by another process") from err
+        except BlockingIOError:
+            pass  # other writers are active: their staging folders are theirs
+        else:
+            for leftover in staging.iterdir():
+                if leftover.is_dir():  # a crashed writer's uncommitted data or interrupted deletion
+                    shutil.rmtree(leftover, ignore_errors=True)
+        fcntl.flock(fd, fcntl.LOCK_SH)
         self._lock_fd = fd
-        for leftover in staging.iterdir():
-            if leftover.is_dir():  # a crashed writer's uncommitted data
-                shutil.rmtree(leftover, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def meta_lock(self) -> Iterator[None]:
+        """Serialises a read-modify-write of metadata across the local store's writers."""
+        if self.local_root is None:
+            yield
+            return
+        fd = os.open(self.local_root / STAGING / "meta.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def unlock(self) -> None:
+        """Removes this session's staging folder and releases the writer lock."""
         if self._lock_fd is not None:
+            shutil.rmtree(self.local_root / STAGING / self._session, ignore_errors=True)
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -328,14 +443,22 @@ def _write_durable(path: Path, data: bytes) -> None:
     _write_file(path, data, durable=True)
 
 
-def _write_file(path: Path, data: bytes, durable: bool) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _write_file(path: Path, data: bytes, durable: bool, replace: bool = True) -> None:
+    """Writes ``path`` through a temporary file of its own (racing writers never share one),
+    renamed over ``path`` when ``replace`` (atomic), else written at ``path`` itself."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp") if replace else path
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        if replace:
+            os.replace(tmp, path)
+    except BaseException:
+        if replace:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_path(path: Path) -> None:

@@ -9,7 +9,8 @@ values, and write them back next to the snapshot metadata (``fields["mc"]``, a `
 atomically per trajectory. Branch i of a state has its own key: a trajectory already valued
 under the same settings gets only the branches it lacks (more K, adaptive rounds) and a settled
 one is skipped, so a killed replay, run again, finishes the rest and gives the same values as
-an uninterrupted one.
+an uninterrupted one. Values sampled by another policy (the record's ``policy`` fingerprint)
+are not values of this one: such a trajectory is valued again from scratch.
 """
 
 from __future__ import annotations
@@ -174,10 +175,13 @@ class ReplayConfig:
 @dataclasses.dataclass
 class ReplayReport:
     """Counts and seconds (``read``, ``decode``, ``score``) of a replay; ``branches_per_state``
-    holds the final K of every state valued (adaptive K varies it)."""
+    holds the final K of every state valued (adaptive K varies it). ``stale``: trajectories
+    (among ``trajectories``) valued again from scratch because their stored values came from
+    another policy."""
 
     trajectories: int = 0
     skipped: int = 0
+    stale: int = 0
     states: int = 0
     branches: int = 0
     unfinished: int = 0
@@ -320,6 +324,7 @@ def replay_run(
     metrics_path: str | Path | None = None,
     progress: bool = True,
     allow_stale: bool = False,
+    keep_stale_values: bool = False,
     engine: BranchEngine | None = None,
     esurge_options: ESurgeOptions | None = None,
 ) -> ReplayReport:
@@ -332,18 +337,41 @@ def replay_run(
     ``vinekv_entropy`` fields (per response token) feed ``state_selection="entropy"``.
     ``engine``: a started branch engine; default: ``config.engine`` opened for this run (with
     ``esurge_options``) and closed after.
+
+    Stored values sampled by another policy than ``model`` (`MCRecord.made_by`: the record's
+    ``policy``, else the snapshot's fingerprint) are stale: a warning names how many, and they
+    are valued again from scratch (counted in ``report.stale``), none of their returns reused.
+    ``keep_stale_values``: keep them instead, as values of this policy (skipped when settled,
+    extended when not). ``allow_stale``: read snapshots of another policy (else refused).
     """
     ids = list(trajectories) if trajectories is not None else store.trajectories(run)
     digest = config.digest()
     fingerprint = policy_fingerprint(model)
     report = ReplayReport()
-    todo = []
+    todo, stale = [], set()
     for tid in ids:
-        record = stored_record(store.trajectory_info(run, tid)["fields"])
+        info = store.trajectory_info(run, tid)
+        record = stored_record(info["fields"])
+        if record is not None and record.made_by(info["fingerprint"]) != fingerprint:
+            stale.add(tid)
+            if not keep_stale_values:
+                todo.append(tid)
+                continue
         if record is not None and record.config == digest and _settled(record, config):
             report.skipped += 1
         else:
             todo.append(tid)
+    if stale:
+        logger.warning(
+            "%d of %d trajectories of run %r hold MC values sampled by another policy than the model's (%s): %s",
+            len(stale),
+            len(ids),
+            run,
+            fingerprint,
+            "keeping them (keep_stale_values)" if keep_stale_values else "valuing them again from scratch",
+        )
+    report.stale = 0 if keep_stale_values else len(stale)
+    revalue = set() if keep_stale_values else stale
     metrics = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115
     bar = tqdm(total=len(todo), desc=f"replay {run}", unit="traj", disable=not progress)
 
@@ -351,14 +379,17 @@ def replay_run(
         start = time.perf_counter()
         info = store.trajectory_info(run, tid)
         fields = info["fields"]
+        record = None if tid in revalue else stored_record(fields)
         plan = plan_trajectory(
             info["response_token_ids"],
             tokenizer,
             config,
             splitter=splitter,
             entropy=fields.get("vinekv_entropy"),
-            record=stored_record(fields),
+            record=record,
         )
+        # the policy of the record written: that of the returns kept, else this model's
+        policy = record.made_by(info["fingerprint"]) if record is not None and any(plan.prior) else fingerprint
         needed = [int(plan.positions[i]) for i in plan.needed(config)]
         states = {}
         if needed:  # one read of the longest prefix serves every state: each is a prefix of it
@@ -367,7 +398,14 @@ def replay_run(
                 run, tid, prompt_len + max(needed), model=model, allow_stale=allow_stale, fingerprint=fingerprint
             )
             states = {b: longest.prefix(prompt_len + b) for b in needed}
-        return {"tid": tid, "info": info, "plan": plan, "states": states, "read": time.perf_counter() - start}
+        return {
+            "tid": tid,
+            "info": info,
+            "plan": plan,
+            "policy": policy,
+            "states": states,
+            "read": time.perf_counter() - start,
+        }
 
     opened = None
     if engine is None and todo:
@@ -529,8 +567,10 @@ def value_states(
     return StateValues(tuple(map(tuple, rows)), new_branches, new_tokens, unfinished, seconds)
 
 
-def trajectory_record(config: ReplayConfig, prompt_len: int, plan: TrajectoryPlan, values: StateValues) -> MCRecord:
-    """The `MCRecord` of a valued trajectory."""
+def trajectory_record(
+    config: ReplayConfig, prompt_len: int, plan: TrajectoryPlan, values: StateValues, policy: str | None = None
+) -> MCRecord:
+    """The `MCRecord` of a valued trajectory; ``policy``: fingerprint of the policy that sampled it."""
     return MCRecord(
         config=config.digest(),
         mode=config.mode,
@@ -538,6 +578,7 @@ def trajectory_record(config: ReplayConfig, prompt_len: int, plan: TrajectoryPla
         response_positions=plan.positions,
         returns=values.returns,
         branch_tokens=plan.prior_tokens + values.new_tokens,
+        policy=policy,
     )
 
 
@@ -546,7 +587,7 @@ def _value_stored(store, run, model, tokenizer, reward_fns, config, item, report
     response = info["response_token_ids"]
     fields = reward_fields(info["fields"])
     values = value_states(model, tokenizer, reward_fns, config, tid, response, plan, item["states"], fields, engine)
-    record = trajectory_record(config, info["prompt_len"], plan, values)
+    record = trajectory_record(config, info["prompt_len"], plan, values, item["policy"])
     store.annotate(run, tid, mc=record.to_fields())
     report.add(values, len(response), item["read"])
     stats = values.stats

@@ -107,6 +107,10 @@ class MCRecord:
         response tokens; states a cap left unvalued have no returns.
       returns: per state, the returns of branches ``0..K_s-1`` (``K_s`` may differ per state).
       branch_tokens: tokens decoded over all branches.
+      policy: `policy_fingerprint` of the model that sampled the branches (of the first ones,
+        when a replay with ``keep_stale_values`` extended the record under another policy).
+        None in a record written before it was stored: such a record was made by the policy
+        that made the trajectory's snapshot (`made_by`).
     """
 
     config: str
@@ -115,6 +119,7 @@ class MCRecord:
     response_positions: np.ndarray
     returns: tuple[tuple[float, ...], ...]
     branch_tokens: int = 0
+    policy: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "response_positions", np.asarray(self.response_positions, dtype=np.int64))
@@ -133,10 +138,12 @@ class MCRecord:
 
     def to_fields(self) -> dict[str, Any]:
         """JSON-able dict; ``mean``/``var``/``stderr``/``count`` are written for plain readers
-        (``null`` for unvalued states) and recomputed from ``returns`` on load."""
+        (``null`` for unvalued states) and recomputed from ``returns`` on load. ``policy`` is
+        written when known."""
         stats = self.stats
         return {
             "config": self.config,
+            **({} if self.policy is None else {"policy": self.policy}),
             "mode": self.mode,
             "prompt_len": self.prompt_len,
             "positions": self.positions.tolist(),
@@ -160,7 +167,14 @@ class MCRecord:
             response_positions=fields["response_positions"],
             returns=fields["returns"],
             branch_tokens=int(fields.get("branch_tokens", 0)),
+            policy=fields.get("policy"),
         )
+
+    def made_by(self, snapshot_fingerprint: str) -> str:
+        """The fingerprint of the policy that sampled the branches: ``policy``, or for a record
+        without one (written before it was stored) ``snapshot_fingerprint``, the fingerprint the
+        trajectory's snapshot carries (replay refuses another policy's snapshots unless told to)."""
+        return self.policy if self.policy is not None else snapshot_fingerprint
 
 
 def _nullable(values: np.ndarray) -> list[float | None]:

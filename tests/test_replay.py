@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from easydel.inference.sampling_params import SamplingParams
 
-from kvstore import SnapshotStore, capture_state, extract_state, forward_chunk, resume_from_state
+from kvstore import (
+    SnapshotStore,
+    StalePolicyError,
+    capture_state,
+    extract_state,
+    forward_chunk,
+    policy_fingerprint,
+    resume_from_state,
+)
 from replay import prefill, sample_tokens
 from replay.branch_replay import ReplayConfig, replay_run, select_states
 from replay.sampler import branch_keys, generate_branches
-from replay.values import mc_values
+from replay.values import MCRecord, mc_values
+from vinekv.models import build_model
 
 PROMPT = b"Q: 2+3?\n"
 RESPONSES = [b"2+3\n=5\nA: 5", b"think\nA: 6", b"A: 5"]
@@ -231,6 +242,68 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
             progress=False,
         )
         assert {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")} == expected
+
+
+def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_dir, stored_run, tmp_path, caplog):
+    """Values sampled by policy A are not values of policy B: replaying with B values them again
+    from scratch (as a fresh replay with B would), unless ``keep_stale_values``; A replaying its
+    own values skips them. A record without ``policy`` (older format) counts as the snapshot's."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    path, _, _ = stored_run
+    config = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=None)
+    other = build_model("llama", kv_dtype=jnp.float32, seed=1)
+    mine, theirs = policy_fingerprint(tiny_model), policy_fingerprint(other)
+    assert mine != theirs
+    fresh_b, valued = tmp_path / "fresh_b", tmp_path / "valued"
+    shutil.copytree(path, fresh_b)
+    shutil.copytree(path, valued)
+
+    def records(store):
+        return {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+
+    def run(store, model, **kwargs):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="replay.branch_replay"):
+            report = replay_run(store, "r0", model, tok, _answer_reward, config, progress=False, **kwargs)
+        warnings = [r.getMessage() for r in caplog.records if "another policy" in r.getMessage()]
+        return report, warnings
+
+    with SnapshotStore.open(fresh_b) as store:
+        run(store, other, allow_stale=True)
+        expected_b = records(store)
+    assert {mc["policy"] for mc in expected_b.values()} == {theirs}
+    with SnapshotStore.open(valued) as store:
+        report, warnings = run(store, tiny_model)
+        assert (report.trajectories, report.stale, warnings) == (3, 0, [])
+        by_a = records(store)
+        assert {mc["policy"] for mc in by_a.values()} == {mine}
+        legacy = {k: v for k, v in by_a["t1"].items() if k != "policy"}  # written before `policy` was stored
+        store.annotate("r0", "t1", mc=legacy)
+        assert MCRecord.from_fields(legacy).policy is None
+        by_a["t1"] = legacy
+
+        report, warnings = run(store, tiny_model)  # the same policy: nothing to do
+        assert (report.trajectories, report.skipped, report.stale, warnings) == (0, 3, 0, [])
+        assert records(store) == by_a
+
+        report, warnings = run(store, other, allow_stale=True, keep_stale_values=True)
+        assert (report.trajectories, report.skipped, report.stale) == (0, 3, 0)
+        assert len(warnings) == 1 and "3 of 3 trajectories of run 'r0'" in warnings[0] and "keeping" in warnings[0]
+        assert records(store) == by_a
+
+        with pytest.raises(StalePolicyError, match="allow_stale"):  # B may not read A's snapshots unasked
+            run(store, other)
+        assert records(store) == by_a
+
+        report, warnings = run(store, other, allow_stale=True)
+        assert (report.trajectories, report.skipped, report.stale) == (3, 0, 3)
+        assert report.branches == 4 * 6  # from scratch: A's returns are not extended
+        assert len(warnings) == 1 and "3 of 3 trajectories of run 'r0'" in warnings[0] and "again" in warnings[0]
+        by_b = records(store)
+    assert by_b == expected_b
+    assert [mc["mean"] for mc in by_b.values()] != [mc["mean"] for mc in by_a.values()]
 
 
 def test_sampling_params_branch_count():

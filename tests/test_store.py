@@ -271,14 +271,26 @@ def test_bad_input_errors(tiny_model, trajectories, tmp_path):
             store.read_prefix("r0", "t0", 5, model=stale_model)
         assert store.read_prefix("r0", "t0", 5, model=stale_model, allow_stale=True).position == 5
         assert store.trajectories("r0") == ["t0"]  # nothing refused above was written
-    for write in (lambda: store.annotate("r0", "t0", x=1), lambda: store.delete_run("r0")):
-        with pytest.raises(RuntimeError, match="is closed: open it again to write"):
-            write()  # a closed store no longer holds the writer lock
+    closed_calls = [
+        lambda: store.annotate("r0", "t0", x=1),  # a closed store no longer holds the writer lock
+        lambda: store.delete_run("r0"),
+        lambda: store.spill("r0", "t9", states[0], PLEN),
+        lambda: store.read_prefix("r0", "t0", 5),
+        lambda: store.plan_read("r0", "t0", 5),
+        lambda: store.trajectory_info("r0", "t0"),
+        lambda: store.token_ids("r0", "t0"),
+        lambda: store.trajectories("r0"),
+        store.runs,
+        lambda: store.size("r0"),
+    ]
+    for call in closed_calls:
+        with pytest.raises(RuntimeError, match="is closed: open it again to use it"):
+            call()
     # unknown format version; not a vinekv store; a file; an unwritable location
     root = json.loads((tmp_path / "s/zarr.json").read_text())
     root["attributes"]["vinekv"]["format_version"] = 99
     (tmp_path / "s/zarr.json").write_text(json.dumps(root))
-    with pytest.raises(StoreFormatError, match="format version 99; this vinekv reads version 1"):
+    with pytest.raises(StoreFormatError, match=r"format version 99; this vinekv reads versions \[1, 2\]"):
         SnapshotStore.open(tmp_path / "s", mode="r")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain/data.csv").write_text("1,2\n")
@@ -349,17 +361,6 @@ def test_size_and_delete_run(trajectories, tmp_path):
         with pytest.raises(MissingEntryError):
             store.read_prefix("a", "t0", 3)
         assert store.read_prefix("b", "t0", T).position == T
-
-
-def test_second_writer_is_refused(tmp_path):
-    with SnapshotStore.open(tmp_path / "s"):
-        code = "import sys; from kvstore import SnapshotStore; SnapshotStore.open(sys.argv[1])"
-        out = subprocess.run(
-            [sys.executable, "-c", code, str(tmp_path / "s")], capture_output=True, text=True, cwd=REPO
-        )
-        assert out.returncode != 0 and "open for writing by another process" in out.stderr
-        with SnapshotStore.open(tmp_path / "s", mode="r") as reader:  # readers are fine
-            assert reader.runs() == []
 
 
 def test_group_commit_makes_trajectories_visible_only_at_flush(tmp_path):
@@ -446,7 +447,7 @@ def test_failed_group_commit_leaves_a_consistent_store(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def failing_fsync(path):
-        if ".staging" in str(path):  # the group commit's fsync round
+        if ".staging" in str(path) and "/q" in str(path):  # the group commit's fsync round (int8 arrays)
             calls["n"] += 1
             if calls["n"] == 1:
                 raise OSError(5, "Input/output error")
@@ -456,7 +457,8 @@ def test_failed_group_commit_leaves_a_consistent_store(tmp_path, monkeypatch):
     store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)
     with pytest.raises(OSError, match="Input/output error"):
         store.flush()
-    assert store.trajectories("r") == [] and not [p for p in (tmp_path / "s/.staging").iterdir() if p.is_dir()]
+    staged_files = [p for p in (tmp_path / "s/.staging").rglob("*") if p.is_file() and p.parent.name != ".staging"]
+    assert store.trajectories("r") == [] and not staged_files
     store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)  # not "already in the store"
     store.spill("r", "t1", synthetic_state(1, length=100), PROMPT_LEN)  # same prompt: it must be written again
     store.flush()

@@ -137,7 +137,10 @@ def test_offline_training_from_a_replayed_store(tmp_path, tokenizer):
     )
     online_batches = record_batches(online)
     online.train()
-    (run,) = SnapshotStore.open(str(store_path), mode="r").runs()
+    with SnapshotStore.open(str(store_path), mode="r") as store:
+        (run,) = store.runs()
+        prompts = {store.trajectory_info(run, tid)["prompt"] for tid in store.trajectories(run)}
+        assert len(prompts) == len(PROMPTS)  # a group's rows captured in one batch share one prompt node
     offline = make_trainer(
         tmp_path / "offline", tokenizer, vineppo_mode="full", vineppo_store=str(store_path), vineppo_offline_run=run
     )
@@ -172,6 +175,13 @@ def test_offline_training_from_a_replayed_store(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="has 'full' MC values"):
         make_trainer(
             tmp_path / "lite", tokenizer, vineppo_mode="lite", vineppo_store=str(store_path), vineppo_offline_run=run
+        )
+    with SnapshotStore.open(str(store_path), mode="r+") as store:  # values sampled by another policy
+        tid = store.trajectories(run)[0]
+        store.annotate(run, tid, mc={**store.trajectory_info(run, tid)["fields"]["mc"], "policy": "f" * 32})
+    with pytest.raises(StalePolicyError, match=f"the MC values of trajectory '{tid}'.*policy f{{32}}"):
+        make_trainer(
+            tmp_path / "other", tokenizer, vineppo_mode="full", vineppo_store=str(store_path), vineppo_offline_run=run
         )
 
 

@@ -472,6 +472,13 @@ class VinePPOTrainer(GRPOTrainer):
             if "mc" not in info["fields"]:
                 raise ValueError(f"trajectory {tid!r} of run {run!r} has no MC values: run `vinekv replay` on it first")
             record = MCRecord.from_fields(info["fields"]["mc"])
+            if not args.vineppo_allow_stale:  # the values must come from the policy that sampled the rollout
+                check_policy(
+                    record.made_by(info["fingerprint"]),
+                    info["fingerprint"],
+                    f"the MC values of trajectory {tid!r} of run {run!r}",
+                    "run `vinekv replay` with the rollout policy, or set vineppo_allow_stale=True",
+                )
             if record.mode != args.vineppo_mode:
                 raise ValueError(
                     f"trajectory {tid!r} of run {run!r} has {record.mode!r} MC values, the config asks for "

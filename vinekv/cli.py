@@ -13,9 +13,12 @@ vinekv compare [--methods off,lite,full] [--seeds 3] [--updates 24 | --budget-s 
     GRPO vs VinePPO-Lite vs VinePPO from the same warm-up: held-out accuracy per method and seed.
 vinekv inspect STORE [--run RUN [--trajectory T [--plot FILE.png]]] [--tokenizer DIR]
     a store's runs, one run's trajectories, one trajectory's steps with MC values and advantages.
+vinekv verify STORE [--run RUN ...]
+    read every stored byte of the runs, check digests and checksums; list damaged files.
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
     branch replay of a stored run into MC values written back into the store; run again with
-    more --branches (or adaptive rounds) it samples only the branches each state lacks.
+    more --branches (or adaptive rounds) it samples only the branches each state lacks; values
+    sampled by another policy are valued again (--keep-stale-values keeps them).
 """
 
 from __future__ import annotations
@@ -87,6 +90,21 @@ def _inspect(args: argparse.Namespace) -> int:
 
     print(inspect_store(args.store, args.run, args.trajectory, args.plot, args.tokenizer))
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from kvstore import SnapshotStore
+
+    with SnapshotStore.open(args.store, mode="r") as store:
+        runs = args.run or store.runs()
+        problems = store.verify(runs)
+        if not problems:
+            print(f"ok: {sum(len(store.trajectories(r)) for r in runs)} trajectories in {len(runs)} runs intact")
+            return 0
+    for problem in problems:  # each message names the file
+        print(f"DAMAGED: {problem.message}")
+    print(f"{len(problems)} damaged entries in {len(runs)} runs")
+    return 1
 
 
 def _load_object(spec: str):
@@ -170,10 +188,13 @@ def _replay(args: argparse.Namespace) -> int:
             config,
             metrics_path=args.metrics,
             allow_stale=args.allow_stale,
+            keep_stale_values=args.keep_stale_values,
             esurge_options=esurge,
         )
+    stale = f", {report.stale} valued again: their values came from another policy" if report.stale else ""
     print(
-        f"replayed {report.trajectories} trajectories ({report.skipped} already valued): {report.states} states, "
+        f"replayed {report.trajectories} trajectories ({report.skipped} already valued{stale}): "
+        f"{report.states} states, "
         f"{report.branches} branches, {report.branch_tokens} branch tokens "
         f"({report.branch_tokens / max(1, report.rollout_tokens):.1f} per rollout token), "
         f"{report.tokens_per_second:.0f} tokens/s; time: "
@@ -353,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         "when the store's vocabulary is the task's, else the byte tokenizer)",
     )
     inspect.set_defaults(func=_inspect)
+    verify = sub.add_parser("verify", help="check every stored byte (digests, checksums, missing files)")
+    verify.add_argument("store", help="store path or TensorStore kvstore URL")
+    verify.add_argument("--run", action="append", help="a run to check (repeatable; default: every run)")
+    verify.set_defaults(func=_verify)
     replay = sub.add_parser("replay", help="branch replay of a stored run into MC values")
     replay.add_argument("store", help="store path or TensorStore kvstore URL")
     replay.add_argument("--run", required=True, help="the stored run to value")
@@ -418,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--esurge-page-size", type=int, default=16, help="eSurge engine: tokens per page (default 16)")
     replay.add_argument("--metrics", help="append one JSON line per trajectory here")
     replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
+    replay.add_argument(
+        "--keep-stale-values",
+        action="store_true",
+        help="keep MC values sampled by another policy as they are (default: value those trajectories again)",
+    )
     replay.set_defaults(func=_replay)
     return parser
 
