@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.codecs import KVCodec, get_codec
-from kvstore.codecs.base import StoredArray
+from kvstore.codecs.base import StoredArray, token_entries
 from kvstore.errors import (
     CorruptChunkError,
     CorruptMetadataError,
@@ -43,7 +43,7 @@ from kvstore.errors import (
     StoreError,
     StoreFormatError,
 )
-from kvstore.integrity import check_sealed, group_attrs, json_digest, prompt_content_key, seal
+from kvstore.integrity import check_node, check_sealed, group_attrs, json_digest, prompt_content_key, seal
 from kvstore.policy import check_policy
 from kvstore.reads import ReadPart, ReadPlan
 from kvstore.spill_queue import SpillQueue
@@ -496,6 +496,8 @@ class SnapshotStore:
             if info is None:
                 self._require_run(run)
                 raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
+            if self._sealed:
+                check_node(info, "trajectory", self._backend.location(key + "zarr.json"))
             self._attrs_cache[key] = info
         return self._attrs_cache[key]
 
@@ -621,7 +623,14 @@ class SnapshotStore:
         length, plen = info["length"], info["prompt_len"]
         if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 1 <= t <= length:
             raise ValueError(f"t={t!r} outside [1, {length}] for trajectory {tid!r} of run {run!r} ({length} tokens)")
-        spans = [(f"runs/{run}/prompts/{info['prompt']}/", 0, min(t, plen))]
+        prompt_prefix = f"runs/{run}/prompts/{info['prompt']}/"
+        held = self._node_attrs(prompt_prefix)["length"]
+        if held != plen:
+            where = self._backend.location(_traj_prefix(run, tid) + "zarr.json")
+            raise CorruptMetadataError(
+                f"{where}: prompt_len {plen}, but its prompt node {prompt_prefix} holds {held} tokens"
+            )
+        spans = [(prompt_prefix, 0, min(t, plen))]
         if t > plen:
             spans.append((_traj_prefix(run, tid), plen, t - plen))
         parts = []
@@ -645,10 +654,11 @@ class SnapshotStore:
 
     def _node_attrs(self, prefix: str) -> dict[str, Any]:
         if prefix not in self._attrs_cache:
-            attrs = self._read_node(prefix)
+            attrs, where = self._read_node(prefix), self._backend.location(prefix + "zarr.json")
             if attrs is None:
-                where = self._backend.location(prefix + "zarr.json")
                 raise CorruptMetadataError(f"{where} is missing (a node a trajectory references)")
+            if self._sealed:
+                check_node(attrs, "prompt" if "/prompts/" in prefix else "trajectory", where)
             self._attrs_cache[prefix] = attrs
         return self._attrs_cache[prefix]
 
@@ -670,6 +680,11 @@ class SnapshotStore:
                 raise CorruptMetadataError(f"{where} is missing (array metadata of a committed node)")
             if json_digest(metadata) != expected:
                 raise CorruptMetadataError(f"{where}: array metadata does not match the digest its node recorded")
+            tokens = node["length"] - node.get("prompt_len", 0) if node["kind"] == "trajectory" else node["length"]
+            entries = token_entries(tokens, get_codec(node["codec"]).token_groups()[name])
+            shape = metadata.get("shape")
+            if not isinstance(shape, list) or len(shape) < 3 or shape[2] != entries:
+                raise CorruptMetadataError(f"{where}: shape {shape} does not hold the node's {tokens} tokens")
             self._arrays[path] = self._backend.open_array(path, metadata)
         return self._arrays[path]
 

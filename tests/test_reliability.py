@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from _store_worker import PROMPT_LEN, synthetic_state
 
 from kvstore import CachedState, SnapshotStore
 from kvstore.errors import CorruptChunkError, CorruptMetadataError, StoreFormatError
+from kvstore.integrity import seal
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTH = 150  # 3 chunks of 64 tokens
@@ -357,3 +359,30 @@ def test_vinekv_verify_names_every_damaged_file(tmp_path, capsys):
         == f"DAMAGED: {path}/runs/r/trajectories/t2/scale/zarr.json is missing (array metadata of a committed node)"
     )
     assert out[2] == "2 damaged entries in 1 runs"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("length", 2**40, "response_token_ids must list"),
+        ("length", "150", "length must be an int >= 1"),
+        ("prompt_len", 0, "prompt_len must be an int >= 1"),
+        ("prompt_len", 20, "prompt_len 20, but its prompt node"),
+        ("response_token_ids", [1, -3], "must list 134 token ids, got 2"),
+        ("fields", [], "fields an object"),
+    ],
+)
+def test_consistently_sealed_nonsense_is_refused(tmp_path, field, value, message):
+    """Metadata whose digest matches but whose values contradict each other (a writer's bug, or
+    an edit re-sealed by hand): a clear error naming the file, never a read of 2^40 tokens."""
+    path = _store(tmp_path / "s")
+    target = path / "runs/r/trajectories/t1/zarr.json"
+    node = json.loads(target.read_text())
+    attrs = node["attributes"]["vinekv"]
+    attrs[field] = value
+    if field == "prompt_len":  # keep the lengths consistent with each other: only the prompt node disagrees
+        attrs["response_token_ids"] = [1] * (attrs["length"] - value) if value else attrs["response_token_ids"]
+    node["attributes"]["vinekv"] = seal(attrs)
+    target.write_text(json.dumps(node))
+    with pytest.raises(CorruptMetadataError, match=f"{target}: .*{re.escape(message)}"):
+        _read_all(path)
