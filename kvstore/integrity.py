@@ -51,6 +51,8 @@ def check_sealed(attrs: Any, where: str) -> dict[str, Any]:
 def group_attrs(node: dict[str, Any], where: str) -> dict[str, Any]:
     """``attributes.vinekv`` of a parsed Zarr group ``zarr.json``, or `CorruptMetadataError`
     naming ``where``."""
+    if node.get("zarr_format") != 3:
+        raise CorruptMetadataError(f"{where}: zarr_format {node.get('zarr_format')!r}, expected 3")
     if node.get("node_type") != "group" or not isinstance(node.get("attributes"), dict):
         raise CorruptMetadataError(f"{where}: not a Zarr v3 group (node_type {node.get('node_type')!r})")
     attrs = node["attributes"].get("vinekv")
@@ -65,6 +67,8 @@ def parse_json(raw: bytes, where: str) -> dict[str, Any]:
         node = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise CorruptMetadataError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise CorruptMetadataError(f"{where}: not valid metadata (JSON nested too deep)") from None
     if not isinstance(node, dict):
         raise CorruptMetadataError(f"{where}: JSON {type(node).__name__}, expected an object")
     return node

@@ -55,6 +55,7 @@ class SpillQueue:
         self._errors: list[tuple[str, BaseException]] = []
         self._closed = False
         self._threads: list[threading.Thread] = []
+        self._free = 0  # writer threads not busy with an item
         self.peak_inflight_bytes = 0
         self.stats = {"written": 0, "bytes": 0, "write_seconds": 0.0}
 
@@ -123,9 +124,10 @@ class SpillQueue:
             raise SpillError(f"a background write failed: {what}: {first}{tail}") from first
 
     def _start_writers(self) -> None:
-        self._threads = [t for t in self._threads if t.is_alive()]
-        while len(self._threads) < min(self.workers, len(self._queue) + len(self._threads)):
+        """Starts writers (up to ``workers``) while queued items outnumber the free ones."""
+        while len(self._queue) > self._free and len(self._threads) < self.workers:
             thread = threading.Thread(target=self._run, name="vinekv-spill", daemon=True)
+            self._free += 1
             thread.start()
             self._threads.append(thread)
 
@@ -137,6 +139,7 @@ class SpillQueue:
                 if not self._queue:
                     return
                 key, item, nbytes = self._queue.popleft()
+                self._free -= 1
             start = time.perf_counter()
             try:
                 self._write(item)
@@ -146,6 +149,7 @@ class SpillQueue:
                 with self._cond:
                     self._errors.append((what, err))
             with self._cond:
+                self._free += 1
                 self._keys.discard(key)
                 self._inflight -= nbytes
                 self.stats["written"] += 1

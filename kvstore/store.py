@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "vinekv.kvstore"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # format 1 (no digests) is read without integrity checks, never written
+MAX_CHUNK_TOKENS = 2**16
 DEFAULT_CHUNK_TOKENS = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
 DEFAULT_WRITE_CONCURRENCY = 4
@@ -146,7 +146,6 @@ class SnapshotStore:
         self.chunk_tokens: int = root_attrs["chunk_tokens"]
         self._attrs_cache: dict[str, dict[str, Any]] = {}
         self._arrays: dict[str, Any] = {}
-        self._sealed = root_attrs["format_version"] >= 2  # nodes carry digests, chunks are never missing
         self._verified_runs: set[str] = set()
         self._lock = threading.Lock()
         self._prompt_locks: dict[str, threading.Lock] = {}
@@ -215,8 +214,12 @@ class SnapshotStore:
         """
         if mode not in ("r", "r+", "a", "w-"):
             raise ValueError(f"mode must be 'r', 'r+', 'a' or 'w-', got {mode!r}")
-        if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+        if (
+            isinstance(chunk_tokens, bool)
+            or not isinstance(chunk_tokens, int)
+            or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS
+        ):
+            raise ValueError(f"chunk_tokens must be an int in [1, {MAX_CHUNK_TOKENS}], got {chunk_tokens!r}")
         if max_inflight_bytes < 1:
             raise ValueError(f"max_inflight_bytes must be positive, got {max_inflight_bytes}")
         if not isinstance(write_concurrency, int) or write_concurrency < 1:
@@ -256,11 +259,6 @@ class SnapshotStore:
             raise FileExistsError(f"a store already exists at {backend.description} (mode 'w-')")
         if root is not None:
             attrs = _check_root(root, backend)
-            if attrs["format_version"] < FORMAT_VERSION and mode != "r":
-                raise StoreFormatError(
-                    f"store {backend.description} has format version {attrs['format_version']} (no integrity "
-                    f"records): open it with mode 'r', or write a new store (format {FORMAT_VERSION})"
-                )
         store = cls(backend, attrs, mode, max_inflight_bytes, write_concurrency, durability)
         if mode != "r":
             backend.lock_for_writing()
@@ -472,7 +470,7 @@ class SnapshotStore:
                 theirs, ours = root["layout"], self._meta["layout"]
                 raise ValueError(f"another writer recorded layout {theirs} in the store; this spill has {ours}")
             self._meta = seal({**self._meta})
-            self._backend.write_durable("zarr.json", group_json({"vinekv": self._meta}))
+            self._backend.replace_bytes("zarr.json", group_json({"vinekv": self._meta}), durable=True)
         self._layout_on_disk = True
 
     # -- reading ---------------------------------------------------------------------------
@@ -483,21 +481,21 @@ class SnapshotStore:
     def trajectories(self, run: str) -> list[str]:
         """Committed trajectory ids of ``run``, sorted."""
         self._check_open()
+        run = _check_name("run", run)
         self._require_run(run)
         return self._backend.children(f"runs/{run}/trajectories/")
 
     def trajectory_info(self, run: str, trajectory_id: str | int) -> dict[str, Any]:
         """The trajectory's attributes: token ids, prompt_len, length, fields, fingerprint, ..."""
         self._check_open()
-        tid = str(trajectory_id)
+        run, tid = _check_name("run", run), _check_name("trajectory_id", trajectory_id)
         key = _traj_prefix(run, tid)
         if key not in self._attrs_cache:
             info = self._read_node(key)
             if info is None:
                 self._require_run(run)
                 raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
-            if self._sealed:
-                check_node(info, "trajectory", self._backend.location(key + "zarr.json"))
+            check_node(info, "trajectory", self._backend.location(key + "zarr.json"))
             self._attrs_cache[key] = info
         return self._attrs_cache[key]
 
@@ -514,15 +512,15 @@ class SnapshotStore:
         in other processes annotating the same trajectory are serialised (no lost update).
         """
         self._check_writable()
-        tid = str(trajectory_id)
+        run, tid = _check_name("run", run), _check_name("trajectory_id", trajectory_id)
         key = _traj_prefix(run, tid)
         fields = _jsonable(fields)
         with self._backend.meta_lock():
             self._attrs_cache.pop(key, None)
             info = dict(self.trajectory_info(run, tid))
             info["fields"] = {**info["fields"], **fields}
-            info = seal(info) if self._sealed else info
-            self._backend.write_bytes(key + "zarr.json", group_json({"vinekv": info}))
+            info = seal(info)
+            self._backend.replace_bytes(key + "zarr.json", group_json({"vinekv": info}))
         self._attrs_cache[key] = info
 
     def read_prefix(
@@ -618,7 +616,7 @@ class SnapshotStore:
         plans, and a caller that decodes elsewhere can fetch a plan's codes itself with
         `ReadPart.start` / `ReadPart.result`."""
         self._check_open()
-        tid = str(trajectory_id)
+        run, tid = _check_name("run", run), _check_name("trajectory_id", trajectory_id)
         info = self.trajectory_info(run, tid)
         length, plen = info["length"], info["prompt_len"]
         if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 1 <= t <= length:
@@ -636,7 +634,7 @@ class SnapshotStore:
         parts = []
         for prefix, offset, stop in spans:
             attrs = self._node_attrs(prefix)
-            codec = get_codec(attrs["codec"])
+            codec = _node_codec(attrs, self._backend.location(prefix + "zarr.json"))
             arrays = {name: self._array(prefix, name, attrs) for name in codec.array_names}
             parts.append(ReadPart(prefix, offset, stop, codec, arrays, self._backend.location(prefix)))
         tokens = np.asarray(self.token_ids(run, tid)[:t], dtype=np.int32)
@@ -650,15 +648,14 @@ class SnapshotStore:
             return None
         where = self._backend.location(key)
         attrs = group_attrs(node, where)
-        return check_sealed(attrs, where) if self._sealed else attrs
+        return check_sealed(attrs, where)
 
     def _node_attrs(self, prefix: str) -> dict[str, Any]:
         if prefix not in self._attrs_cache:
             attrs, where = self._read_node(prefix), self._backend.location(prefix + "zarr.json")
             if attrs is None:
                 raise CorruptMetadataError(f"{where} is missing (a node a trajectory references)")
-            if self._sealed:
-                check_node(attrs, "prompt" if "/prompts/" in prefix else "trajectory", where)
+            check_node(attrs, "prompt" if "/prompts/" in prefix else "trajectory", where)
             self._attrs_cache[prefix] = attrs
         return self._attrs_cache[prefix]
 
@@ -666,9 +663,6 @@ class SnapshotStore:
         """A node's stored array, its metadata checked against the digest the node recorded."""
         path = prefix + name
         if path not in self._arrays:
-            if not self._sealed:
-                self._arrays[path] = self._backend.open_array(path)
-                return self._arrays[path]
             where = self._backend.location(path + "/zarr.json")
             expected = node.get("arrays", {}).get(name)
             if expected is None:
@@ -681,11 +675,15 @@ class SnapshotStore:
             if json_digest(metadata) != expected:
                 raise CorruptMetadataError(f"{where}: array metadata does not match the digest its node recorded")
             tokens = node["length"] - node.get("prompt_len", 0) if node["kind"] == "trajectory" else node["length"]
-            entries = token_entries(tokens, get_codec(node["codec"]).token_groups()[name])
+            codec = _node_codec(node, self._backend.location(prefix + "zarr.json"))
+            entries = token_entries(tokens, codec.token_groups()[name])
             shape = metadata.get("shape")
             if not isinstance(shape, list) or len(shape) < 3 or shape[2] != entries:
                 raise CorruptMetadataError(f"{where}: shape {shape} does not hold the node's {tokens} tokens")
-            self._arrays[path] = self._backend.open_array(path, metadata)
+            try:
+                self._arrays[path] = self._backend.open_array(path, metadata)
+            except (ValueError, TypeError, OverflowError) as err:
+                raise CorruptMetadataError(f"{where}: TensorStore cannot open the array ({err})") from None
         return self._arrays[path]
 
     def _require_run(self, run: str) -> None:
@@ -723,6 +721,7 @@ class SnapshotStore:
     def size(self, run: str) -> StoreSize:
         """Raw (uncompressed cache dtype) vs stored bytes of a run, prompts counted once."""
         self._check_open()
+        run = _check_name("run", run)
         self._require_run(run)
         raw = 0
         prefixes = [_traj_prefix(run, tid) for tid in self.trajectories(run)]
@@ -739,6 +738,7 @@ class SnapshotStore:
         """Removes a run and everything in it, atomically: after a crash the run is either whole
         or gone (its remains are swept when the store is next opened for writing)."""
         self._check_writable()
+        run = _check_name("run", run)
         self._require_run(run)
         self.flush()
         self._backend.retire(f"runs/{run}/")
@@ -784,12 +784,21 @@ def _check_chunking(codec: KVCodec, chunk_tokens: int) -> None:
             )
 
 
+def _node_codec(attrs: dict[str, Any], where: str) -> KVCodec:
+    """The codec a node records, or `CorruptMetadataError` naming its file."""
+    try:
+        return get_codec(attrs["codec"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptMetadataError(f"{where}: malformed codec {attrs.get('codec')!r} ({err})") from None
+
+
 def _traj_prefix(run: str, tid: str) -> str:
     return f"runs/{run}/trajectories/{tid}/"
 
 
 def _check_root(root: dict[str, Any] | None, backend: TensorStoreBackend) -> dict[str, Any]:
-    """The root's attributes, checked: a vinekv store of a readable version, digest intact."""
+    """The root's attributes, checked: a vinekv store of this format version, digests of the root
+    and ``runs/`` intact, codec, chunking and layout well formed."""
     where = backend.location("zarr.json")
     if root is None:
         raise CorruptMetadataError(f"{where} is missing")
@@ -797,16 +806,24 @@ def _check_root(root: dict[str, Any] | None, backend: TensorStoreBackend) -> dic
     if root.get("node_type") != "group" or not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
         raise StoreFormatError(f"{where}: a Zarr node that is not a vinekv store (no attributes.vinekv.format)")
     version = attrs.get("format_version")
-    if isinstance(version, bool) or version not in READABLE_VERSIONS:
-        raise StoreFormatError(
-            f"{where}: store format version {version!r}; this vinekv reads versions {list(READABLE_VERSIONS)}"
-        )
-    if version >= 2:
-        check_sealed(attrs, where)
-        runs, where = backend.read_json("runs/zarr.json"), backend.location("runs/zarr.json")
-        if runs is None:
-            raise CorruptMetadataError(f"{where} is missing")
-        check_sealed(group_attrs(runs, where), where)
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise StoreFormatError(f"{where}: store format version {version!r}; this vinekv reads version {FORMAT_VERSION}")
+    check_sealed(group_attrs(root, where), where)
+    try:
+        chunk_tokens = attrs["chunk_tokens"]
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int):
+            raise TypeError(f"chunk_tokens {chunk_tokens!r} is not an int")
+        if not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
+            raise ValueError(f"chunk_tokens {chunk_tokens} outside [1, {MAX_CHUNK_TOKENS}]")
+        _check_chunking(get_codec(attrs["codec"]), chunk_tokens)
+        if attrs["layout"] is not None:
+            KVLayout.from_dict(attrs["layout"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptMetadataError(f"{where}: malformed store attributes ({type(err).__name__}: {err})") from None
+    runs, where = backend.read_json("runs/zarr.json"), backend.location("runs/zarr.json")
+    if runs is None:
+        raise CorruptMetadataError(f"{where} is missing")
+    check_sealed(group_attrs(runs, where), where)
     return attrs
 
 

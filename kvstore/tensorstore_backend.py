@@ -117,6 +117,22 @@ class TensorStoreBackend:
     def write_bytes(self, key: str, value: bytes) -> None:
         self.kvstore.write(key, value).result()
 
+    def replace_bytes(self, key: str, value: bytes, durable: bool | None = None) -> None:
+        """Replaces an existing key atomically (readers see the old or the new value); ``durable``
+        (default ``durable_writes``) fsyncs it. On a local path the new value is written under
+        this writer's staging folder and renamed over the file, so a writer killed mid-write
+        leaves nothing beside it (the staging sweep removes it)."""
+        if self._lock_fd is None:
+            self.write_bytes(key, value)
+            return
+        durable = self.durable_writes if durable is None else durable
+        tmp = self.local_root / self.staging_prefix(key).rstrip("/")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(tmp, value, durable, replace=False)
+        os.replace(tmp, self.local_root / key)
+        if durable:
+            _fsync_path((self.local_root / key).parent)
+
     def exists(self, key: str) -> bool:
         return self.kvstore.read(key).result().state == "value"
 
@@ -354,8 +370,16 @@ class TensorStoreBackend:
         """Creates a store: writes ``files`` (key -> bytes) and then the root ``zarr.json`` as the
         commit marker, which only one of racing creators writes (an exclusive link on a local
         path). Returns False when a root already existed (the caller reads it)."""
-        for key, value in files.items():
-            self.write_durable(key, value)
+        try:
+            for key, value in files.items():
+                self.write_durable(key, value)
+            return self._link_root(root)
+        except FileNotFoundError:  # a racing creator that won swept this one's temporary files
+            if self.exists("zarr.json"):
+                return False
+            raise
+
+    def _link_root(self, root: bytes) -> bool:
         if self.local_root is None:
             if self.exists("zarr.json"):
                 return False
@@ -371,6 +395,9 @@ class TensorStoreBackend:
         finally:
             tmp.unlink()
         _fsync_path(self.local_root)
+        for folder in (self.local_root, self.local_root / "runs"):
+            for leftover in folder.glob("zarr.json.*.tmp"):  # an interrupted creation's temporary files
+                leftover.unlink(missing_ok=True)
         return True
 
     def lock_for_writing(self) -> None:

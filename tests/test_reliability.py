@@ -258,7 +258,10 @@ try:
     store.close()
 except Exception as err:
     print("ERROR", err)
-store.close()
+    try:
+        store.close()  # closes even when it raises the writes that failed meanwhile
+    except Exception:
+        pass
 print("LEFT", [p.name for p in Path(mnt, "s/.staging").iterdir() if p.is_dir()])
 with SnapshotStore.open(mnt + "/s", mode="r") as reader:
     for tid in reader.trajectories("r"):

@@ -290,7 +290,7 @@ def test_bad_input_errors(tiny_model, trajectories, tmp_path):
     root = json.loads((tmp_path / "s/zarr.json").read_text())
     root["attributes"]["vinekv"]["format_version"] = 99
     (tmp_path / "s/zarr.json").write_text(json.dumps(root))
-    with pytest.raises(StoreFormatError, match=r"format version 99; this vinekv reads versions \[1, 2\]"):
+    with pytest.raises(StoreFormatError, match="format version 99; this vinekv reads version 2"):
         SnapshotStore.open(tmp_path / "s", mode="r")
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain/data.csv").write_text("1,2\n")
