@@ -8,14 +8,17 @@ checks a node and its arrays' ``zarr.json`` before trusting them. Pure functions
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from kvstore.errors import CorruptMetadataError
+from kvstore.state import KVLayout
 
 DIGEST = "digest"
 
@@ -121,6 +124,7 @@ def check_node(attrs: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
 
     if attrs.get("kind") != kind:
         raise fail(f"kind {attrs.get('kind')!r}, expected {kind!r}")
+    check_layout(attrs.get("layout"), where)
     for name in ("fingerprint", "layout", "codec", "arrays"):
         expected = str if name == "fingerprint" else dict
         if not isinstance(attrs.get(name), expected):
@@ -136,3 +140,21 @@ def check_node(attrs: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
     if not isinstance(attrs.get("prompt"), str) or not isinstance(attrs.get("fields"), dict):
         raise fail("prompt must be a str and fields an object")
     return attrs
+
+
+def check_layout(layout: Any, where: str) -> KVLayout:
+    """The `KVLayout` a node or the root records, or `CorruptMetadataError` naming ``where``."""
+    fields = {f.name: f.type for f in dataclasses.fields(KVLayout)}
+    if not isinstance(layout, dict) or set(layout) != set(fields):
+        raise CorruptMetadataError(f"{where}: layout must be an object with keys {sorted(fields)}, got {layout!r}")
+    for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+        value = layout[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+            raise CorruptMetadataError(f"{where}: layout.{name} must be a positive int, got {value!r}")
+    if not isinstance(layout["model_type"], str) or not isinstance(layout["keys_post_rope"], bool):
+        raise CorruptMetadataError(f"{where}: layout.model_type must be a str and keys_post_rope a bool")
+    try:
+        getattr(ml_dtypes, str(layout["dtype"]), None) or np.dtype(layout["dtype"])
+    except TypeError:
+        raise CorruptMetadataError(f"{where}: layout.dtype {layout['dtype']!r} is not a dtype") from None
+    return KVLayout.from_dict(layout)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -31,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from kvstore.codecs import KVCodec, get_codec
@@ -43,7 +45,7 @@ from kvstore.errors import (
     StoreError,
     StoreFormatError,
 )
-from kvstore.integrity import check_node, check_sealed, group_attrs, json_digest, prompt_content_key, seal
+from kvstore.integrity import check_layout, check_node, check_sealed, group_attrs, json_digest, prompt_content_key, seal
 from kvstore.policy import check_policy
 from kvstore.reads import ReadPart, ReadPlan
 from kvstore.spill_queue import SpillQueue
@@ -680,11 +682,30 @@ class SnapshotStore:
             shape = metadata.get("shape")
             if not isinstance(shape, list) or len(shape) < 3 or shape[2] != entries:
                 raise CorruptMetadataError(f"{where}: shape {shape} does not hold the node's {tokens} tokens")
+            layout = self._recorded_layout()
+            if KVLayout.from_dict(node["layout"]) != layout:
+                raise CorruptMetadataError(f"{self._backend.location(prefix + 'zarr.json')}: layout is not the store's")
+            other_axes, dtype = _array_geometry(codec, layout)[name]
+            if shape[:2] + shape[3:] != other_axes or metadata.get("data_type") != dtype:
+                raise CorruptMetadataError(
+                    f"{where}: shape {shape} / data_type {metadata.get('data_type')!r} is not what codec "
+                    f"{codec.name!r} stores for the store's layout ({other_axes} besides the token axis, {dtype})"
+                )
             try:
                 self._arrays[path] = self._backend.open_array(path, metadata)
             except (ValueError, TypeError, OverflowError) as err:
                 raise CorruptMetadataError(f"{where}: TensorStore cannot open the array ({err})") from None
         return self._arrays[path]
+
+    def _recorded_layout(self) -> KVLayout | None:
+        """The store's layout; read again from the root when this handle has none yet (another
+        writer may have spilled since it was opened)."""
+        if self._meta.get("layout") is None:
+            root = _check_root(self._backend.read_json("zarr.json"), self._backend)
+            if root.get("layout") is not None:
+                self._meta["layout"] = root["layout"]
+                self._layout_on_disk = True
+        return self.layout
 
     def _require_run(self, run: str) -> None:
         if run in self._verified_runs:
@@ -784,6 +805,18 @@ def _check_chunking(codec: KVCodec, chunk_tokens: int) -> None:
             )
 
 
+@functools.lru_cache(maxsize=16)
+def _array_geometry(codec: KVCodec, layout: KVLayout) -> dict[str, tuple[list[int], str]]:
+    """Per stored array of ``codec`` for ``layout``: its axes other than the token axis, and its
+    dtype (from encoding one token)."""
+    dtype = getattr(ml_dtypes, layout.dtype, None) or np.dtype(layout.dtype)
+    one = np.zeros((layout.num_layers, 1, layout.num_kv_heads, layout.head_dim), dtype)
+    return {
+        name: ([*stored.data.shape[:2], *stored.data.shape[3:]], str(stored.data.dtype))
+        for name, stored in codec.encode(one, one).items()
+    }
+
+
 def _node_codec(attrs: dict[str, Any], where: str) -> KVCodec:
     """The codec a node records, or `CorruptMetadataError` naming its file."""
     try:
@@ -817,7 +850,7 @@ def _check_root(root: dict[str, Any] | None, backend: TensorStoreBackend) -> dic
             raise ValueError(f"chunk_tokens {chunk_tokens} outside [1, {MAX_CHUNK_TOKENS}]")
         _check_chunking(get_codec(attrs["codec"]), chunk_tokens)
         if attrs["layout"] is not None:
-            KVLayout.from_dict(attrs["layout"])
+            check_layout(attrs["layout"], where)
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptMetadataError(f"{where}: malformed store attributes ({type(err).__name__}: {err})") from None
     runs, where = backend.read_json("runs/zarr.json"), backend.location("runs/zarr.json")

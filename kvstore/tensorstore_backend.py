@@ -407,12 +407,11 @@ class TensorStoreBackend:
             return
         staging = self.local_root / STAGING
         staging.mkdir(parents=True, exist_ok=True)
-        if not (staging / "zarr.json").exists():
-            _write_durable(
-                staging / "zarr.json",
-                group_json({"vinekv": "temporary area for writes in flight; never holds committed data"}),
-            )
-        fd = os.open(staging / "zarr.json", os.O_RDONLY)
+        lock = staging / "zarr.json"
+        content = group_json({"vinekv": "temporary area for writes in flight; never holds committed data"})
+        with contextlib.suppress(FileExistsError):  # created in place: racing writers lock one inode
+            _write_new_file(lock, content)
+        fd = os.open(lock, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -421,6 +420,12 @@ class TensorStoreBackend:
             for leftover in staging.iterdir():
                 if leftover.is_dir():  # a crashed writer's uncommitted data or interrupted deletion
                     shutil.rmtree(leftover, ignore_errors=True)
+                elif leftover.name.endswith(".tmp"):
+                    leftover.unlink(missing_ok=True)
+            if lock.read_bytes() != content:  # a writer killed while creating it: rewrite the same inode
+                with open(lock, "r+b") as fh:
+                    fh.truncate(0)
+                    fh.write(content)
         fcntl.flock(fd, fcntl.LOCK_SH)
         self._lock_fd = fd
 
@@ -486,6 +491,16 @@ def _write_file(path: Path, data: bytes, durable: bool, replace: bool = True) ->
         if replace:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Creates ``path`` holding ``data`` (fsynced); `FileExistsError` if it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_path(path: Path) -> None:
