@@ -497,7 +497,7 @@ class SnapshotStore:
             if info is None:
                 self._require_run(run)
                 raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
-            check_node(info, "trajectory", self._backend.location(key + "zarr.json"))
+            self._check_node(info, "trajectory", self._backend.location(key + "zarr.json"))
             self._attrs_cache[key] = info
         return self._attrs_cache[key]
 
@@ -657,7 +657,7 @@ class SnapshotStore:
             attrs, where = self._read_node(prefix), self._backend.location(prefix + "zarr.json")
             if attrs is None:
                 raise CorruptMetadataError(f"{where} is missing (a node a trajectory references)")
-            check_node(attrs, "prompt" if "/prompts/" in prefix else "trajectory", where)
+            self._check_node(attrs, "prompt" if "/prompts/" in prefix else "trajectory", where)
             self._attrs_cache[prefix] = attrs
         return self._attrs_cache[prefix]
 
@@ -682,10 +682,7 @@ class SnapshotStore:
             shape = metadata.get("shape")
             if not isinstance(shape, list) or len(shape) < 3 or shape[2] != entries:
                 raise CorruptMetadataError(f"{where}: shape {shape} does not hold the node's {tokens} tokens")
-            layout = self._recorded_layout()
-            if KVLayout.from_dict(node["layout"]) != layout:
-                raise CorruptMetadataError(f"{self._backend.location(prefix + 'zarr.json')}: layout is not the store's")
-            other_axes, dtype = _array_geometry(codec, layout)[name]
+            other_axes, dtype = _array_geometry(codec, self.layout)[name]
             if shape[:2] + shape[3:] != other_axes or metadata.get("data_type") != dtype:
                 raise CorruptMetadataError(
                     f"{where}: shape {shape} / data_type {metadata.get('data_type')!r} is not what codec "
@@ -696,6 +693,12 @@ class SnapshotStore:
             except (ValueError, TypeError, OverflowError) as err:
                 raise CorruptMetadataError(f"{where}: TensorStore cannot open the array ({err})") from None
         return self._arrays[path]
+
+    def _check_node(self, attrs: dict[str, Any], kind: str, where: str) -> None:
+        """`check_node`, and the node's layout must be the store's (every snapshot shares it)."""
+        check_node(attrs, kind, where)
+        if KVLayout.from_dict(attrs["layout"]) != self._recorded_layout():
+            raise CorruptMetadataError(f"{where}: layout {attrs['layout']} is not the store's {self._meta['layout']}")
 
     def _recorded_layout(self) -> KVLayout | None:
         """The store's layout; read again from the root when this handle has none yet (another

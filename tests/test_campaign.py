@@ -249,3 +249,12 @@ def test_f11_a_resealed_node_layout_is_corrupt_metadata(tmp_path, damage):
     damage(path)
     with SnapshotStore.open(path, mode="r") as store, pytest.raises(CorruptMetadataError, match="t001/zarr.json"):
         store.read_prefix("r", tid_of(1), length(1))
+
+
+def test_f12_a_resealed_layout_is_refused_also_where_no_array_of_the_node_is_read(tmp_path):
+    """F12: a trajectory node's layout (num_layers 7, re-sealed) read at t=1, where only the
+    prompt's arrays are read, escaped as a ValueError from CachedState."""
+    path = _store(tmp_path)
+    _reseal_trajectory(path, lambda attrs: attrs["layout"].__setitem__("num_layers", 7))
+    with SnapshotStore.open(path, mode="r") as store, pytest.raises(CorruptMetadataError, match="is not the store's"):
+        store.read_prefix("r", tid_of(1), 1)
