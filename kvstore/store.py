@@ -337,6 +337,7 @@ class SnapshotStore:
     def flush(self) -> None:
         """Waits until every queued trajectory is committed (with ``durability="flush"``: commits
         them, with one round of fsyncs); raises the first write error."""
+        self._check_open()
         try:
             self._queue.drain()
         finally:

@@ -1384,12 +1384,19 @@ def _crash_argument(crash: dict[str, Any]) -> str | None:
 FUZZERS = {"root": _fuzz_root, "node": _fuzz_node, "array": _fuzz_array, "ids": _fuzz_ids, "open": _fuzz_open}
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak resident memory since its exec, KiB (``VmHWM``: unlike ``ru_maxrss``,
+    not inherited from the process that forked it, a test runner holding models)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
 def _fuzz_child(group: str, examples: int, seed: int, workdir: Path, bounded: frozenset[str]) -> dict[str, Any]:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as fix_seed
 
     fz = _FuzzRun(group, workdir, bounded)
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_start = _peak_rss_kib()
     strategy, action = FUZZERS[group](fz, _strategies())
     watch = fz.stores if group == "open" else fz.store
 
@@ -1407,7 +1414,7 @@ def _fuzz_child(group: str, examples: int, seed: int, workdir: Path, bounded: fr
 
     start = time.monotonic()
     check()
-    rss_end = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_end = _peak_rss_kib()
     return {
         **fz.result(),
         "seconds": round(time.monotonic() - start, 1),
@@ -1434,15 +1441,13 @@ def fuzz(
         _build_store(workdir / "template", "int8", {"r": (0, 1)})
     out: dict[str, Any] = {"memory_limit_mb": memory_limit // 2**20, "groups": {}, "crashes": []}
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-
     for group in groups:
         bounded: frozenset[str] = frozenset()
         for _ in range(len(BOUNDS) + 2):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--fuzz-child", group, "--fuzz-examples"]
             cmd += [str(max_examples), "--seed", str(seed), "--workdir", str(workdir), "--bounded", ",".join(bounded)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, preexec_fn=limit)
+            cmd += ["--memory-limit", str(memory_limit)]  # set by the child itself: no preexec_fn after a fork
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO)
             result_file = workdir / "logs" / f"{group}.json"
             if proc.returncode == 0:
                 result = json.loads(result_file.read_text())
@@ -1505,8 +1510,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="parts to skip: kill,corruption,fuzz")
     parser.add_argument("--fuzz-child", help=argparse.SUPPRESS)
     parser.add_argument("--bounded", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-limit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fuzz_child:  # one fuzz group, in the address-space-limited child
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
         workdir = Path(args.workdir)
         bounded = frozenset(filter(None, args.bounded.split(",")))
         result = _fuzz_child(args.fuzz_child, args.fuzz_examples, args.seed, workdir, bounded)

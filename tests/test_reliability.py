@@ -297,7 +297,7 @@ def test_a_full_disk_names_the_trajectory_and_leaves_no_staging(tmp_path, durabi
 
 
 _SLOW_DISK = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, "tests")
 from _store_worker import PROMPT_LEN, synthetic_state
 from kvstore import SnapshotStore
@@ -310,14 +310,19 @@ def slow_write(*args, **kwargs):
     return real_write(*args, **kwargs)
 
 store._backend.write_array = slow_write
+
+def peak_rss():  # VmHWM, bytes: the peak since exec (ru_maxrss would include the forking test runner's)
+    status = open("/proc/self/status").read().splitlines()
+    return 1024 * int(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+
 store.spill("r", "warm", synthetic_state(0), PROMPT_LEN)
 store.flush()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_rss()
 for n in range(1, 41):
     store.spill("r", f"t{n}", synthetic_state(n), PROMPT_LEN)  # 6 MiB of KV each
 store.close()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(store.stats["peak_inflight_bytes"], synthetic_state(0).nbytes, (after - before) * 1024)
+after = peak_rss()
+print(store.stats["peak_inflight_bytes"], synthetic_state(0).nbytes, after - before)
 """
 
 

@@ -282,6 +282,8 @@ def test_bad_input_errors(tiny_model, trajectories, tmp_path):
         lambda: store.trajectories("r0"),
         store.runs,
         lambda: store.size("r0"),
+        store.flush,
+        store.verify,
     ]
     for call in closed_calls:
         with pytest.raises(RuntimeError, match="is closed: open it again to use it"):
