@@ -325,10 +325,16 @@ def replay_run(
     progress: bool = True,
     allow_stale: bool = False,
     keep_stale_values: bool = False,
+    shard: tuple[int, int] | None = None,
     engine: BranchEngine | None = None,
     esurge_options: ESurgeOptions | None = None,
 ) -> ReplayReport:
     """Computes MC values for the trajectories of ``run`` and writes them into the store.
+
+    ``shard=(i, n)``: only the trajectories `shard_of` puts in shard ``i`` of ``n``, so ``n``
+    independent processes (SLURM array tasks, pod hosts) with ``i = 0..n-1`` value the run
+    exactly once between them. Branch keys depend on the trajectory, not the worker, so the
+    values equal a single process's.
 
     A trajectory already valued under the same settings gets only the branches it lacks (more
     ``branches``, adaptive rounds), drawn with their own keys: the result is what one run with
@@ -345,6 +351,9 @@ def replay_run(
     extended when not). ``allow_stale``: read snapshots of another policy (else refused).
     """
     ids = list(trajectories) if trajectories is not None else store.trajectories(run)
+    if shard is not None:
+        index, count = check_shard(shard)
+        ids = [tid for tid in ids if shard_of(tid, count) == index]
     digest = config.digest()
     fingerprint = policy_fingerprint(model)
     report = ReplayReport()
@@ -432,6 +441,32 @@ def replay_run(
             opened.close()
     report.warn_if_mostly_truncated(config)
     return report
+
+
+def shard_of(trajectory_id: str, num_shards: int) -> int:
+    """The shard (``0 <= shard < num_shards``) of a trajectory id: a hash of the id alone, so the
+    split needs no listing order and a trajectory added later keeps everyone's assignment."""
+    digest = hashlib.blake2b(str(trajectory_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_shards
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """``(index, count)`` of a shard, or ValueError naming what is wrong."""
+    if not isinstance(shard, tuple | list) or len(shard) != 2:
+        raise ValueError(f"shard must be (index, count), got {shard!r}")
+    index, count = shard
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+    if not ints or count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need integers with 0 <= index < count")
+    return index, count
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` (e.g. a SLURM array's ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``) as ``(i, N)``."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--shard takes i/N (e.g. 0/4), got {text!r}")
+    return check_shard((int(parts[0]), int(parts[1])))
 
 
 def stored_record(fields: dict[str, Any]) -> MCRecord | None:

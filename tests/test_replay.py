@@ -311,3 +311,37 @@ def test_sampling_params_branch_count():
     assert config.sampling_params().n == 4 and config.sampling_params(2).n == 2
     with pytest.raises(ValueError, match="n must be >= 1"):
         config.sampling_params(0)  # not silently the configured K
+
+
+def test_shards_cover_the_run_exactly_once_with_a_single_process_values(
+    tiny_model, tokenizer_dir, stored_run, tmp_path
+):
+    """`--shard i/N`: N independent replays, each of its shard, value every trajectory once, and
+    the values are a single replay's (branch keys do not depend on the worker)."""
+    from transformers import AutoTokenizer
+
+    from replay.branch_replay import parse_shard, shard_of
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    path, _, _ = stored_run
+    config = ReplayConfig(branches=3, max_tokens=5, seed=7, unfinished_reward=None)
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    shutil.copytree(path, single)
+    shutil.copytree(path, sharded)
+    with SnapshotStore.open(single) as store:
+        replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False)
+        expected = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+    ids = sorted(expected)
+    for n in (2, 3):  # each trajectory in exactly one shard
+        assert sorted(t for i in range(n) for t in ids if shard_of(t, n) == i) == ids
+    valued = []
+    with SnapshotStore.open(sharded) as store:
+        for i in range(2):
+            report = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False, shard=(i, 2))
+            valued.append(report.trajectories)
+        got = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+    assert sorted(valued) == [1, 2] and got == expected  # t2 in shard 0, t0 and t1 in shard 1
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)

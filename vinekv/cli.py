@@ -18,7 +18,8 @@ vinekv verify STORE [--run RUN ...]
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
     branch replay of a stored run into MC values written back into the store; run again with
     more --branches (or adaptive rounds) it samples only the branches each state lacks; values
-    sampled by another policy are valued again (--keep-stale-values keeps them).
+    sampled by another policy are valued again (--keep-stale-values keeps them); --shard I/N
+    values one of N disjoint parts of the run (N processes cover it exactly once).
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ def _load_reward(spec: str):
 def _replay(args: argparse.Namespace) -> int:
     from kvstore import SnapshotStore
     from replay import ReplayConfig, replay_run
+    from replay.branch_replay import parse_shard
+
+    shard = parse_shard(args.shard) if args.shard else None  # before the model loads
 
     model, tokenizer = _load_model(args.model)
     reward = _load_reward(args.reward)
@@ -189,6 +193,7 @@ def _replay(args: argparse.Namespace) -> int:
             metrics_path=args.metrics,
             allow_stale=args.allow_stale,
             keep_stale_values=args.keep_stale_values,
+            shard=shard,
             esurge_options=esurge,
         )
     stale = f", {report.stale} valued again: their values came from another policy" if report.stale else ""
@@ -442,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--esurge-page-size", type=int, default=16, help="eSurge engine: tokens per page (default 16)")
     replay.add_argument("--metrics", help="append one JSON line per trajectory here")
+    replay.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="value only shard I of N of the run's trajectories (by a hash of the id): N processes with "
+        "I = 0..N-1 (a SLURM array, one per pod host) cover the run exactly once, with a single process's values",
+    )
     replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
     replay.add_argument(
         "--keep-stale-values",
