@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[cpu,test]'
+	$(VENV)/bin/python -m pip install -q -e '.[cpu,test,s3]'
 	@touch $(STAMP)
 
 install: $(STAMP)

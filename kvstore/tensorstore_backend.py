@@ -45,10 +45,12 @@ import numpy as np
 import tensorstore as ts
 
 from kvstore.codecs.base import zarr_chunk_codecs
-from kvstore.errors import CorruptMetadataError
+from kvstore.errors import CorruptMetadataError, StoreError
 from kvstore.integrity import parse_json
 
 STAGING = ".staging"
+OBJECT_STORES = ("s3", "gcs")
+OBJECT_STORE_TIMEOUT_S = 30.0  # the opening probe of an object store
 
 
 def group_json(attributes: dict[str, Any]) -> bytes:
@@ -90,6 +92,8 @@ class TensorStoreBackend:
         self.local_root = Path(spec["path"]) if spec.get("driver") == "file" else None
         self._lock_fd: int | None = None
         self._session = uuid.uuid4().hex[:12]
+        if spec.get("driver") in OBJECT_STORES:
+            self._probe(spec)
 
     def __repr__(self) -> str:
         return f"TensorStoreBackend({self.kvstore.spec().to_json()})"
@@ -98,9 +102,29 @@ class TensorStoreBackend:
     def description(self) -> str:
         return str(self.local_root) if self.local_root else json.dumps(self.kvstore.spec().to_json())
 
+    def _probe(self, spec: dict[str, Any]) -> None:
+        """One listing request, so a wrong endpoint or bucket is a clear error now (TensorStore
+        retries an unreachable endpoint without end) rather than a hang or a failed write later."""
+        where = f"{spec['driver']}://{spec['bucket']}/{spec.get('path', '')}"
+        endpoint = spec.get("endpoint", "the provider's default endpoint")
+        try:
+            self.kvstore.list(ts.KvStore.KeyRange("zarr.json", "zarr.json\0")).result(timeout=OBJECT_STORE_TIMEOUT_S)
+        except TimeoutError:
+            raise StoreError(
+                f"{where}: no answer from {endpoint} within {OBJECT_STORE_TIMEOUT_S} s; set the endpoint "
+                "(AWS_ENDPOINT_URL, or 'endpoint' in a kvstore spec) and check the network"
+            ) from None
+        except ValueError as err:
+            if "NoSuchBucket" in str(err):
+                raise StoreError(f"{where}: bucket {spec['bucket']!r} does not exist at {endpoint}") from None
+            raise StoreError(f"{where}: the object store refused a listing: {str(err)[:300]}") from None
+
     def location(self, key: str) -> str:
         """Where ``key`` is, for error messages: a file path, or the kvstore URL and key."""
         if self.local_root is None:
+            spec = self.kvstore.spec().to_json()
+            if spec.get("driver") in ("s3", "gcs"):  # ts cannot print an s3 URL with an explicit endpoint
+                return f"{spec['driver']}://{spec['bucket']}/{spec.get('path', '')}{key}"
             return self.kvstore.url + key
         return str(self.local_root / key) + ("/" if key.endswith("/") else "")
 
@@ -456,12 +480,23 @@ def is_local(path_or_spec: str | Path | dict[str, Any]) -> bool:
 
 
 def _kvstore_spec(path_or_spec: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A TensorStore kvstore spec; an ``s3://`` URL gets its endpoint and region from the standard
+    variables (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_REGION`` or
+    ``AWS_DEFAULT_REGION``), which TensorStore itself does not read. Credentials stay with
+    TensorStore (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles) and are never logged."""
     if isinstance(path_or_spec, dict):
         spec = dict(path_or_spec)
     elif isinstance(path_or_spec, Path) or "://" not in str(path_or_spec):
         spec = {"driver": "file", "path": str(Path(path_or_spec).expanduser().resolve())}
     else:
         spec = ts.KvStore.Spec(str(path_or_spec)).to_json()
+        if spec.get("driver") == "s3":
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if endpoint:
+                spec["endpoint"] = endpoint
+            if region or endpoint:
+                spec["aws_region"] = region or "us-east-1"
     if spec.get("path") and not spec["path"].endswith("/"):
         spec["path"] += "/"
     return spec
