@@ -112,3 +112,25 @@ def test_a_missing_bucket_and_a_wrong_endpoint_are_clear_errors(s3_env, monkeypa
     with pytest.raises(StoreError, match=r"no answer from http://127.0.0.1:\d+ within 2.0 s; set the endpoint"):
         SnapshotStore.open(f"s3://{s3_env}/x", mode="r")
     assert time.monotonic() - start < 10
+
+
+def test_zarr_python_reads_the_s3_store(s3_env, s3_endpoint):
+    """zarr-python alone (FsspecStore over s3fs) reads what the store wrote to S3, and its
+    dequantised KV equals `read_prefix`'s."""
+    zarr = pytest.importorskip("zarr")
+    pytest.importorskip("s3fs")
+    url = f"s3://{s3_env}/stores/z"
+    state = synthetic_state(3, length=LENGTH)
+    with SnapshotStore.open(url, codec="int8") as store:
+        store.spill("r", "t0", state, PROMPT_LEN)
+        store.flush()
+        ours = store.read_prefix("r", "t0", LENGTH)
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    group = zarr.open_group(zarr.storage.FsspecStore.from_url(url, storage_options=options, read_only=True), mode="r")
+    traj = group["runs/r/trajectories/t0"]
+    prompt = group[f"runs/r/prompts/{traj.attrs['vinekv']['prompt']}"]
+    kv = np.concatenate(
+        [node["q"][:] * node["scale"][:][..., None].astype(np.float32) for node in (prompt, traj)], axis=2
+    )
+    np.testing.assert_array_equal(kv[:, 0], ours.keys[:, 0])
+    np.testing.assert_array_equal(kv[:, 1], ours.values[:, 0])
