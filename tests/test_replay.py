@@ -43,6 +43,19 @@ def stored_run(tiny_model, tmp_path_factory):
     return path, seqs, states
 
 
+def _copies(stored_run, tmp_path, *names: str) -> list:
+    """Fresh copies of the stored run's store, one per name, to replay into."""
+    path, _, _ = stored_run
+    for name in names:
+        shutil.copytree(path, tmp_path / name)
+    return [tmp_path / name for name in names]
+
+
+def _mc_records(store) -> dict:
+    """``fields["mc"]`` of every trajectory of run r0, by id."""
+    return {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+
+
 def test_branches_from_store_equal_live_and_uninterrupted(tiny_model, stored_run):
     path, seqs, _ = stored_run
     params = SamplingParams(n=4, max_tokens=10, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
@@ -188,11 +201,8 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    path, _, _ = stored_run
     config = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=None)
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    shutil.copytree(path, whole)
-    shutil.copytree(path, broken)
+    whole, broken, narrow = _copies(stored_run, tmp_path, "whole", "broken", "narrow")
 
     with SnapshotStore.open(whole) as store:
         report = replay_run(
@@ -200,7 +210,7 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
         )
         assert (report.trajectories, report.skipped, report.states) == (3, 0, 3 + 2 + 1)
         assert report.branches == 4 * 6 and report.branch_tokens <= 4 * 6 * 6
-        expected = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+        expected = _mc_records(store)
     assert expected["t0"]["positions"] == [8, 12, 15] and expected["t0"]["count"] == [4, 4, 4]
     means = [m for mc in expected.values() for m in mc["mean"]]
     assert all(0 < m < 1 for m in means) and len(set(means)) > 1, means
@@ -222,15 +232,13 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
         assert "mc" not in store.trajectory_info("r0", "t1")["fields"]
         again = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False, trajectories=None)
         assert (again.trajectories, again.skipped) == (2, 1)
-        resumed = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+        resumed = _mc_records(store)
         assert store.trajectory_info("r0", "t0")["fields"]["answer"] == "5"  # other fields kept
     assert resumed == expected
     # other batching, same values; and nothing is redone on a third run
     with SnapshotStore.open(whole) as store:
         third = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False)
         assert (third.trajectories, third.skipped) == (0, 3)
-    narrow = tmp_path / "narrow"
-    shutil.copytree(path, narrow)
     with SnapshotStore.open(narrow) as store:
         replay_run(
             store,
@@ -241,7 +249,7 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
             ReplayConfig(**{**config.__dict__, "max_rows": 4}),
             progress=False,
         )
-        assert {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")} == expected
+        assert _mc_records(store) == expected
 
 
 def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_dir, stored_run, tmp_path, caplog):
@@ -251,17 +259,11 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    path, _, _ = stored_run
     config = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=None)
     other = build_model("llama", kv_dtype=jnp.float32, seed=1)
     mine, theirs = policy_fingerprint(tiny_model), policy_fingerprint(other)
     assert mine != theirs
-    fresh_b, valued = tmp_path / "fresh_b", tmp_path / "valued"
-    shutil.copytree(path, fresh_b)
-    shutil.copytree(path, valued)
-
-    def records(store):
-        return {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+    fresh_b, valued = _copies(stored_run, tmp_path, "fresh_b", "valued")
 
     def run(store, model, **kwargs):
         caplog.clear()
@@ -272,12 +274,12 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
 
     with SnapshotStore.open(fresh_b) as store:
         run(store, other, allow_stale=True)
-        expected_b = records(store)
+        expected_b = _mc_records(store)
     assert {mc["policy"] for mc in expected_b.values()} == {theirs}
     with SnapshotStore.open(valued) as store:
         report, warnings = run(store, tiny_model)
         assert (report.trajectories, report.stale, warnings) == (3, 0, [])
-        by_a = records(store)
+        by_a = _mc_records(store)
         assert {mc["policy"] for mc in by_a.values()} == {mine}
         legacy = {k: v for k, v in by_a["t1"].items() if k != "policy"}  # written before `policy` was stored
         store.annotate("r0", "t1", mc=legacy)
@@ -286,22 +288,22 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
 
         report, warnings = run(store, tiny_model)  # the same policy: nothing to do
         assert (report.trajectories, report.skipped, report.stale, warnings) == (0, 3, 0, [])
-        assert records(store) == by_a
+        assert _mc_records(store) == by_a
 
         report, warnings = run(store, other, allow_stale=True, keep_stale_values=True)
         assert (report.trajectories, report.skipped, report.stale) == (0, 3, 0)
         assert len(warnings) == 1 and "3 of 3 trajectories of run 'r0'" in warnings[0] and "keeping" in warnings[0]
-        assert records(store) == by_a
+        assert _mc_records(store) == by_a
 
         with pytest.raises(StalePolicyError, match="allow_stale"):  # B may not read A's snapshots unasked
             run(store, other)
-        assert records(store) == by_a
+        assert _mc_records(store) == by_a
 
         report, warnings = run(store, other, allow_stale=True)
         assert (report.trajectories, report.skipped, report.stale) == (3, 0, 3)
         assert report.branches == 4 * 6  # from scratch: A's returns are not extended
         assert len(warnings) == 1 and "3 of 3 trajectories of run 'r0'" in warnings[0] and "again" in warnings[0]
-        by_b = records(store)
+        by_b = _mc_records(store)
     assert by_b == expected_b
     assert [mc["mean"] for mc in by_b.values()] != [mc["mean"] for mc in by_a.values()]
 
@@ -323,14 +325,11 @@ def test_shards_cover_the_run_exactly_once_with_a_single_process_values(
     from replay.branch_replay import parse_shard, shard_of
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    path, _, _ = stored_run
     config = ReplayConfig(branches=3, max_tokens=5, seed=7, unfinished_reward=None)
-    single, sharded = tmp_path / "single", tmp_path / "sharded"
-    shutil.copytree(path, single)
-    shutil.copytree(path, sharded)
+    single, sharded = _copies(stored_run, tmp_path, "single", "sharded")
     with SnapshotStore.open(single) as store:
         replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False)
-        expected = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+        expected = _mc_records(store)
     ids = sorted(expected)
     for n in (2, 3):  # each trajectory in exactly one shard
         assert sorted(t for i in range(n) for t in ids if shard_of(t, n) == i) == ids
@@ -339,7 +338,7 @@ def test_shards_cover_the_run_exactly_once_with_a_single_process_values(
         for i in range(2):
             report = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False, shard=(i, 2))
             valued.append(report.trajectories)
-        got = {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
+        got = _mc_records(store)
     assert sorted(valued) == [1, 2] and got == expected  # t2 in shard 0, t0 and t1 in shard 1
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
