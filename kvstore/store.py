@@ -216,12 +216,7 @@ class SnapshotStore:
         """
         if mode not in ("r", "r+", "a", "w-"):
             raise ValueError(f"mode must be 'r', 'r+', 'a' or 'w-', got {mode!r}")
-        if (
-            isinstance(chunk_tokens, bool)
-            or not isinstance(chunk_tokens, int)
-            or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS
-        ):
-            raise ValueError(f"chunk_tokens must be an int in [1, {MAX_CHUNK_TOKENS}], got {chunk_tokens!r}")
+        _check_chunk_tokens(chunk_tokens)
         if max_inflight_bytes < 1:
             raise ValueError(f"max_inflight_bytes must be positive, got {max_inflight_bytes}")
         if not isinstance(write_concurrency, int) or write_concurrency < 1:
@@ -419,17 +414,14 @@ class SnapshotStore:
         staging = self._backend.staging_prefix(final_prefix)
         futures = []
         try:
-            futures += [
-                self._backend.write_array(
-                    staging + name,
-                    stored.data,
-                    stored.dims,
-                    self.chunk_tokens // stored.token_group,
-                    self.codec.zstd_level,
-                    {"vinekv": {"codec": self.codec.spec(), "array": name, "token_group": stored.token_group}},
+            for name, stored in (codes or {}).items():  # appended one by one: each started write is awaited below
+                attributes = {"vinekv": {"codec": self.codec.spec(), "array": name, "token_group": stored.token_group}}
+                chunk_entries = self.chunk_tokens // stored.token_group
+                futures.append(
+                    self._backend.write_array(
+                        staging + name, stored.data, stored.dims, chunk_entries, self.codec.zstd_level, attributes
+                    )
                 )
-                for name, stored in (codes or {}).items()
-            ]
             for future in futures:
                 future.result()
             arrays = {name: json_digest(self._backend.read_json(f"{staging}{name}/zarr.json")) for name in codes or {}}
@@ -638,20 +630,14 @@ class SnapshotStore:
         for prefix, offset, stop in spans:
             attrs = self._node_attrs(prefix)
             codec = _node_codec(attrs, self._backend.location(prefix + "zarr.json"))
-            arrays = {name: self._array(prefix, name, attrs) for name in codec.array_names}
+            arrays = {name: self._array(prefix, name, attrs, codec) for name in codec.array_names}
             parts.append(ReadPart(prefix, offset, stop, codec, arrays, self._backend.location(prefix)))
         tokens = np.asarray(self.token_ids(run, tid)[:t], dtype=np.int32)
         return ReadPlan(run, tid, int(t), info, tuple(parts), tokens)
 
     def _read_node(self, prefix: str) -> dict[str, Any] | None:
         """A node's verified ``attributes.vinekv`` (None if it has no ``zarr.json``)."""
-        key = prefix + "zarr.json"
-        node = self._backend.read_json(key)
-        if node is None:
-            return None
-        where = self._backend.location(key)
-        attrs = group_attrs(node, where)
-        return check_sealed(attrs, where)
+        return _read_sealed(self._backend, prefix + "zarr.json")
 
     def _node_attrs(self, prefix: str) -> dict[str, Any]:
         if prefix not in self._attrs_cache:
@@ -662,8 +648,9 @@ class SnapshotStore:
             self._attrs_cache[prefix] = attrs
         return self._attrs_cache[prefix]
 
-    def _array(self, prefix: str, name: str, node: dict[str, Any]) -> Any:
-        """A node's stored array, its metadata checked against the digest the node recorded."""
+    def _array(self, prefix: str, name: str, node: dict[str, Any], codec: KVCodec) -> Any:
+        """A node's stored array, its metadata checked against the digest the node recorded and
+        against what ``codec`` (the node's) stores for the store's layout."""
         path = prefix + name
         if path not in self._arrays:
             where = self._backend.location(path + "/zarr.json")
@@ -678,7 +665,6 @@ class SnapshotStore:
             if json_digest(metadata) != expected:
                 raise CorruptMetadataError(f"{where}: array metadata does not match the digest its node recorded")
             tokens = node["length"] - node.get("prompt_len", 0) if node["kind"] == "trajectory" else node["length"]
-            codec = _node_codec(node, self._backend.location(prefix + "zarr.json"))
             entries = token_entries(tokens, codec.token_groups()[name])
             shape = metadata.get("shape")
             if not isinstance(shape, list) or len(shape) < 3 or shape[2] != entries:
@@ -800,6 +786,13 @@ def _array_module(on_device: bool) -> Any:
     return np
 
 
+def _check_chunk_tokens(chunk_tokens: Any) -> int:
+    """``chunk_tokens`` if it is an int in ``[1, MAX_CHUNK_TOKENS]``, else ValueError."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
+        raise ValueError(f"chunk_tokens must be an int in [1, {MAX_CHUNK_TOKENS}], got {chunk_tokens!r}")
+    return chunk_tokens
+
+
 def _check_chunking(codec: KVCodec, chunk_tokens: int) -> None:
     for name, group in codec.token_groups().items():
         if chunk_tokens % group:
@@ -847,21 +840,23 @@ def _check_root(root: dict[str, Any] | None, backend: TensorStoreBackend) -> dic
         raise StoreFormatError(f"{where}: store format version {version!r}; this vinekv reads version {FORMAT_VERSION}")
     check_sealed(group_attrs(root, where), where)
     try:
-        chunk_tokens = attrs["chunk_tokens"]
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int):
-            raise TypeError(f"chunk_tokens {chunk_tokens!r} is not an int")
-        if not 1 <= chunk_tokens <= MAX_CHUNK_TOKENS:
-            raise ValueError(f"chunk_tokens {chunk_tokens} outside [1, {MAX_CHUNK_TOKENS}]")
-        _check_chunking(get_codec(attrs["codec"]), chunk_tokens)
+        _check_chunking(get_codec(attrs["codec"]), _check_chunk_tokens(attrs["chunk_tokens"]))
         if attrs["layout"] is not None:
             check_layout(attrs["layout"], where)
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptMetadataError(f"{where}: malformed store attributes ({type(err).__name__}: {err})") from None
-    runs, where = backend.read_json("runs/zarr.json"), backend.location("runs/zarr.json")
-    if runs is None:
-        raise CorruptMetadataError(f"{where} is missing")
-    check_sealed(group_attrs(runs, where), where)
+    if _read_sealed(backend, "runs/zarr.json") is None:
+        raise CorruptMetadataError(f"{backend.location('runs/zarr.json')} is missing")
     return attrs
+
+
+def _read_sealed(backend: TensorStoreBackend, key: str) -> dict[str, Any] | None:
+    """The verified ``attributes.vinekv`` of the group ``zarr.json`` at ``key`` (None if absent)."""
+    node = backend.read_json(key)
+    if node is None:
+        return None
+    where = backend.location(key)
+    return check_sealed(group_attrs(node, where), where)
 
 
 def _check_local_path(path_or_spec: Any, mode: str) -> None:

@@ -152,7 +152,7 @@ class TensorStoreBackend:
         durable = self.durable_writes if durable is None else durable
         tmp = self.local_root / self.staging_prefix(key).rstrip("/")
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        _write_file(tmp, value, durable, replace=False)
+        _write_new_file(tmp, value, durable)
         os.replace(tmp, self.local_root / key)
         if durable:
             _fsync_path((self.local_root / key).parent)
@@ -297,8 +297,7 @@ class TensorStoreBackend:
             self.write_bytes(final_prefix + "zarr.json", group_json(attributes))
             return
         durable = self.durable_writes if durable is None else durable
-        (self.local_root / staging).mkdir(parents=True, exist_ok=True)  # a node without arrays
-        _write_file(self.local_root / staging / "zarr.json", group_json(attributes), durable)
+        self.stage(staging, attributes, durable)
         if durable and not self.durable_writes:  # TensorStore did not fsync the node's files
             for path in sorted((self.local_root / staging).rglob("*"), reverse=True):
                 _fsync_path(path)
@@ -308,12 +307,14 @@ class TensorStoreBackend:
         if durable:
             _fsync_path((self.local_root / final_prefix).parent)
 
-    def stage(self, staging: str, attributes: dict[str, Any]) -> None:
-        """Writes a staged node's group ``zarr.json`` (fsynced only with ``durable_writes``)."""
+    def stage(self, staging: str, attributes: dict[str, Any], durable: bool | None = None) -> None:
+        """Writes a staged node's group ``zarr.json``, fsynced when ``durable`` (default:
+        ``durable_writes``)."""
         if self.local_root is None:
             raise NotImplementedError("staged commits need a local store")
         (self.local_root / staging).mkdir(parents=True, exist_ok=True)  # a node without arrays
-        _write_file(self.local_root / staging / "zarr.json", group_json(attributes), self.durable_writes)
+        durable = self.durable_writes if durable is None else durable
+        _write_file(self.local_root / staging / "zarr.json", group_json(attributes), durable)
 
     def commit_group(
         self, nodes: list[tuple[str, str, str | None]], shared: frozenset[str] = frozenset()
@@ -411,7 +412,7 @@ class TensorStoreBackend:
             return True
         path = self.local_root / "zarr.json"
         tmp = path.with_name(f"zarr.json.{uuid.uuid4().hex}.tmp")
-        _write_file(tmp, root, durable=True, replace=False)
+        _write_new_file(tmp, root)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -510,32 +511,25 @@ def _write_durable(path: Path, data: bytes) -> None:
     _write_file(path, data, durable=True)
 
 
-def _write_file(path: Path, data: bytes, durable: bool, replace: bool = True) -> None:
-    """Writes ``path`` through a temporary file of its own (racing writers never share one),
-    renamed over ``path`` when ``replace`` (atomic), else written at ``path`` itself."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp") if replace else path
+def _write_file(path: Path, data: bytes, durable: bool) -> None:
+    """Replaces ``path`` atomically through a temporary file of its own (racing writers never
+    share one)."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, path)
+        _write_new_file(tmp, data, durable)
+        os.replace(tmp, path)
     except BaseException:
-        if replace:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Creates ``path`` holding ``data`` (fsynced); `FileExistsError` if it exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_new_file(path: Path, data: bytes, durable: bool = True) -> None:
+    """Creates ``path`` holding ``data``, fsynced when ``durable``; `FileExistsError` if it exists."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as fh:
+        fh.write(data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def _fsync_path(path: Path) -> None:
