@@ -36,7 +36,7 @@ class ReadPart:
     stop: int
     codec: KVCodec
     arrays: dict[str, Any]
-    location: str = ""
+    location: str
 
     def start(self) -> dict[str, Any]:
         """Starts the reads of every array's entries covering ``[0, stop)``; futures by name."""
@@ -54,7 +54,7 @@ class ReadPart:
                 group = self.codec.token_groups()[name]
                 bad = locate_corruption(self.arrays[name], token_entries(self.stop, group), chunk_tokens // group)
                 where = ", ".join(f"[{lo + a * group}, {lo + min(b * group, self.stop)})" for a, b in bad)
-                array = f"{self.location or self.prefix}{name}"
+                array = f"{self.location}{name}"
                 problem = (
                     "has missing chunks (a deleted or truncated file)" if "NOT_FOUND" in str(err) else "is corrupt"
                 )
