@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from kvstore.errors import CorruptMetadataError
 from kvstore.state import KVLayout
 
 DIGEST = "digest"
+ATTEMPT = re.compile(r"attempt-(\d{13})-[0-9a-f]{12}")  # a node's data folder on stores without rename
 
 
 def canonical_json(value: Any) -> bytes:
@@ -129,6 +131,9 @@ def check_node(attrs: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
         expected = str if name == "fingerprint" else dict
         if not isinstance(attrs.get(name), expected):
             raise fail(f"{name} must be a {expected.__name__}, got {type(attrs.get(name)).__name__}")
+    data = attrs.get("data", "")
+    if not isinstance(data, str) or (data and not (data.endswith("/") and ATTEMPT.fullmatch(data[:-1]))):
+        raise fail(f"data must name an attempt folder ('attempt-<ms>-<hex>/'), got {data!r}")
     length = count("length", 1)
     if kind == "prompt":
         token_list("token_ids", length)

@@ -50,7 +50,7 @@ from kvstore.policy import check_policy
 from kvstore.reads import ReadPart, ReadPlan
 from kvstore.spill_queue import SpillQueue
 from kvstore.state import CachedState, EncodedState, KVLayout
-from kvstore.tensorstore_backend import TensorStoreBackend, group_json
+from kvstore.tensorstore_backend import GC_GRACE_S, GarbageReport, TensorStoreBackend, group_json, open_backend
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class SnapshotStore:
         self._staged_keys: set[str] = set()
         self._shared: set[str] = set()  # content-addressed prompt prefixes (another writer may commit them too)
         self._closed = False
+        self.swept_on_open = GarbageReport()  # what opening for writing removed (`collect_garbage`)
         self._layout_on_disk = root_attrs.get("layout") is not None
         self._queue = SpillQueue(
             self._write_trajectory,
@@ -228,8 +229,8 @@ class SnapshotStore:
         codec = get_codec(codec)
         _check_chunking(codec, chunk_tokens)
         _check_local_path(path_or_spec, mode)
-        backend = TensorStoreBackend(path_or_spec, durable_writes=durability == "trajectory", cache_bytes=cache_bytes)
-        if durability == "flush" and backend.local_root is None:
+        backend = open_backend(path_or_spec, durable_writes=durability == "trajectory", cache_bytes=cache_bytes)
+        if durability == "flush" and not backend.group_commit:
             raise ValueError("durability='flush' needs a local store (staging and rename); use 'trajectory'")
         root = backend.read_json("zarr.json")
         if root is None:
@@ -258,7 +259,7 @@ class SnapshotStore:
             attrs = _check_root(root, backend)
         store = cls(backend, attrs, mode, max_inflight_bytes, write_concurrency, durability)
         if mode != "r":
-            backend.lock_for_writing()
+            store.swept_on_open = backend.lock_for_writing()
         return store
 
     @property
@@ -361,6 +362,8 @@ class SnapshotStore:
     def _commit_staged(self) -> None:
         with self._lock:
             staged, self._staged = self._staged, []
+        if not staged:
+            return
         try:
             failed = self._backend.commit_group(staged, frozenset(self._shared))
         finally:  # every node of the batch is now committed or discarded
@@ -425,7 +428,8 @@ class SnapshotStore:
             for future in futures:
                 future.result()
             arrays = {name: json_digest(self._backend.read_json(f"{staging}{name}/zarr.json")) for name in codes or {}}
-            sealed = {"vinekv": seal({**attrs, "arrays": arrays})}
+            data = self._backend.data_path(staging, final_prefix)
+            sealed = {"vinekv": seal({**attrs, "arrays": arrays, **({"data": data} if data else {})})}
             if self.durability == "flush":
                 self._backend.stage(staging, sealed)
                 with self._lock:
@@ -445,27 +449,25 @@ class SnapshotStore:
         prefix = f"runs/{run}/"
         if self._backend.exists(prefix + "zarr.json"):
             return
-        staging = self._backend.staging_prefix(prefix)
-        try:
-            for sub in ("prompts", "trajectories"):
-                self._backend.write_bytes(f"{staging}{sub}/zarr.json", group_json({"vinekv": seal({"kind": sub})}))
-            attrs = {"vinekv": seal({"kind": "run", "created": time.time()})}
-            self._backend.commit(staging, prefix, attrs, durable=True)
-        except FileExistsError:  # another writer created it first
-            self._backend.discard(staging)
+        subgroups = {
+            f"{sub}/zarr.json": group_json({"vinekv": seal({"kind": sub})}) for sub in ("prompts", "trajectories")
+        }
+        self._backend.create_group(prefix, {"vinekv": seal({"kind": "run", "created": time.time()})}, subgroups)
 
     def _ensure_root_layout(self) -> None:
         """Records the layout of the first spill in the root metadata (checked against a layout
         another writer may have recorded meanwhile)."""
         if self._layout_on_disk:
             return
-        with self._backend.meta_lock():
-            root = _check_root(self._backend.read_json("zarr.json"), self._backend)
+
+        def record(document: dict[str, Any] | None) -> bytes:
+            root = _check_root(document, self._backend)
             if root.get("layout") not in (None, self._meta["layout"]):
                 theirs, ours = root["layout"], self._meta["layout"]
                 raise ValueError(f"another writer recorded layout {theirs} in the store; this spill has {ours}")
-            self._meta = seal({**self._meta})
-            self._backend.replace_bytes("zarr.json", group_json({"vinekv": self._meta}), durable=True)
+            return group_json({"vinekv": seal({**root, "layout": self._meta["layout"]})})
+
+        self._backend.update_json("zarr.json", record, durable=True)
         self._layout_on_disk = True
 
     # -- reading ---------------------------------------------------------------------------
@@ -510,13 +512,18 @@ class SnapshotStore:
         run, tid = _check_name("run", run), _check_name("trajectory_id", trajectory_id)
         key = _traj_prefix(run, tid)
         fields = _jsonable(fields)
-        with self._backend.meta_lock():
-            self._attrs_cache.pop(key, None)
-            info = dict(self.trajectory_info(run, tid))
-            info["fields"] = {**info["fields"], **fields}
-            info = seal(info)
-            self._backend.replace_bytes(key + "zarr.json", group_json({"vinekv": info}))
-        self._attrs_cache[key] = info
+        where = self._backend.location(key + "zarr.json")
+
+        def merge(document: dict[str, Any] | None) -> bytes:
+            info = _sealed(document, where)
+            if info is None:
+                self._require_run(run)
+                raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
+            self._check_node(info, "trajectory", where)
+            return group_json({"vinekv": seal({**info, "fields": {**info["fields"], **fields}})})
+
+        self._attrs_cache.pop(key, None)
+        self._backend.update_json(key + "zarr.json", merge)
 
     def read_prefix(
         self,
@@ -651,7 +658,7 @@ class SnapshotStore:
     def _array(self, prefix: str, name: str, node: dict[str, Any], codec: KVCodec) -> Any:
         """A node's stored array, its metadata checked against the digest the node recorded and
         against what ``codec`` (the node's) stores for the store's layout."""
-        path = prefix + name
+        path = prefix + node.get("data", "") + name
         if path not in self._arrays:
             where = self._backend.location(path + "/zarr.json")
             expected = node.get("arrays", {}).get(name)
@@ -744,6 +751,18 @@ class SnapshotStore:
             per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
             raw += tokens * per_token
         return StoreSize(raw=raw, stored=self._backend.stored_bytes(f"runs/{run}/"))
+
+    def collect_garbage(self, grace_s: float = GC_GRACE_S) -> GarbageReport:
+        """Removes what crashed writers and interrupted deletions left behind (never a committed
+        node): on a local store the staging area, when no other writer is active; elsewhere
+        unmarked attempts older than ``grace_s`` seconds (younger ones may be writes in flight)
+        and the remains of deleted runs. Opening a store for writing does this with the
+        default grace period."""
+        self._check_writable()
+        if isinstance(grace_s, bool) or not isinstance(grace_s, int | float) or not grace_s >= 0:
+            raise ValueError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")
+        self.flush()
+        return self._backend.collect_garbage(float(grace_s))
 
     def delete_run(self, run: str) -> None:
         """Removes a run and everything in it, atomically: after a crash the run is either whole
@@ -852,11 +871,12 @@ def _check_root(root: dict[str, Any] | None, backend: TensorStoreBackend) -> dic
 
 def _read_sealed(backend: TensorStoreBackend, key: str) -> dict[str, Any] | None:
     """The verified ``attributes.vinekv`` of the group ``zarr.json`` at ``key`` (None if absent)."""
-    node = backend.read_json(key)
-    if node is None:
-        return None
-    where = backend.location(key)
-    return check_sealed(group_attrs(node, where), where)
+    return _sealed(backend.read_json(key), backend.location(key))
+
+
+def _sealed(node: dict[str, Any] | None, where: str) -> dict[str, Any] | None:
+    """The verified ``attributes.vinekv`` of a group document read from ``where`` (None if absent)."""
+    return None if node is None else check_sealed(group_attrs(node, where), where)
 
 
 def _check_local_path(path_or_spec: Any, mode: str) -> None:

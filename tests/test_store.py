@@ -442,7 +442,7 @@ def test_a_run_deleted_and_written_again_reads_the_new_data(tmp_path):
 def test_failed_group_commit_leaves_a_consistent_store(tmp_path, monkeypatch):
     """An fsync error commits nothing of the batch and the ids can be spilled again; a prompt
     that fails to commit takes the trajectories that use it with it (no dangling reference)."""
-    from kvstore import tensorstore_backend
+    from kvstore import commit_rename as tensorstore_backend
 
     store = SnapshotStore.open(tmp_path / "s", codec="int8", durability="flush")
     real_fsync = tensorstore_backend._fsync_path

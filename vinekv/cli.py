@@ -15,6 +15,8 @@ vinekv inspect STORE [--run RUN [--trajectory T [--plot FILE.png]]] [--tokenizer
     a store's runs, one run's trajectories, one trajectory's steps with MC values and advantages.
 vinekv verify STORE [--run RUN ...]
     read every stored byte of the runs, check digests and checksums; list damaged files.
+vinekv gc STORE [--grace SECONDS]
+    remove what crashed writes and interrupted deletions left (never a committed trajectory).
 vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] [--branches K] ...
     branch replay of a stored run into MC values written back into the store; run again with
     more --branches (or adaptive rounds) it samples only the branches each state lacks; values
@@ -29,6 +31,7 @@ import dataclasses
 import sys
 
 from kvstore.codecs import CODECS
+from kvstore.tensorstore_backend import GC_GRACE_S
 from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
 
 silence_xla_logs()
@@ -106,6 +109,21 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"DAMAGED: {problem.message}")
     print(f"{len(problems)} damaged entries in {len(runs)} runs")
     return 1
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from kvstore import SnapshotStore
+
+    with SnapshotStore.open(args.store, mode="r+") as store:  # opening for writing sweeps first
+        report = store.collect_garbage(args.grace)
+        removed = store.swept_on_open.removed + report.removed
+    for where in removed:
+        print(f"removed {where}")
+    if report.busy:
+        print("other writers are active: their staging folders were left alone")
+    young = f"; kept {len(report.kept)} unmarked attempts younger than {args.grace:g} s (writes may be in flight)"
+    print(f"removed {len(removed)} leftovers" + (young if report.kept else ""))
+    return 0
 
 
 def _load_object(spec: str):
@@ -383,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("store", help="store path or TensorStore kvstore URL")
     verify.add_argument("--run", action="append", help="a run to check (repeatable; default: every run)")
     verify.set_defaults(func=_verify)
+
+    gc = sub.add_parser("gc", help="remove what crashed writes and interrupted deletions left")
+    gc.add_argument("store", help="store path or TensorStore kvstore URL")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        default=GC_GRACE_S,
+        help=f"object stores: keep unmarked attempts younger than this many seconds (default {GC_GRACE_S:g}), "
+        "which may be writes in flight; local stores sweep only when no other writer is active",
+    )
+    gc.set_defaults(func=_gc)
+
     replay = sub.add_parser("replay", help="branch replay of a stored run into MC values")
     replay.add_argument("store", help="store path or TensorStore kvstore URL")
     replay.add_argument("--run", required=True, help="the stored run to value")
