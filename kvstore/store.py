@@ -483,9 +483,15 @@ class SnapshotStore:
         return self._backend.children(f"runs/{run}/trajectories/")
 
     def trajectory_info(self, run: str, trajectory_id: str | int) -> dict[str, Any]:
-        """The trajectory's attributes: token ids, prompt_len, length, fields, fingerprint, ..."""
+        """The trajectory's attributes: token ids, prompt_len, length, fields, fingerprint, ...;
+        read from the store at each call (another process may have annotated it since)."""
         self._check_open()
         run, tid = _check_name("run", run), _check_name("trajectory_id", trajectory_id)
+        self._attrs_cache.pop(_traj_prefix(run, tid), None)
+        return self._trajectory_attrs(run, tid)
+
+    def _trajectory_attrs(self, run: str, tid: str) -> dict[str, Any]:
+        """`trajectory_info` as first read by this handle (what reads need never changes)."""
         key = _traj_prefix(run, tid)
         if key not in self._attrs_cache:
             info = self._read_node(key)
@@ -498,7 +504,9 @@ class SnapshotStore:
 
     def token_ids(self, run: str, trajectory_id: str | int) -> list[int]:
         """All of a stored trajectory's token ids, prompt then response."""
-        info = self.trajectory_info(run, trajectory_id)
+        self._check_open()
+        run, tid = _check_name("run", run), _check_name("trajectory_id", trajectory_id)
+        info = self._trajectory_attrs(run, tid)
         prompt = self._node_attrs(f"runs/{run}/prompts/{info['prompt']}/")
         return prompt["token_ids"] + info["response_token_ids"]
 
@@ -619,7 +627,7 @@ class SnapshotStore:
         `ReadPart.start` / `ReadPart.result`."""
         self._check_open()
         run, tid = _check_name("run", run), _check_name("trajectory_id", trajectory_id)
-        info = self.trajectory_info(run, tid)
+        info = self._trajectory_attrs(run, tid)
         length, plen = info["length"], info["prompt_len"]
         if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 1 <= t <= length:
             raise ValueError(f"t={t!r} outside [1, {length}] for trajectory {tid!r} of run {run!r} ({length} tokens)")

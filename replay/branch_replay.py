@@ -214,6 +214,18 @@ class ReplayReport:
                 config.unfinished_reward,
             )
 
+    def merge(self, other: ReplayReport) -> None:
+        """Adds the counts, per-state K and seconds of another replay (e.g. another worker's)."""
+        for field in dataclasses.fields(ReplayReport):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(mine, list):
+                mine.extend(theirs)
+            elif isinstance(mine, dict):
+                for name, seconds in theirs.items():
+                    mine[name] = mine.get(name, 0.0) + seconds
+            else:
+                setattr(self, field.name, mine + theirs)
+
     def add(self, values: StateValues, response_len: int, read_seconds: float = 0.0) -> None:
         """Counts one valued trajectory (the branches sampled now, not earlier ones)."""
         counts = values.stats.count

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from easydel.inference.sampling_params import SamplingParams
+from replay_kit import PROMPT, RESPONSES, answer_reward, copies, mc_records, spill_run
 
 from kvstore import (
     SnapshotStore,
     StalePolicyError,
-    capture_state,
     extract_state,
     forward_chunk,
     policy_fingerprint,
@@ -27,33 +26,13 @@ from replay.sampler import branch_keys, generate_branches
 from replay.values import MCRecord, mc_values
 from vinekv.models import build_model
 
-PROMPT = b"Q: 2+3?\n"
-RESPONSES = [b"2+3\n=5\nA: 5", b"think\nA: 6", b"A: 5"]
-
 
 @pytest.fixture(scope="module")
 def stored_run(tiny_model, tmp_path_factory):
     """Three trajectories with known step structure, spilled losslessly into a store."""
     path = tmp_path_factory.mktemp("replay") / "store"
-    seqs = [np.frombuffer(PROMPT + r, dtype=np.uint8).astype(np.int32)[None] for r in RESPONSES]
-    states = [capture_state(tiny_model, s, s.shape[1]) for s in seqs]
-    with SnapshotStore.open(path, codec="lossless") as store:
-        for i, state in enumerate(states):
-            store.spill("r0", f"t{i}", state, len(PROMPT), answer="5")
+    seqs, states = spill_run(tiny_model, path)
     return path, seqs, states
-
-
-def _copies(stored_run, tmp_path, *names: str) -> list:
-    """Fresh copies of the stored run's store, one per name, to replay into."""
-    path, _, _ = stored_run
-    for name in names:
-        shutil.copytree(path, tmp_path / name)
-    return [tmp_path / name for name in names]
-
-
-def _mc_records(store) -> dict:
-    """``fields["mc"]`` of every trajectory of run r0, by id."""
-    return {tid: store.trajectory_info("r0", tid)["fields"]["mc"] for tid in store.trajectories("r0")}
 
 
 def test_branches_from_store_equal_live_and_uninterrupted(tiny_model, stored_run):
@@ -151,15 +130,6 @@ def test_mc_estimates_match_exact_values(tiny_model, stored_run):
         assert abs(mean - truth) < 3 * se, f"{name}: MC {mean:.4f} vs exact {truth:.4f} (stderr {se:.4f})"
 
 
-def _answer_reward(prompts, completions, answer, **kwargs):
-    """Half for ending with the stored answer, half the fraction of even bytes: values strictly
-    between 0 and 1, so comparisons of resumed and fresh values compare something."""
-    return [
-        0.5 * c.rstrip().endswith(a) + 0.5 * sum(b % 2 == 0 for b in c.encode()) / max(1, len(c.encode()))
-        for c, a in zip(completions, answer, strict=True)
-    ]
-
-
 def test_select_states(tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -202,15 +172,15 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=None)
-    whole, broken, narrow = _copies(stored_run, tmp_path, "whole", "broken", "narrow")
+    whole, broken, narrow = copies(stored_run[0], tmp_path, "whole", "broken", "narrow")
 
     with SnapshotStore.open(whole) as store:
         report = replay_run(
-            store, "r0", tiny_model, tok, _answer_reward, config, metrics_path=tmp_path / "m.jsonl", progress=False
+            store, "r0", tiny_model, tok, answer_reward, config, metrics_path=tmp_path / "m.jsonl", progress=False
         )
         assert (report.trajectories, report.skipped, report.states) == (3, 0, 3 + 2 + 1)
         assert report.branches == 4 * 6 and report.branch_tokens <= 4 * 6 * 6
-        expected = _mc_records(store)
+        expected = mc_records(store)
     assert expected["t0"]["positions"] == [8, 12, 15] and expected["t0"]["count"] == [4, 4, 4]
     means = [m for mc in expected.values() for m in mc["mean"]]
     assert all(0 < m < 1 for m in means) and len(set(means)) > 1, means
@@ -223,21 +193,21 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated kill during the second trajectory")
-        return _answer_reward(prompts, completions, **kwargs)
+        return answer_reward(prompts, completions, **kwargs)
 
     with SnapshotStore.open(broken) as store:
         with pytest.raises(KeyboardInterrupt):
             replay_run(store, "r0", tiny_model, tok, crashing, config, progress=False)
         assert "mc" in store.trajectory_info("r0", "t0")["fields"]
         assert "mc" not in store.trajectory_info("r0", "t1")["fields"]
-        again = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False, trajectories=None)
+        again = replay_run(store, "r0", tiny_model, tok, answer_reward, config, progress=False, trajectories=None)
         assert (again.trajectories, again.skipped) == (2, 1)
-        resumed = _mc_records(store)
+        resumed = mc_records(store)
         assert store.trajectory_info("r0", "t0")["fields"]["answer"] == "5"  # other fields kept
     assert resumed == expected
     # other batching, same values; and nothing is redone on a third run
     with SnapshotStore.open(whole) as store:
-        third = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False)
+        third = replay_run(store, "r0", tiny_model, tok, answer_reward, config, progress=False)
         assert (third.trajectories, third.skipped) == (0, 3)
     with SnapshotStore.open(narrow) as store:
         replay_run(
@@ -245,11 +215,11 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
             "r0",
             tiny_model,
             tok,
-            _answer_reward,
+            answer_reward,
             ReplayConfig(**{**config.__dict__, "max_rows": 4}),
             progress=False,
         )
-        assert _mc_records(store) == expected
+        assert mc_records(store) == expected
 
 
 def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_dir, stored_run, tmp_path, caplog):
@@ -263,23 +233,23 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
     other = build_model("llama", kv_dtype=jnp.float32, seed=1)
     mine, theirs = policy_fingerprint(tiny_model), policy_fingerprint(other)
     assert mine != theirs
-    fresh_b, valued = _copies(stored_run, tmp_path, "fresh_b", "valued")
+    fresh_b, valued = copies(stored_run[0], tmp_path, "fresh_b", "valued")
 
     def run(store, model, **kwargs):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="replay.branch_replay"):
-            report = replay_run(store, "r0", model, tok, _answer_reward, config, progress=False, **kwargs)
+            report = replay_run(store, "r0", model, tok, answer_reward, config, progress=False, **kwargs)
         warnings = [r.getMessage() for r in caplog.records if "another policy" in r.getMessage()]
         return report, warnings
 
     with SnapshotStore.open(fresh_b) as store:
         run(store, other, allow_stale=True)
-        expected_b = _mc_records(store)
+        expected_b = mc_records(store)
     assert {mc["policy"] for mc in expected_b.values()} == {theirs}
     with SnapshotStore.open(valued) as store:
         report, warnings = run(store, tiny_model)
         assert (report.trajectories, report.stale, warnings) == (3, 0, [])
-        by_a = _mc_records(store)
+        by_a = mc_records(store)
         assert {mc["policy"] for mc in by_a.values()} == {mine}
         legacy = {k: v for k, v in by_a["t1"].items() if k != "policy"}  # written before `policy` was stored
         store.annotate("r0", "t1", mc=legacy)
@@ -288,22 +258,22 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
 
         report, warnings = run(store, tiny_model)  # the same policy: nothing to do
         assert (report.trajectories, report.skipped, report.stale, warnings) == (0, 3, 0, [])
-        assert _mc_records(store) == by_a
+        assert mc_records(store) == by_a
 
         report, warnings = run(store, other, allow_stale=True, keep_stale_values=True)
         assert (report.trajectories, report.skipped, report.stale) == (0, 3, 0)
         assert len(warnings) == 1 and "3 of 3 trajectories of run 'r0'" in warnings[0] and "keeping" in warnings[0]
-        assert _mc_records(store) == by_a
+        assert mc_records(store) == by_a
 
         with pytest.raises(StalePolicyError, match="allow_stale"):  # B may not read A's snapshots unasked
             run(store, other)
-        assert _mc_records(store) == by_a
+        assert mc_records(store) == by_a
 
         report, warnings = run(store, other, allow_stale=True)
         assert (report.trajectories, report.skipped, report.stale) == (3, 0, 3)
         assert report.branches == 4 * 6  # from scratch: A's returns are not extended
         assert len(warnings) == 1 and "3 of 3 trajectories of run 'r0'" in warnings[0] and "again" in warnings[0]
-        by_b = _mc_records(store)
+        by_b = mc_records(store)
     assert by_b == expected_b
     assert [mc["mean"] for mc in by_b.values()] != [mc["mean"] for mc in by_a.values()]
 
@@ -326,19 +296,19 @@ def test_shards_cover_the_run_exactly_once_with_a_single_process_values(
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = ReplayConfig(branches=3, max_tokens=5, seed=7, unfinished_reward=None)
-    single, sharded = _copies(stored_run, tmp_path, "single", "sharded")
+    single, sharded = copies(stored_run[0], tmp_path, "single", "sharded")
     with SnapshotStore.open(single) as store:
-        replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False)
-        expected = _mc_records(store)
+        replay_run(store, "r0", tiny_model, tok, answer_reward, config, progress=False)
+        expected = mc_records(store)
     ids = sorted(expected)
     for n in (2, 3):  # each trajectory in exactly one shard
         assert sorted(t for i in range(n) for t in ids if shard_of(t, n) == i) == ids
     valued = []
     with SnapshotStore.open(sharded) as store:
         for i in range(2):
-            report = replay_run(store, "r0", tiny_model, tok, _answer_reward, config, progress=False, shard=(i, 2))
+            report = replay_run(store, "r0", tiny_model, tok, answer_reward, config, progress=False, shard=(i, 2))
             valued.append(report.trajectories)
-        got = _mc_records(store)
+        got = mc_records(store)
     assert sorted(valued) == [1, 2] and got == expected  # t2 in shard 0, t0 and t1 in shard 1
     assert parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):

@@ -482,3 +482,18 @@ def test_failed_group_commit_leaves_a_consistent_store(tmp_path, monkeypatch):
         store.flush()
     assert store.trajectories("q") == []  # the trajectory was not committed without its prompt
     store.close()
+
+
+def test_trajectory_info_sees_another_writers_annotation(tmp_path):
+    """A handle that read a trajectory before another process annotated it returns the new
+    fields (the async trainer reads the values its replay worker wrote)."""
+    path = tmp_path / "s"
+    with SnapshotStore.open(path, codec="int8") as store:
+        store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN, reward=1.0)
+        store.flush()
+        assert store.trajectory_info("r", "t0")["fields"] == {"reward": 1.0}
+        assert store.size("r").stored > 0  # reads every node's attributes too
+        with SnapshotStore.open(path, mode="r+") as other:
+            other.annotate("r", "t0", note="valued")
+        assert store.trajectory_info("r", "t0")["fields"] == {"reward": 1.0, "note": "valued"}
+        assert store.read_prefix("r", "t0", 50).position == 50

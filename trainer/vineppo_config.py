@@ -110,6 +110,13 @@ class VinePPOConfig(GRPOConfig):
     vineppo_allow_stale: bool = field(
         default=False, metadata={"help": "offline: accept trajectories made by another policy than the initial one"}
     )
+    vineppo_async_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "disk: a worker process values batch N from the store while the trainer generates batch N+1 "
+            "(with the policy before update N: one update of policy lag)"
+        },
+    )
     lite_anchor_stride: int | None = field(default=None, metadata={"help": "lite: extra anchor every N tokens"})
     lite_num_branches: int = field(default=4, metadata={"help": "lite: K branches per anchor"})
     lite_branch_max_len: int = field(default=128, metadata={"help": "lite: token budget of a branch"})
@@ -130,6 +137,15 @@ class VinePPOConfig(GRPOConfig):
             (
                 self.vineppo_offline_run is None or bool(self.vineppo_store),
                 "vineppo_offline_run needs vineppo_store (the store holding that run)",
+            ),
+            (
+                not self.vineppo_async_replay or self.vineppo_cache_strategy == "disk",
+                "vineppo_async_replay values rollouts from the store: it needs vineppo_cache_strategy='disk', got "
+                f"{self.vineppo_cache_strategy!r}",
+            ),
+            (
+                not self.vineppo_async_replay or (self.vineppo_mode != "off" and self.vineppo_offline_run is None),
+                "vineppo_async_replay needs vineppo_mode 'lite' or 'full' and no vineppo_offline_run",
             ),
             (
                 self.vineppo_offline_run is None or self.vineppo_mode != "off",

@@ -20,6 +20,7 @@ generating: each prompt of the batch takes the stored trajectories of the same p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -45,17 +46,18 @@ from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import check_policy
 from kvstore.store import SnapshotStore
 from kvstore.tensorstore_backend import is_local
-from replay.branch_replay import reward_fields, score_completions
+from replay.branch_replay import ReplayConfig, reward_fields, score_completions
 from replay.engines import BranchEngine, esurge_internals, open_engine
 from replay.rewards import weighted_sum
 from replay.steps import Splitter
 from replay.values import MCRecord, branch_returns
 from trainer.advantages import normalize_batch, trajectory_advantages
+from trainer.async_replay import PolicyBlueprint, ReplayWorker, WorkerSetup
 from trainer.losses import ppo_token_loss
 from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
 from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
-from trainer.value_estimation import EstimationStats, estimate_values, needs_entropy
+from trainer.value_estimation import EstimationStats, estimate_values, needs_entropy, spill_rollouts, trajectory_id
 from trainer.vineppo_config import VinePPOConfig
 
 logger = logging.getLogger(__name__)
@@ -118,6 +120,25 @@ class VinePPOTrainer(GRPOTrainer):
             raise NotImplementedError("VinePPOTrainer does not support pruning_module")
         weights = arguments.reward_weights or [1.0] * len(funcs)
         self.branch_reward = weighted_sum(funcs, weights) if arguments.vineppo_mode != "off" else None
+        self._replay_worker: ReplayWorker | None = None
+        self._worker_setup = (
+            WorkerSetup(
+                arguments.vineppo_store,
+                PolicyBlueprint.of(self.model_state.model),
+                processing_class,
+                funcs,
+                weights,
+                step_splitter,
+                arguments.esurge_options(),
+            )
+            if arguments.vineppo_async_replay
+            else None
+        )
+        if self._worker_setup is not None:
+            self._worker_setup.check_picklable()
+        self._pending: _PendingBatch | None = None  # async: generated, its values being computed
+        self._lookahead: tp.Any = None  # async: the next training batch, taken early to generate it
+        self._generations = 0  # async: index of the next batch to generate
         self.rollout_stop_ids = rollout_stop_ids(self._eos_token_id, arguments.generation_extra_kwargs)
         self.initial_fingerprint = policy_fingerprint(self.model_state.model)
         self.snapshot_store: SnapshotStore | None = None
@@ -144,6 +165,12 @@ class VinePPOTrainer(GRPOTrainer):
         """Closes the snapshot store (waits for queued spills, releases its writer lock), the
         branch engine and the eSurge engines generation used (their worker processes). Call it
         when done with the trainer (a later `train()` would need a new trainer)."""
+        if self._replay_worker is not None:
+            self._replay_worker.close()
+            self._replay_worker = None
+        if self._pending is not None and not self.arguments.vineppo_keep_snapshots:
+            self.snapshot_store.delete_run(self._pending.run)  # generated, never trained on
+        self._pending = None
         if self.snapshot_store is not None:
             self.snapshot_store.close()
             self.snapshot_store = None
@@ -344,47 +371,77 @@ class VinePPOTrainer(GRPOTrainer):
         prompt_fields = self._prompt_fields(batch, is_train)
         if args.vineppo_offline_run is not None and is_train:
             return self._offline_batch(state, batch)
+        if not is_train:
+            return self._generate(state, batch, prompt_fields, is_train=False)[:2]
+        if args.vineppo_mode == "off":
+            out, metrics, completion_mask, _ = self._generate(state, batch, prompt_fields)
+            sequence_adv = np.asarray(jax.device_get(out["advantages"]), dtype=np.float64)
+            out = _prompts_per_row(out)
+            out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))  # the rollout policy's
+            out["advantages"] = self._final_advantages(sequence_adv[:, None] * completion_mask, completion_mask)
+            return out, metrics
+        generated = self._rollouts(state, batch, prompt_fields)
+        values, stats = estimate_values(
+            args.vineppo_cache_strategy,
+            state.model,
+            self.processing_class,
+            self.branch_reward,
+            generated.rollouts,
+            generated.config,
+            store=self.snapshot_store,
+            run=f"{self._session}-step{int(jax.device_get(state.step)):07d}",
+            keep_run=args.vineppo_keep_snapshots,
+            rewards=generated.rewards,
+            fields=generated.fields,
+            splitter=self.step_splitter,
+            batch_rows=args.vineppo_capture_rows,
+            engine=self.branch_engine(state.model),
+            generated_kv=generated.generated_kv,
+        )
+        return self._valued(generated, values, stats)
+
+    def _generate(
+        self,
+        state: EasyDeLState,
+        batch: dict[str, jax.Array],
+        prompt_fields: list[dict[str, tp.Any]],
+        is_train: bool = True,
+    ) -> tuple[
+        dict[str, jax.Array], dict[str, tp.Any], np.ndarray, dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]
+    ]:
+        """GRPO's generation and scoring: ``(out, metrics, completion_mask [N, Lc], generated KV)``."""
         self.task_fields.fields = [f for f in prompt_fields for _ in range(self.num_generations)]
         self._generated_kv = {}
         out, metrics = super()._preprocess_batch_input(state, batch, is_train)
         generated_kv, self._generated_kv = self._generated_kv, {}
-        if not is_train:
-            return out, metrics
-        completion_mask = np.asarray(jax.device_get(out["completion_mask"]))
-        if args.vineppo_mode == "off":
-            sequence_adv = np.asarray(jax.device_get(out["advantages"]), dtype=np.float64)
-            token_adv = sequence_adv[:, None] * completion_mask
-            extra = {}
-        else:
-            rollouts = split_rollouts(
-                *jax.device_get((out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]))
-            )
-            fields = [prompt_fields[r.group] for r in rollouts]
-            rewards = self._score_rollouts(rollouts, fields)
-            values, stats = estimate_values(
-                args.vineppo_cache_strategy,
-                state.model,
-                self.processing_class,
-                self.branch_reward,
-                rollouts,
-                args.replay_config(seed=self._replay_seed(state), stop_token_ids=tuple(self.rollout_stop_ids)),
-                store=self.snapshot_store,
-                run=f"{self._session}-step{int(jax.device_get(state.step)):07d}",
-                keep_run=args.vineppo_keep_snapshots,
-                rewards=rewards,
-                fields=fields,
-                splitter=self.step_splitter,
-                batch_rows=args.vineppo_capture_rows,
-                engine=self.branch_engine(state.model),
-                generated_kv=generated_kv,
-            )
-            token_adv = self._token_advantages(rollouts, values, rewards, completion_mask.shape)
-            extra = _estimation_metrics(values, stats, rollouts, rewards)
+        return out, metrics, np.asarray(jax.device_get(out["completion_mask"])), generated_kv
+
+    def _rollouts(
+        self, state: EasyDeLState, batch: dict[str, jax.Array], prompt_fields: list[dict[str, tp.Any]]
+    ) -> _GeneratedBatch:
+        """A generated batch by ``state``'s policy: its rollouts, their returns and the settings
+        its branches are sampled with (keyed by ``state.step``)."""
+        out, metrics, completion_mask, generated_kv = self._generate(state, batch, prompt_fields)
+        rollouts = split_rollouts(
+            *jax.device_get((out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]))
+        )
+        fields = [prompt_fields[r.group] for r in rollouts]
         out = _prompts_per_row(out)
-        out["advantages"] = self._final_advantages(token_adv, completion_mask)
         out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))  # the rollout policy's
-        metrics.update(extra)
-        return out, metrics
+        config = self.arguments.replay_config(
+            seed=self._replay_seed(state), stop_token_ids=tuple(self.rollout_stop_ids)
+        )
+        rewards = self._score_rollouts(rollouts, fields)
+        return _GeneratedBatch(out, metrics, completion_mask, rollouts, fields, rewards, config, generated_kv)
+
+    def _valued(
+        self, generated: _GeneratedBatch, values: list[MCRecord], stats: EstimationStats
+    ) -> tuple[dict[str, jax.Array], dict[str, tp.Any]]:
+        """The training batch of a generated batch with its MC values."""
+        mask = generated.completion_mask
+        token_adv = self._token_advantages(generated.rollouts, values, generated.rewards, mask.shape)
+        metrics = {**generated.metrics, **_estimation_metrics(values, stats, generated.rollouts, generated.rewards)}
+        return {**generated.out, "advantages": self._final_advantages(token_adv, mask)}, metrics
 
     def _replay_seed(self, state: EasyDeLState) -> int:
         """Branch seed of this step: fresh every step, reproducible from ``generation_seed``."""
@@ -548,18 +605,94 @@ class VinePPOTrainer(GRPOTrainer):
         }
         return out, metrics
 
+    # -- asynchronous replay ---------------------------------------------------------------------
+
+    def _get_next_batch(self, data_iter: tp.Any, dataloader: tp.Any) -> tuple[tp.Any, tp.Any]:
+        """With ``vineppo_async_replay``, training batches are taken one ahead (`_lookahead`): the
+        next one is generated while the current one's values are computed."""
+        if not self.arguments.vineppo_async_replay or dataloader is not self.dataloader_train:
+            return super()._get_next_batch(data_iter, dataloader)
+        if self._lookahead is None:
+            self._lookahead, data_iter = super()._get_next_batch(data_iter, dataloader)
+        batch = self._lookahead
+        self._lookahead, data_iter = super()._get_next_batch(data_iter, dataloader)
+        return batch, data_iter
+
+    def _async_batch(
+        self, state: EasyDeLState, batch: dict[str, jax.Array]
+    ) -> tuple[dict[str, jax.Array], dict[str, tp.Any]]:
+        """The training batch of this update: ``batch``, generated by the previous call (by the
+        policy before the previous update) and valued by the worker meanwhile; before waiting for
+        its values, the next batch is generated by the current policy and queued for the worker."""
+        if self._pending is None:  # the first update (of this run or after a resume): its batch is not generated yet
+            self._generations = int(jax.device_get(state.step)) // self.arguments.vineppo_ppo_epochs
+            self._pending = self._generate_for_worker(state, batch)
+        ahead = self._lookahead if self.data_collator is None else self.data_collator(self._lookahead)
+        current, self._pending = self._pending, self._generate_for_worker(state, ahead)
+        start = time.perf_counter()
+        report = self._replay_worker.result()
+        waited = time.perf_counter() - start
+        store, run = self.snapshot_store, current.run
+        values = [
+            MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"])
+            for r in current.generated.rollouts
+        ]
+        if not self.arguments.vineppo_keep_snapshots:
+            store.delete_run(run)
+        current.stats.replay = report
+        out, metrics = self._valued(current.generated, values, current.stats)
+        metrics["vineppo/replay_seconds"] = waited + current.stats.seconds["capture"] + current.stats.seconds["spill"]
+        metrics["vineppo/replay_wait_seconds"] = waited
+        metrics["vineppo/worker_replay_seconds"] = sum(report.seconds.values())
+        metrics["vineppo/policy_lag"] = (
+            int(jax.device_get(state.step)) - current.step
+        ) // self.arguments.vineppo_ppo_epochs
+        return out, metrics
+
+    def _generate_for_worker(self, state: EasyDeLState, batch: dict[str, jax.Array]) -> _PendingBatch:
+        """Generates ``batch`` with ``state``'s policy, spills its rollouts and queues their replay.
+
+        The k-th generated batch is keyed (generation and branches) by step ``k * ppo_epochs``,
+        the step at which synchronous training generates its k-th batch."""
+        args = self.arguments
+        step = self._generations * args.vineppo_ppo_epochs
+        self._generations += 1
+        keyed = state.replace(step=jnp.asarray(step, dtype=jnp.asarray(state.step).dtype))
+        generated = self._rollouts(keyed, batch, self._prompt_fields(batch, True))
+        run = f"{self._session}-step{step:07d}"
+        stats = spill_rollouts(
+            self.snapshot_store,
+            run,
+            state.model,
+            generated.rollouts,
+            generated.fields,
+            generated.rewards,
+            needs_entropy(generated.config),
+            batch_rows=args.vineppo_capture_rows,
+        )
+        if self._replay_worker is None:
+            self._replay_worker = ReplayWorker(self._worker_setup)
+        self._replay_worker.submit(run, state.model, generated.config)
+        return _PendingBatch(generated, run, stats, int(jax.device_get(state.step)))
+
     # -- PPO epochs ------------------------------------------------------------------------------
 
     def _execute_train_step(self, state, batch) -> tuple[EasyDeLState, LossMetrics, BaseException | None]:
         """Preprocesses (generation, replay, advantages) once, then ``vineppo_ppo_epochs`` updates.
 
         Each update advances ``state.step``; the step's metrics are the last update's, plus the
-        preprocessing metrics and ``vineppo/replay_time_share`` (replay seconds / step seconds).
+        preprocessing metrics, ``vineppo/step_seconds`` (wall time of this call) and
+        ``vineppo/replay_time_share`` (replay seconds / step seconds). With
+        ``vineppo_async_replay`` the batch comes from `_async_batch` (replay seconds: waiting for
+        the worker, plus capture and spill).
         """
         metrics = LossMetrics()
         start = time.perf_counter()
         try:
-            batch, informations = self._preprocess_batch_input(state=state, batch=batch, is_train=True)
+            if self.arguments.vineppo_async_replay:
+                batch, informations = self._async_batch(state, batch)
+            else:
+                batch, informations = self._preprocess_batch_input(state=state, batch=batch, is_train=True)
             for _ in range(self.arguments.vineppo_ppo_epochs):
                 state, metrics = jax.block_until_ready(
                     self.sharded_training_step_function(
@@ -573,7 +706,8 @@ class VinePPOTrainer(GRPOTrainer):
                 return state, metrics, self._augment_memory_oom_exception(run_exception)
             raise
         replay_s = informations.get("vineppo/replay_seconds", 0.0)
-        informations["vineppo/replay_time_share"] = replay_s / max(time.perf_counter() - start, 1e-9)
+        informations["vineppo/step_seconds"] = time.perf_counter() - start
+        informations["vineppo/replay_time_share"] = replay_s / max(informations["vineppo/step_seconds"], 1e-9)
         informations["vineppo/ppo_epochs"] = self.arguments.vineppo_ppo_epochs
         if metrics.other_metrics is not None:
             informations.update(metrics.other_metrics)
@@ -583,6 +717,33 @@ class VinePPOTrainer(GRPOTrainer):
         _log_batch(self.history[-1])
         self._advance_bar(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
+
+
+@dataclasses.dataclass
+class _GeneratedBatch:
+    """A generated training batch before its MC values: GRPO's ``out`` (prompts one row per
+    completion, with the rollout policy's ``old_per_token_logps``), its metrics, the rollouts,
+    their task fields and returns, and the replay settings (seeded) of their branches."""
+
+    out: dict[str, jax.Array]
+    metrics: dict[str, tp.Any]
+    completion_mask: np.ndarray
+    rollouts: list[Rollout]
+    fields: list[dict[str, tp.Any]]
+    rewards: np.ndarray
+    config: ReplayConfig
+    generated_kv: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass
+class _PendingBatch:
+    """A generated batch whose values the replay worker computes from store run ``run``;
+    ``step``: the trainer's step when it was generated."""
+
+    generated: _GeneratedBatch
+    run: str
+    stats: EstimationStats
+    step: int
 
 
 def resumed_into(resumed: EasyDeLState, model: EasyDeLBaseModule) -> EasyDeLState:

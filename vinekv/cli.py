@@ -4,9 +4,10 @@ vinekv demo [--config FILE] [--family F] [--seed N] [--kv-dtype D] [--store PATH
     sample responses on a tiny random model, spill their KV to a snapshot store, resume
     from stored prefixes, report agreement.
 vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|recompute] [--steps N] [--output DIR]
-             [--offline-run RUN [--offline-store STORE]] [--save-steps N] [--resume]
+             [--offline-run RUN [--offline-store STORE]] [--save-steps N] [--resume] [--async-replay]
     VinePPO on the built-in arithmetic task from the cached warm-up: held-out accuracy before
-    and after, per-step metrics, the store, checkpoints and a PNG plot under --output.
+    and after, per-step metrics, the store, checkpoints and a PNG plot under --output;
+    --async-replay values each batch in a worker process while the next one is generated.
 vinekv rollout STORE --run RUN [--policy task|task:DIR] [--problems N] [--group G] ...
     sample G responses per arithmetic problem with a policy and spill their KV to a new run.
 vinekv compare [--methods off,lite,full] [--seeds 3] [--updates 24 | --budget-s S] [--output DIR]
@@ -21,7 +22,8 @@ vinekv replay STORE --run RUN [--model SPEC] [--reward SPEC] [--mode full|lite] 
     branch replay of a stored run into MC values written back into the store; run again with
     more --branches (or adaptive rounds) it samples only the branches each state lacks; values
     sampled by another policy are valued again (--keep-stale-values keeps them); --shard I/N
-    values one of N disjoint parts of the run (N processes cover it exactly once).
+    values one of N disjoint parts of the run (N processes cover it exactly once); --ray [ADDRESS]
+    [--workers N] spreads the run over N Ray actors (a new local Ray instance without ADDRESS).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         "save_steps": args.save_steps,
         "vineppo_offline_run": args.offline_run,
         "vineppo_store": args.offline_store,
+        "vineppo_async_replay": True if args.async_replay else None,
     }
     top = {
         "seed": args.seed,
@@ -126,59 +129,14 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_object(spec: str):
-    """``package.module:attribute`` -> the attribute."""
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"expected 'package.module:attribute', got {spec!r}")
-    return getattr(importlib.import_module(module), attr)
-
-
-def _load_model(spec: str):
-    """``(model, tokenizer)`` of a policy spec: ``tiny[:family[:seed]]`` (built-in random model,
-    byte tokenizer), ``task`` (the arithmetic task's warmed-up policy), ``task:DIR`` (the newest
-    checkpoint of a `vinekv train --output DIR` job) or ``module:factory`` returning the pair."""
-    if spec == "tiny" or spec.startswith("tiny:"):
-        from vinekv.models import build_model, build_tokenizer
-
-        _, family, seed = (spec.split(":") + ["llama", "0"])[:3]
-        return build_model(family, seed=int(seed)), build_tokenizer()
-    if spec == "task":
-        from vinekv.tasks.warmup import warm_up
-
-        warmed = warm_up()
-        return warmed.model, warmed.tokenizer
-    if spec.startswith("task:"):
-        from vinekv.train import load_policy
-
-        return load_policy(spec.removeprefix("task:"))
-    return _load_object(spec)()
-
-
-def _load_reward(spec: str):
-    """``letters`` (the demo's toy), ``task`` (the arithmetic verifier) or ``module:function``."""
-    if spec == "letters":
-        from vinekv.demo import letter_fraction
-
-        return letter_fraction
-    if spec == "task":
-        from vinekv.tasks.arithmetic import reward
-
-        return reward
-    return _load_object(spec)
-
-
 def _replay(args: argparse.Namespace) -> int:
-    from kvstore import SnapshotStore
-    from replay import ReplayConfig, replay_run
+    from replay import ReplayConfig
     from replay.branch_replay import parse_shard
+    from replay.engines import ESurgeOptions
 
     shard = parse_shard(args.shard) if args.shard else None  # before the model loads
-
-    model, tokenizer = _load_model(args.model)
-    reward = _load_reward(args.reward)
+    if args.ray is None and (args.workers is not None or args.worker_gpus is not None):
+        raise ValueError("--workers and --worker-gpus need --ray")
     config = ReplayConfig(
         mode=args.mode,
         branches=args.branches,
@@ -197,25 +155,48 @@ def _replay(args: argparse.Namespace) -> int:
         seed=args.seed,
         engine=args.engine,
     )
-    from replay.engines import ESurgeOptions
-
     esurge = ESurgeOptions(page_size=args.esurge_page_size, page_budget_mb=args.esurge_page_budget_mb)
-    with SnapshotStore.open(args.store, mode="r+") as store:
-        report = replay_run(
-            store,
-            args.run,
-            model,
-            tokenizer,
-            reward,
-            config,
-            metrics_path=args.metrics,
-            allow_stale=args.allow_stale,
-            keep_stale_values=args.keep_stale_values,
-            shard=shard,
-            esurge_options=esurge,
-        )
+    options = {
+        "metrics_path": args.metrics,
+        "allow_stale": args.allow_stale,
+        "keep_stale_values": args.keep_stale_values,
+        "esurge_options": esurge,
+    }
+    if args.ray is not None:
+        from replay.ray_replay import ReplayWorkerError, replay_run_ray
+
+        try:
+            report = replay_run_ray(
+                args.store,
+                args.run,
+                args.model,
+                args.reward,
+                config,
+                num_workers=2 if args.workers is None else args.workers,
+                address=args.ray,
+                worker_options={"num_cpus": 1, "num_gpus": args.worker_gpus or 0},
+                **options,
+            )
+        except ReplayWorkerError as err:  # a worker could not start, or workers kept dying
+            print(f"vinekv replay: error: {err}", file=sys.stderr)
+            return 2
+    else:
+        from kvstore import SnapshotStore
+        from replay import replay_run
+        from vinekv.specs import load_model, load_reward
+
+        model, tokenizer = load_model(args.model)
+        reward = load_reward(args.reward)
+        with SnapshotStore.open(args.store, mode="r+") as store:
+            report = replay_run(store, args.run, model, tokenizer, reward, config, shard=shard, **options)
+    print(_replay_summary(report) + ("" if args.ray is None else _ray_summary(report)))
+    return 0
+
+
+def _replay_summary(report) -> str:
+    """One line of a `ReplayReport`'s counts and seconds."""
     stale = f", {report.stale} valued again: their values came from another policy" if report.stale else ""
-    print(
+    return (
         f"replayed {report.trajectories} trajectories ({report.skipped} already valued{stale}): "
         f"{report.states} states, "
         f"{report.branches} branches, {report.branch_tokens} branch tokens "
@@ -223,11 +204,17 @@ def _replay(args: argparse.Namespace) -> int:
         f"{report.tokens_per_second:.0f} tokens/s; time: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
     )
-    return 0
+
+
+def _ray_summary(report) -> str:
+    """What a `RayReplayReport` adds to the summary line: workers, wall time, retries."""
+    retried = f", {len(report.retried)} trajectories handed out again after their worker died" if report.retried else ""
+    return f"; {report.workers} Ray workers, {report.wall_seconds:.1f} s wall (times above: summed over them){retried}"
 
 
 def _rollout(args: argparse.Namespace) -> int:
     from vinekv.rollout import RolloutConfig, format_rollout, sample_run
+    from vinekv.specs import load_model
     from vinekv.tasks.arithmetic import make_dataset, reward
     from vinekv.tasks.warmup import WarmupConfig
 
@@ -240,7 +227,7 @@ def _rollout(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
     )
-    model, tokenizer = _load_model(args.policy)
+    model, tokenizer = load_model(args.policy)
     task = WarmupConfig()
     dataset = make_dataset(config.problems, config.seed + 1, steps=task.task_steps, operand_max=task.operand_max)
     report = sample_run(args.store, args.run, model, tokenizer, dataset, reward, config, codec=args.codec)
@@ -324,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="seed of the training problems and sampling keys (default 0)")
     train.add_argument("--output", help="folder for the store, checkpoints and plot (default runs/train)")
     train.add_argument("--no-plot", action="store_true", help="skip <output>/vinekv-train.png")
+    train.add_argument(
+        "--async-replay",
+        action="store_true",
+        help="disk strategy: a worker process values batch N while the trainer generates batch N+1 "
+        "(vineppo_async_replay; one update of policy lag)",
+    )
     train.add_argument(
         "--offline-run",
         metavar="RUN",
@@ -477,11 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--esurge-page-size", type=int, default=16, help="eSurge engine: tokens per page (default 16)")
     replay.add_argument("--metrics", help="append one JSON line per trajectory here")
-    replay.add_argument(
+    spread = replay.add_mutually_exclusive_group()
+    spread.add_argument(
         "--shard",
         metavar="I/N",
         help="value only shard I of N of the run's trajectories (by a hash of the id): N processes with "
         "I = 0..N-1 (a SLURM array, one per pod host) cover the run exactly once, with a single process's values",
+    )
+    spread.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="value the run on Ray actors, each loading --model and --reward and reading the store itself: on the "
+        "cluster at ADDRESS (host:port, auto, ray://host:port) or, without ADDRESS, on a new local Ray instance; "
+        "a worker that dies loses only its unfinished trajectory, which another worker values (docs/distributed.md)",
+    )
+    replay.add_argument("--workers", type=int, help="with --ray: Ray actors valuing the run (default 2)")
+    replay.add_argument(
+        "--worker-gpus",
+        type=float,
+        help="with --ray: GPUs per worker (default 0; Ray hides the GPUs from a worker that asks for none)",
     )
     replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
     replay.add_argument(
