@@ -28,8 +28,8 @@ from typing import Any
 
 import tensorstore as ts
 
-from kvstore.errors import StoreError
-from kvstore.integrity import ATTEMPT
+from kvstore.errors import CorruptMetadataError, StoreError
+from kvstore.integrity import ATTEMPT, check_sealed
 from kvstore.tensorstore_backend import GC_GRACE_S, GarbageReport, TensorStoreBackend, group_json
 
 logger = logging.getLogger(__name__)
@@ -106,19 +106,34 @@ class MarkerCommit(TensorStoreBackend):
         return staging[len(final_prefix) :]
 
     def commit(self, staging: str, final_prefix: str, attributes: dict[str, Any], durable: bool | None = None) -> None:
-        """Creates the marker ``final_prefix/zarr.json`` if absent; else discards the attempt."""
-        if not self._create(final_prefix + "zarr.json", group_json(attributes)):
-            self.discard(staging)
-            raise FileExistsError(
-                f"{self.location(final_prefix)} already exists in the store (committed by another writer)"
-            )
+        """Creates the marker ``final_prefix/zarr.json`` if absent; else discards the attempt.
+
+        A failed condition whose marker names this very attempt is this writer's own commit
+        (a PUT retried after its reply was lost), not a lost race."""
+        if self._create(final_prefix + "zarr.json", group_json(attributes)):
+            return
+        if self._marked(staging):
+            return
+        self.discard(staging)
+        raise FileExistsError(
+            f"{self.location(final_prefix)} already exists in the store (committed by another writer)"
+        )
+
+    def _marked(self, staging: str) -> bool:
+        """Whether the marker of the node holding attempt ``staging`` names it."""
+        node, attempt = _split_attempt(staging)
+        marker = self.kvstore.read(node + "zarr.json").result()
+        return marker.state == "value" and _named_attempt(marker.value) == attempt
 
     def _create(self, key: str, value: bytes) -> bool:
         """Writes ``key`` only if it holds no value; whether this call created it."""
         return bool(self.kvstore.write(key, value, if_equal=NO_VALUE).result().generation)
 
     def discard(self, staging: str) -> None:
-        self.delete_prefix(staging)
+        """Removes an attempt, unless a marker names it (a commit whose outcome its writer did not
+        learn, e.g. a timeout after the server created the marker)."""
+        if not self._marked(staging):
+            self.delete_prefix(staging)
 
     def retire(self, prefix: str) -> None:
         """Deletes the marker (the node is gone at once), then everything under ``prefix``."""
@@ -191,7 +206,9 @@ class MarkerCommit(TensorStoreBackend):
                     marked.add(node)
                 elif attempt_age_s(parts[4], now) is not None:
                     attempts.add(parts[4])
-        reads = {node: self.kvstore.read(node + "zarr.json") for node in marked if nodes[node]}
+        # a marked node's one attempt is its data (a node without arrays names an attempt it never wrote:
+        # a crashed attempt beside it stays, harmless); beside others, the marker says which is live
+        reads = {node: self.kvstore.read(node + "zarr.json") for node in marked if len(nodes[node]) > 1}
         removed, kept = [], []
 
         def young(name: str) -> bool:
@@ -205,6 +222,8 @@ class MarkerCommit(TensorStoreBackend):
                 else:
                     kept += [self.location(f"{node}{a}/") for a in sorted(attempts) if young(a)]
                 continue
+            if node in marked and node not in reads:
+                continue
             live = _named_attempt(reads[node].result().value) if node in reads else ""
             if live is None:  # a damaged marker: nothing of the node is removed
                 continue
@@ -212,16 +231,22 @@ class MarkerCommit(TensorStoreBackend):
                 where = self.location(f"{node}{name}/")
                 if young(name):
                     kept.append(where)
-                else:
+                elif not self._marked(f"{node}{name}/"):  # a writer that committed since the listing keeps it
                     self.delete_prefix(f"{node}{name}/")
                     removed.append(where)
         return GarbageReport(removed=tuple(removed), kept=tuple(kept))
 
 
 def _named_attempt(marker: bytes) -> str | None:
-    """The attempt a marker's ``data`` names (``""``: none; None: the marker is unreadable)."""
+    """The attempt a marker's sealed ``data`` names (``""``: none; None: the marker is damaged)."""
     try:
-        data = json.loads(marker)["attributes"]["vinekv"].get("data", "")
-        return data.rstrip("/")
-    except (ValueError, KeyError, TypeError, AttributeError):
+        attrs = check_sealed(json.loads(marker)["attributes"]["vinekv"], "marker")
+        return attrs.get("data", "").rstrip("/")
+    except (ValueError, KeyError, TypeError, AttributeError, CorruptMetadataError):
         return None
+
+
+def _split_attempt(staging: str) -> tuple[str, str]:
+    """``(node prefix, attempt name)`` of an attempt prefix ``<node>attempt-.../``."""
+    node, attempt, _ = staging.rsplit("/", 2)
+    return node + "/", attempt

@@ -265,16 +265,16 @@ class RenameCommit(TensorStoreBackend):
     def collect_garbage(self, grace_s: float = GC_GRACE_S) -> GarbageReport:
         """Sweeps the staging area when no other writer holds the lock (``busy`` otherwise); the
         lock, not an age, tells a crashed writer's data from a live one's, so ``grace_s`` is
-        not used."""
-        fd = self._lock_fd if self._lock_fd is not None else self._open_lock()
+        not used. A writer of this store (which swept when it took its lock) sweeps nothing
+        more: turning its shared lock into an exclusive one would drop it for a moment, and
+        another writer opening then could sweep this one's staging folder."""
+        if self._lock_fd is not None:
+            return GarbageReport()
+        fd = self._open_lock()
         try:
-            report = self._sweep_if_alone(fd)
+            return self._sweep_if_alone(fd)
         finally:
-            if self._lock_fd is None:
-                os.close(fd)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-        return report
+            os.close(fd)
 
     def _open_lock(self) -> int:
         staging = self.local_root / STAGING

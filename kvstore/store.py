@@ -263,6 +263,11 @@ class SnapshotStore:
         return store
 
     @property
+    def is_local(self) -> bool:
+        """Whether the store is a local directory (else an object store or ``memory://``)."""
+        return self._backend.group_commit
+
+    @property
     def layout(self) -> KVLayout | None:
         """The KV layout every snapshot in this store has (set by the first spill)."""
         layout = self._meta.get("layout")
@@ -762,10 +767,12 @@ class SnapshotStore:
 
     def collect_garbage(self, grace_s: float = GC_GRACE_S) -> GarbageReport:
         """Removes what crashed writers and interrupted deletions left behind (never a committed
-        node): on a local store the staging area, when no other writer is active; elsewhere
-        unmarked attempts older than ``grace_s`` seconds (younger ones may be writes in flight)
-        and the remains of deleted runs. Opening a store for writing does this with the
-        default grace period."""
+        node). Opening a store for writing does this first (`swept_on_open`), with the default
+        grace period. On a local store the staging area is swept then, when no other writer is
+        active, and this call adds nothing. Elsewhere it removes unmarked attempts older than
+        ``grace_s`` seconds (younger ones may be writes in flight: a grace shorter than the
+        longest write, or than the clock skew between writers, can remove an attempt whose
+        marker is about to be written) and the remains of deleted runs."""
         self._check_writable()
         if isinstance(grace_s, bool) or not isinstance(grace_s, int | float) or not grace_s >= 0:
             raise ValueError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")

@@ -359,6 +359,8 @@ def _drive(
                 workers.replace(actor)
                 continue
             except ray.exceptions.RayTaskError as err:  # replay_run's own error, raised as it is
+                if err.cause is None:
+                    raise
                 raise err.cause from err
             workers.idle.append(actor)
             report.merge(result)

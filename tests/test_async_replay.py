@@ -78,6 +78,10 @@ def test_async_training_uses_the_advantages_of_each_batchs_rollout_policy(tmp_pa
 def test_async_replay_settings_are_checked(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="vineppo_async_replay values rollouts from the store: it needs"):
         make_trainer(tmp_path, tokenizer, vineppo_async_replay=True, vineppo_cache_strategy="memory")
+    with pytest.raises(ValueError, match="the worker process cannot see a memory:// store"):
+        make_trainer(
+            tmp_path, tokenizer, vineppo_async_replay=True, vineppo_cache_strategy="disk", vineppo_store="memory://m/"
+        )
     with pytest.raises(ValueError, match="does not pickle"):
         make_trainer(
             tmp_path,

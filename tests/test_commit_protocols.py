@@ -64,6 +64,7 @@ def test_marker_gc_removes_only_old_unmarked_attempts():
     assert store.read_prefix("r", "t0", LENGTH).position == LENGTH  # the committed node is whole
     with pytest.raises(ValueError, match="grace_s must be a number of seconds >= 0"):
         store.collect_garbage(grace_s=-1)
+    store.close()
 
 
 def test_a_marker_naming_a_path_outside_its_node_is_refused():
@@ -77,6 +78,7 @@ def test_a_marker_naming_a_path_outside_its_node_is_refused():
     store._attrs_cache.clear()
     with pytest.raises(CorruptMetadataError, match=r"data must name an attempt folder .* got '../t9/'"):
         store.read_prefix("r", "t0", LENGTH)
+    store.close()
 
 
 def test_gc_of_a_local_store_sweeps_staging_only_when_no_other_writer_is_active(tmp_path, capsys):
@@ -96,3 +98,32 @@ def test_gc_of_a_local_store_sweeps_staging_only_when_no_other_writer_is_active(
     assert not leftover.parent.exists()
     with SnapshotStore.open(path, mode="r") as store:
         assert store.trajectories("r") == ["t0"] and store.verify() == []
+
+
+@pytest.mark.parametrize("outcome", ["condition failed", "timeout"])
+def test_a_commit_whose_reply_is_lost_keeps_its_data(monkeypatch, outcome):
+    """The marker was created but the writer did not learn it: a retried PUT whose condition then
+    fails, or a timeout. Its attempt is the committed node's data and stays."""
+    real_create = MarkerCommit._create
+
+    def create_and_lose_the_reply(self, key, value):
+        created = real_create(self, key, value)
+        if "/trajectories/t0/" not in key:
+            return created
+        if outcome == "timeout":
+            raise TimeoutError("no reply")
+        return False
+
+    url = f"memory://lost-{outcome.split()[0]}/"
+    store = SnapshotStore.open(url, codec="int8")
+    monkeypatch.setattr(MarkerCommit, "_create", create_and_lose_the_reply)
+    store.spill("r", "t0", synthetic_state(0, length=LENGTH), PROMPT_LEN)
+    if outcome == "timeout":
+        with pytest.raises(Exception, match="no reply"):
+            store.flush()
+    else:
+        store.flush()
+    monkeypatch.undo()
+    assert store.trajectories("r") == ["t0"] and store.verify() == []
+    assert store.read_prefix("r", "t0", LENGTH).position == LENGTH
+    store.close()

@@ -82,6 +82,7 @@ class WorkerSetup:
     reward_weights: Sequence[float]
     splitter: Any = None
     esurge_options: Any = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # set in the worker before JAX starts
 
     def check_picklable(self) -> None:
         """ValueError naming the part that cannot be sent to a worker process."""
@@ -112,18 +113,20 @@ class ReplayWorker:
         self._conn.send((run, policy_params(model), config))
         self.pending += 1
 
-    def result(self) -> ReplayReport:
-        """The `ReplayReport` of the oldest queued run, once its values are in the store;
+    def result(self, run: str) -> ReplayReport:
+        """The `ReplayReport` of ``run`` (the oldest queued), once its values are in the store;
         RuntimeError with the worker's traceback if it failed or died."""
         if not self.pending:
             raise RuntimeError("no replay job is queued")
         try:
-            status, payload = self._conn.recv()
+            done, status, payload = self._conn.recv()
         except EOFError:
             raise RuntimeError(f"the replay worker died (exit code {self._process.exitcode})") from None
         self.pending -= 1
+        if done != run:
+            raise RuntimeError(f"the replay worker answered for run {done!r}, run {run!r} was expected")
         if status != "ok":
-            raise RuntimeError(f"the replay worker failed:\n{payload}")
+            raise RuntimeError(f"the replay worker failed on run {run!r}:\n{payload}")
         return payload
 
     def close(self) -> None:
@@ -142,6 +145,8 @@ class ReplayWorker:
 def _serve(conn: Any, setup: WorkerSetup) -> None:
     """The worker's loop: ``(run, params, config)`` jobs until ``None``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # a GPU the trainer uses too
+    os.environ.update(setup.env)
     from kvstore import SnapshotStore
     from replay.branch_replay import replay_run
     from replay.engines import open_engine
@@ -172,8 +177,8 @@ def _serve(conn: Any, setup: WorkerSetup) -> None:
                     progress=False,
                     engine=engine,
                 )
-                conn.send(("ok", report))
+                conn.send((run, "ok", report))
             except Exception:  # the trainer raises it with this traceback
-                conn.send(("error", traceback.format_exc()))
+                conn.send((run, "error", traceback.format_exc()))
     if engine is not None:
         engine.close()

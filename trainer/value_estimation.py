@@ -256,7 +256,8 @@ def spill_rollouts(
     store.flush()
     stats.seconds["capture"] += capture_seconds
     stats.seconds["spill"] += time.perf_counter() - start - capture_seconds
-    stats.store_bytes = store.size(run).stored
+    if store.is_local:  # elsewhere `size` would read every stored byte back
+        stats.store_bytes = store.size(run).stored
     return stats
 
 

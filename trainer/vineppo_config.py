@@ -110,6 +110,13 @@ class VinePPOConfig(GRPOConfig):
     vineppo_allow_stale: bool = field(
         default=False, metadata={"help": "offline: accept trajectories made by another policy than the initial one"}
     )
+    vineppo_async_worker_env: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "async: environment of the replay worker process, e.g. {'CUDA_VISIBLE_DEVICES': '1'} or "
+            "{'JAX_PLATFORMS': 'cpu'} to keep it off the trainer's accelerator"
+        },
+    )
     vineppo_async_replay: bool = field(
         default=False,
         metadata={
@@ -146,6 +153,10 @@ class VinePPOConfig(GRPOConfig):
             (
                 not self.vineppo_async_replay or (self.vineppo_mode != "off" and self.vineppo_offline_run is None),
                 "vineppo_async_replay needs vineppo_mode 'lite' or 'full' and no vineppo_offline_run",
+            ),
+            (
+                not self.vineppo_async_replay or not str(self.vineppo_store).startswith("memory://"),
+                "vineppo_async_replay: the worker process cannot see a memory:// store; use a path or a bucket",
             ),
             (
                 self.vineppo_offline_run is None or self.vineppo_mode != "off",

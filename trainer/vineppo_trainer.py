@@ -130,6 +130,7 @@ class VinePPOTrainer(GRPOTrainer):
                 weights,
                 step_splitter,
                 arguments.esurge_options(),
+                dict(arguments.vineppo_async_worker_env or {}),
             )
             if arguments.vineppo_async_replay
             else None
@@ -168,12 +169,14 @@ class VinePPOTrainer(GRPOTrainer):
         if self._replay_worker is not None:
             self._replay_worker.close()
             self._replay_worker = None
-        if self._pending is not None and not self.arguments.vineppo_keep_snapshots:
-            self.snapshot_store.delete_run(self._pending.run)  # generated, never trained on
-        self._pending = None
-        if self.snapshot_store is not None:
-            self.snapshot_store.close()
-            self.snapshot_store = None
+        pending, self._pending = self._pending, None
+        store, self.snapshot_store = self.snapshot_store, None
+        if store is not None:
+            try:
+                if pending is not None and not self.arguments.vineppo_keep_snapshots:
+                    store.delete_run(pending.run)  # generated, never trained on
+            finally:
+                store.close()
         if self._branch_engine is not None:
             self._branch_engine.close()
             self._branch_engine = None
@@ -629,16 +632,18 @@ class VinePPOTrainer(GRPOTrainer):
             self._pending = self._generate_for_worker(state, batch)
         ahead = self._lookahead if self.data_collator is None else self.data_collator(self._lookahead)
         current, self._pending = self._pending, self._generate_for_worker(state, ahead)
-        start = time.perf_counter()
-        report = self._replay_worker.result()
-        waited = time.perf_counter() - start
         store, run = self.snapshot_store, current.run
-        values = [
-            MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"])
-            for r in current.generated.rollouts
-        ]
-        if not self.arguments.vineppo_keep_snapshots:
-            store.delete_run(run)
+        try:
+            start = time.perf_counter()
+            report = self._replay_worker.result(run)
+            waited = time.perf_counter() - start
+            values = [
+                MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"])
+                for r in current.generated.rollouts
+            ]
+        finally:  # also when the worker failed: the run is not trained on
+            if not self.arguments.vineppo_keep_snapshots and run in store.runs():
+                store.delete_run(run)
         current.stats.replay = report
         out, metrics = self._valued(current.generated, values, current.stats)
         metrics["vineppo/replay_seconds"] = waited + current.stats.seconds["capture"] + current.stats.seconds["spill"]

@@ -122,7 +122,7 @@ def _gc(args: argparse.Namespace) -> int:
         removed = store.swept_on_open.removed + report.removed
     for where in removed:
         print(f"removed {where}")
-    if report.busy:
+    if store.swept_on_open.busy:
         print("other writers are active: their staging folders were left alone")
     young = f"; kept {len(report.kept)} unmarked attempts younger than {args.grace:g} s (writes may be in flight)"
     print(f"removed {len(removed)} leftovers" + (young if report.kept else ""))
