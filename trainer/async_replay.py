@@ -17,6 +17,8 @@ import dataclasses
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -144,6 +146,7 @@ class ReplayWorker:
 
 def _serve(conn: Any, setup: WorkerSetup) -> None:
     """The worker's loop: ``(run, params, config)`` jobs until ``None``."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `close` mid-job: exit through cleanup
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # a GPU the trainer uses too
     os.environ.update(setup.env)

@@ -173,8 +173,8 @@ class VinePPOTrainer(GRPOTrainer):
         store, self.snapshot_store = self.snapshot_store, None
         if store is not None:
             try:
-                if pending is not None and not self.arguments.vineppo_keep_snapshots:
-                    store.delete_run(pending.run)  # generated, never trained on
+                if pending is not None and pending.run in store.runs():
+                    store.delete_run(pending.run)  # generated, never trained on (and never valued)
             finally:
                 store.close()
         if self._branch_engine is not None:
