@@ -114,7 +114,7 @@ class MarkerCommit(TensorStoreBackend):
             return
         if self._marked(staging):
             return
-        self.discard(staging)
+        self.delete_prefix(staging)  # the marker names another attempt: this one is garbage
         raise FileExistsError(
             f"{self.location(final_prefix)} already exists in the store (committed by another writer)"
         )
@@ -150,18 +150,20 @@ class MarkerCommit(TensorStoreBackend):
         leftovers = [key for key in listed if key[len(prefix) :] not in files]
         if leftovers:
             logger.info("removing %d keys an interrupted deletion left under %s", len(leftovers), self.location(prefix))
-            for future in [self.kvstore.write(key, None) for key in leftovers]:
-                future.result()
-        for future in [self.kvstore.write(prefix + key, value) for key, value in files.items()]:
-            future.result()
+            self._write_all(dict.fromkeys(leftovers))
+        self._write_all({prefix + key: value for key, value in files.items()})
         return self._create(prefix + "zarr.json", group_json(attributes))
 
     def create_root(self, root: bytes, files: dict[str, bytes]) -> bool:
         if self.exists("zarr.json"):
             return False
-        for future in [self.kvstore.write(key, value) for key, value in files.items()]:
-            future.result()
+        self._write_all(files)
         return self._create("zarr.json", root)
+
+    def _write_all(self, values: dict[str, bytes | None]) -> None:
+        """Writes every key (None: deletes it), all requests in flight at once."""
+        for future in [self.kvstore.write(key, value) for key, value in values.items()]:
+            future.result()
 
     def update_json(
         self, key: str, change: Callable[[dict[str, Any] | None], bytes], durable: bool | None = None

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers bfloat16 and the other ml_dtypes names with numpy)
 import numpy as np
 
 from kvstore.errors import CorruptMetadataError
@@ -159,7 +159,7 @@ def check_layout(layout: Any, where: str) -> KVLayout:
     if not isinstance(layout["model_type"], str) or not isinstance(layout["keys_post_rope"], bool):
         raise CorruptMetadataError(f"{where}: layout.model_type must be a str and keys_post_rope a bool")
     try:
-        getattr(ml_dtypes, str(layout["dtype"]), None) or np.dtype(layout["dtype"])
+        np.dtype(layout["dtype"])
     except TypeError:
         raise CorruptMetadataError(f"{where}: layout.dtype {layout['dtype']!r} is not a dtype") from None
     return KVLayout.from_dict(layout)

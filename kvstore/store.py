@@ -32,7 +32,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from kvstore.codecs import KVCodec, get_codec
@@ -840,8 +839,7 @@ def _check_chunking(codec: KVCodec, chunk_tokens: int) -> None:
 def _array_geometry(codec: KVCodec, layout: KVLayout) -> dict[str, tuple[list[int], str]]:
     """Per stored array of ``codec`` for ``layout``: its axes other than the token axis, and its
     dtype (from encoding one token)."""
-    dtype = getattr(ml_dtypes, layout.dtype, None) or np.dtype(layout.dtype)
-    one = np.zeros((layout.num_layers, 1, layout.num_kv_heads, layout.head_dim), dtype)
+    one = np.zeros((layout.num_layers, 1, layout.num_kv_heads, layout.head_dim), np.dtype(layout.dtype))
     return {
         name: ([*stored.data.shape[:2], *stored.data.shape[3:]], str(stored.data.dtype))
         for name, stored in codec.encode(one, one).items()
@@ -872,7 +870,7 @@ def _check_root(root: dict[str, Any] | None, backend: TensorStoreBackend) -> dic
     version = attrs.get("format_version")
     if isinstance(version, bool) or version != FORMAT_VERSION:
         raise StoreFormatError(f"{where}: store format version {version!r}; this vinekv reads version {FORMAT_VERSION}")
-    check_sealed(group_attrs(root, where), where)
+    _sealed(root, where)
     try:
         _check_chunking(get_codec(attrs["codec"]), _check_chunk_tokens(attrs["chunk_tokens"]))
         if attrs["layout"] is not None:

@@ -261,6 +261,11 @@ def spill_rollouts(
     return stats
 
 
+def stored_values(store: SnapshotStore, run: str, rollouts: Sequence[Rollout]) -> list[MCRecord]:
+    """The MC values `replay_run` wrote for each rollout spilled to ``run`` (`spill_rollouts`)."""
+    return [MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"]) for r in rollouts]
+
+
 def _estimate_from_store(
     model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, fields, splitter, batch_rows,
     engine,
@@ -275,9 +280,7 @@ def _estimate_from_store(
             store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False, engine=engine
         )
         stats.seconds["replay"] += time.perf_counter() - start
-        results = [
-            MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"]) for r in rollouts
-        ]
+        results = stored_values(store, run, rollouts)
     finally:
         if not keep_run and run in store.runs():
             store.delete_run(run)

@@ -57,7 +57,7 @@ from trainer.losses import ppo_token_loss
 from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
 from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
-from trainer.value_estimation import EstimationStats, estimate_values, needs_entropy, spill_rollouts, trajectory_id
+from trainer.value_estimation import EstimationStats, estimate_values, needs_entropy, spill_rollouts, stored_values
 from trainer.vineppo_config import VinePPOConfig
 
 logger = logging.getLogger(__name__)
@@ -392,7 +392,7 @@ class VinePPOTrainer(GRPOTrainer):
             generated.rollouts,
             generated.config,
             store=self.snapshot_store,
-            run=f"{self._session}-step{int(jax.device_get(state.step)):07d}",
+            run=self._step_run(int(jax.device_get(state.step))),
             keep_run=args.vineppo_keep_snapshots,
             rewards=generated.rewards,
             fields=generated.fields,
@@ -445,6 +445,10 @@ class VinePPOTrainer(GRPOTrainer):
         token_adv = self._token_advantages(generated.rollouts, values, generated.rewards, mask.shape)
         metrics = {**generated.metrics, **_estimation_metrics(values, stats, generated.rollouts, generated.rewards)}
         return {**generated.out, "advantages": self._final_advantages(token_adv, mask)}, metrics
+
+    def _step_run(self, step: int) -> str:
+        """The store run of the batch generated at ``step`` (``disk``)."""
+        return f"{self._session}-step{step:07d}"
 
     def _replay_seed(self, state: EasyDeLState) -> int:
         """Branch seed of this step: fresh every step, reproducible from ``generation_seed``."""
@@ -637,10 +641,7 @@ class VinePPOTrainer(GRPOTrainer):
             start = time.perf_counter()
             report = self._replay_worker.result(run)
             waited = time.perf_counter() - start
-            values = [
-                MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"])
-                for r in current.generated.rollouts
-            ]
+            values = stored_values(store, run, current.generated.rollouts)
         finally:  # also when the worker failed: the run is not trained on
             if not self.arguments.vineppo_keep_snapshots and run in store.runs():
                 store.delete_run(run)
@@ -664,7 +665,7 @@ class VinePPOTrainer(GRPOTrainer):
         self._generations += 1
         keyed = state.replace(step=jnp.asarray(step, dtype=jnp.asarray(state.step).dtype))
         generated = self._rollouts(keyed, batch, self._prompt_fields(batch, True))
-        run = f"{self._session}-step{step:07d}"
+        run = self._step_run(step)
         stats = spill_rollouts(
             self.snapshot_store,
             run,
