@@ -1,4 +1,4 @@
-"""GRPO vs VinePPO-Lite vs full VinePPO on the arithmetic task (`vinekv.compare`), with the
+"""GRPO vs PPO vs VinePPO-Lite vs full VinePPO on the arithmetic task (`vinekv.compare`), with the
 results and plots kept in the repository.
 
     PYTHONPATH=. .venv/bin/python benchmarks/compare_bench.py [--seeds 3] [--updates 24] [--budget-s 0]

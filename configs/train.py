@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Trainer settings of the built-in job: 6 batches of 8 problems x 4 responses (12 updates with 2
-# PPO epochs) of full VinePPO, K = 4 branches per step start within each rollout's remaining
-# 40-token budget, advantages whitened, PPO's token-mean loss, snapshots spilled to the store.
+# Trainer settings of the built-in job (docs/benchmarks.md, "A regime that learns"): batches of 32
+# problems x 4 responses (128 rollouts; 8 x 4 did not learn), 2 PPO epochs per batch, AdamW at
+# 1e-4 after a 20-update linear warm-up (Adam's first updates are sign-like: full-size steps in
+# noisy directions), gradients clipped at 1; full VinePPO with K = 4 branches per step start within
+# each rollout's remaining 40-token budget, advantages whitened, PPO's token-mean loss, snapshots
+# spilled to the store. 60 updates: the demo's size (docs/benchmarks.md, "make demo").
 DEFAULT_TRAINER: dict[str, Any] = {
     "vineppo_mode": "full",
     "vineppo_cache_strategy": "disk",
@@ -17,15 +20,29 @@ DEFAULT_TRAINER: dict[str, Any] = {
     "vineppo_ppo_epochs": 2,
     "vineppo_whiten_advantages": True,
     "vineppo_keep_snapshots": True,
-    "max_training_steps": 12,
-    "total_batch_size": 8,
+    "max_training_steps": 60,
+    "total_batch_size": 32,
     "num_return_sequences": 4,
     "max_prompt_length": 32,
     "max_completion_length": 40,
     "learning_rate": 1e-4,
+    "scheduler": "linear",
+    "warmup_steps": 20,
+    "learning_rate_end": 1e-4,
+    "clip_grad": 1.0,
     "beta": 0.0,
     "loss_type": "bnpo",
 }
+
+
+def job_trainer(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`DEFAULT_TRAINER` with ``overrides`` on top. Unless ``overrides`` sets ``warmup_steps``, the
+    learning-rate warm-up is at most a third of ``max_training_steps`` (EasyDeL refuses a warm-up
+    as long as the run), so a short run such as ``--steps 4`` keeps the regime's shape."""
+    settings = {**DEFAULT_TRAINER, **overrides}
+    if "warmup_steps" not in overrides and settings.get("warmup_steps"):
+        settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_training_steps"] // 3)
+    return settings
 
 
 TASKS = ("arithmetic", "gsm8k")
@@ -55,14 +72,18 @@ class TrainConfig:
       train_problems: problems the trainer draws its batches from (seed ``seed + 1``).
       eval_problems: held-out problems for the accuracy before and after (seed ``eval_seed``).
       eval_seed: seed of the held-out problems.
-      output: folder of the job's store (``kv/``), checkpoints and plot.
+      eval_every: held-out greedy accuracy every this many updates during training (0: only
+        before and after); it joins the step's metrics, the plot and ``metrics.jsonl``.
+      output: folder of the job's store (``kv/``), checkpoints, ``metrics.jsonl`` (one JSON line
+        of metrics per step, appended across ``resume``) and plot.
       plot: write ``<output>/vinekv-train.png`` of the per-step metrics.
       checkpoints: save the policy (and optimizer state) under ``<output>/checkpoints`` at the
         end, and every ``trainer.save_steps`` updates when that is set.
       resume: continue from the newest checkpoint under ``<output>/checkpoints`` (same problems
         and sampling keys as an uninterrupted run); without it, an output that already holds a
         checkpoint is refused.
-      trainer: `VinePPOConfig` fields (EasyDeL's GRPOConfig fields too), over `DEFAULT_TRAINER`.
+      trainer: `VinePPOConfig` fields (EasyDeL's GRPOConfig fields too), over `DEFAULT_TRAINER`
+        (`job_trainer`).
     """
 
     task: str = "arithmetic"
@@ -78,8 +99,9 @@ class TrainConfig:
     seed: int = 0
     warmup: dict[str, Any] = dataclasses.field(default_factory=dict)
     train_problems: int = 2000
-    eval_problems: int = 200
+    eval_problems: int = 400
     eval_seed: int = 12345
+    eval_every: int = 10
     output: str = "runs/train"
     plot: bool = True
     checkpoints: bool = True
@@ -90,7 +112,7 @@ class TrainConfig:
         from trainer.vineppo_config import VinePPOConfig
         from vinekv.tasks.warmup import WarmupConfig
 
-        object.__setattr__(self, "trainer", {**DEFAULT_TRAINER, **self.trainer})
+        object.__setattr__(self, "trainer", job_trainer(self.trainer))
         object.__setattr__(self, "sharding_axis_dims", tuple(self.sharding_axis_dims))
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
@@ -109,6 +131,8 @@ class TrainConfig:
         for name in ("train_problems", "eval_problems", "eval_max_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
         if not self.output:
             raise ValueError("output must name a folder")
         known = {f.name for f in dataclasses.fields(VinePPOConfig)}

@@ -3,6 +3,8 @@ and held-out accuracy against a plain full-recompute greedy decoder."""
 
 from __future__ import annotations
 
+import json
+
 import random
 import re
 
@@ -145,8 +147,11 @@ def test_the_training_job_end_to_end(tmp_path, monkeypatch, capsys):
     )
     assert main(["train", "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "held-out accuracy (8 problems): greedy" in out and "1 runs kept, one per batch" in out
+    assert "held-out accuracy (8 problems):" in out and "1 runs kept, one per batch" in out
+    assert "(standard error, paired by problem)" in out
     assert (tmp_path / "out" / "vinekv-train.png").stat().st_size > 0
+    (entry,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert entry["step"] == 2 and {"loss", "policy_kl", "mean_entropy", "vineppo/advantage_nonzero"} <= set(entry)
     from kvstore import SnapshotStore
 
     with SnapshotStore.open(tmp_path / "out" / "kv", mode="r") as store:
@@ -189,3 +194,5 @@ def test_a_resumed_run_continues_from_the_saved_step(tmp_path, monkeypatch):
     for key in ("vineppo/trajectory_reward_mean", "vineppo/mc_value_mean", "loss"):
         assert resumed.history[0][key] == pytest.approx(whole.history[1][key], rel=1e-5, abs=1e-6), key
     assert resumed.after == whole.after
+    steps = [json.loads(line)["step"] for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # the resumed run appended to the first run's metrics

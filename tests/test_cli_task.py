@@ -85,17 +85,18 @@ def test_compare_runs_every_method_from_one_warm_up(short_cache, capsys):
         f"[warmup]\n{''.join(f'{k} = {v}{chr(10)}' for k, v in SHORT_WARMUP.items())}"
         "[trainer]\ntotal_batch_size = 2\nvineppo_branches = 2\nvineppo_ppo_epochs = 1\n"
     )
-    args = ["compare", "--config", str(config), "--methods", "off,full", "--seeds", "1", "--updates", "2"]
+    args = ["compare", "--config", str(config), "--methods", "off,ppo,full", "--seeds", "1", "--updates", "2"]
     assert main([*args, "--eval-every", "1", "--output", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
-    assert "GRPO" in out and "VinePPO" in out and "updates 2" in out
+    assert "GRPO" in out and "PPO " in out and "VinePPO" in out and "updates 2" in out
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [(r["method"], [c["updates"] for c in r["curve"]]) for r in saved["results"]] == [
         ("off", [0, 1, 2]),
+        ("ppo", [0, 1, 2]),
         ("full", [0, 1, 2]),
     ]
     before = {r["method"]: r["curve"][0]["greedy"] for r in saved["results"]}
-    assert before["off"] == before["full"]  # one warm-up, one held-out set
+    assert before["off"] == before["ppo"] == before["full"]  # one warm-up (PPO: under a value head), one held-out set
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
-    assert main(["compare", "--methods", "off,ppo"]) == 2
+    assert main(["compare", "--methods", "off,sft"]) == 2
     assert "subset of" in capsys.readouterr().err

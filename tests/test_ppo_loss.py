@@ -227,9 +227,21 @@ def test_step_reproduces_grpo_step_with_easydel_formula_and_uses_ppo_loss(traine
 
     # EasyDeL's formula through ppo_step: grpo_step's loss and metrics exactly
     assert float(hooked.loss) == pytest.approx(float(grpo.loss), rel=1e-6, abs=1e-7)
-    assert sorted(hooked.other_metrics) == sorted(grpo.other_metrics)
+    added = {"policy_kl", "ratio/mean", "ratio/max", "ratio/min"}
+    assert sorted(set(hooked.other_metrics) - added) == sorted(grpo.other_metrics)
     for name, value in grpo.other_metrics.items():
-        np.testing.assert_allclose(float(hooked.other_metrics[name]), float(value), rtol=1e-6, equal_nan=True)
+        if name != "mean_entropy":  # grpo_step computes entropies only for top_entropy_quantile < 1
+            np.testing.assert_allclose(float(hooked.other_metrics[name]), float(value), rtol=1e-6, equal_nan=True)
+
+    # the update-size metrics against the ratio computed here, over the real tokens
+    log_ratio = current - old
+    assert float(hooked.other_metrics["policy_kl"]) == pytest.approx(
+        (np.expm1(log_ratio) - log_ratio)[mask].mean(), 1e-4
+    )
+    assert float(hooked.other_metrics["ratio/mean"]) == pytest.approx(ratio[mask].mean(), rel=1e-4)
+    assert float(hooked.other_metrics["ratio/max"]) == pytest.approx(ratio[mask].max(), rel=1e-4)
+    assert float(hooked.other_metrics["ratio/min"]) == pytest.approx(ratio[mask].min(), rel=1e-4)
+    assert float(hooked.other_metrics["mean_entropy"]) > 0  # a random 256-token policy is far from certain
 
     # the trainer's step: PPO's loss (dapo: sum over real tokens / num_items_in_batch, + beta * k3 KL)
     clipped = np.clip(ratio, 0.8, 1.2)

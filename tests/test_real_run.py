@@ -47,7 +47,7 @@ def test_gsm8k_job_on_a_local_model_folder(tmp_path, capsys):
     assert main(["train", "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert f"vinekv train: gsm8k ({data}), model {tmp_path / 'model'} (float32)" in out
-    assert "held-out accuracy (2 problems): greedy" in out and "run-2" in out
+    assert "held-out accuracy (2 problems):" in out and "paired by problem" in out and "run-2" in out
     with SnapshotStore.open(tmp_path / "out" / "kv", mode="r") as store:
         (run,) = store.runs()
         infos = [store.trajectory_info(run, t) for t in store.trajectories(run)]

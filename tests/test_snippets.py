@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from vinekv.tasks.warmup import cache_root
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -24,7 +26,7 @@ def test_snippets_run_as_written(doc, tmp_path):
     script = "\n\n".join(python_snippets(doc))
     env = {
         **os.environ,
-        "VINEKV_CACHE": str(tmp_path / "cache"),  # a warm-up in a snippet stays out of the project's cache
+        "VINEKV_CACHE": str(cache_root()),  # the project's: the default warm-up is trained once per clone
         "VINEKV_JAX_CACHE": str(ROOT / ".jax_cache"),
         "PYTHONPATH": str(ROOT),
     }

@@ -338,5 +338,6 @@ def test_paper_preset():
     assert config.vineppo_whiten_advantages and config.vineppo_unfinished_reward == 0.0
     assert (config.generation_temperature, config.generation_top_p) == (0.6, 0.9)
     assert VinePPOConfig.paper_preset(save_directory="/tmp/preset").vineppo_branches == 9
-    plain = VinePPOConfig(save_directory="/tmp/preset")
-    assert (plain.beta, plain.vineppo_branches, plain.vineppo_whiten_advantages) == (0.04, 8, False)
+    plain = VinePPOConfig(save_directory="/tmp/preset")  # GRPO's defaults but the four the comparison chose
+    assert (plain.beta, plain.vineppo_branches, plain.vineppo_whiten_advantages) == (0.04, 4, True)
+    assert (plain.vineppo_mode, plain.vineppo_ppo_epochs) == ("full", 2)

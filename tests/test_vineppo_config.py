@@ -8,8 +8,11 @@ from trainer.vineppo_config import VinePPOConfig
 
 
 def test_defaults_and_replay_settings():
-    lite = VinePPOConfig(max_completion_length=64, lite_num_branches=3, lite_branch_max_len=20, lite_anchor_stride=8)
-    assert lite.vineppo_mode == "lite" and lite.num_return_sequences == 4  # GRPO fields still resolve
+    assert VinePPOConfig().vineppo_mode == "full"
+    lite = VinePPOConfig(
+        vineppo_mode="lite", max_completion_length=64, lite_num_branches=3, lite_branch_max_len=20, lite_anchor_stride=8
+    )
+    assert lite.num_return_sequences == 4  # GRPO fields still resolve
     replay = lite.replay_config(seed=5)
     assert (replay.mode, replay.branches, replay.max_tokens, replay.lite_anchor_stride, replay.seed) == (
         "lite",

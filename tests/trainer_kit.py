@@ -65,6 +65,8 @@ def trainer_settings(tmp_path, **overrides) -> dict:
         vineppo_unfinished_reward=None,
         vineppo_store=str(tmp_path / "kv"),
         vineppo_codec="lossless",
+        vineppo_ppo_epochs=1,  # one update per batch, raw advantages: what these tests check by hand
+        vineppo_whiten_advantages=False,
     )
     settings.update(overrides)
     return settings

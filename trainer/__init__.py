@@ -4,6 +4,8 @@
 - `VinePPOTrainer` (`trainer.vineppo_trainer`): GRPOTrainer whose advantages come from MC values.
 - `estimate_values` (`trainer.value_estimation`): MC values of rollouts with the ``memory``,
   ``disk`` or ``recompute`` cache strategy.
+- `PPOBaselineTrainer`, `ppo_config`, `critic_values` (`trainer.ppo_baseline`): EasyDeL's PPO with a
+  value network, set up like the other methods (the paper's PPO baseline), and its critic's V(s).
 - the estimators (`trainer.advantages`): `grpo_advantages`, `vineppo_advantages`, `mc_gae`,
   `trajectory_advantages`, `whiten`, `subtract_baseline`.
 
@@ -23,6 +25,7 @@ _EXPORTS = {
     "VinePPOConfig": "trainer.vineppo_config",
     "VinePPOTrainer": "trainer.vineppo_trainer",
     "estimate_values": "trainer.value_estimation",
+    **{name: "trainer.ppo_baseline" for name in ("PPOBaselineTrainer", "critic_values", "ppo_config")},
     "ppo_token_loss": "trainer.losses",
     "Rollout": "trainer.rollouts",
     "split_rollouts": "trainer.rollouts",

@@ -24,7 +24,10 @@ and the NaN-guarded update. Differences from ``grpo_step``:
 - the row-chunked path (``completion_chunk_size``) concatenates the chunks' log-probs and
   computes loss and metrics once, so its ``ref_per_token_logps`` metric is the unmasked mean of
   the non-chunked path;
-- ``delta`` and ``loss_type='cispo'`` are refused (``ValueError`` at trace time).
+- ``delta`` and ``loss_type='cispo'`` are refused (``ValueError`` at trace time);
+- more metrics, to see an update's size: ``mean_entropy`` (policy entropy per response token,
+  nats; whenever the log-probs are not row-chunked), ``policy_kl`` (KL(old || new) per token,
+  k3 estimator), ``ratio/mean``, ``ratio/max``, ``ratio/min`` over response tokens.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def ppo_step(
             attention_mask,
             prompt_ids.shape[-1],
             model_kwargs,
-            with_entropies=top_entropy_quantile < 1.0,
+            with_entropies=top_entropy_quantile < 1.0 or completion_chunk_size is None,
             chunk_rows=completion_chunk_size,
             vocab_chunk=logprob_vocab_chunk_size,
         )
@@ -150,7 +153,7 @@ def ppo_step(
         per_token_loss = token_loss_fn(log_w, old_w, advantages, epsilon, epsilon_high)
         ratio = jnp.exp(log_w - old_w)
 
-        if entropies is not None:
+        if entropies is not None and top_entropy_quantile < 1.0:
             masked = jnp.where(completion_mask > 0, entropies, jnp.nan)
             threshold = jnp.nanquantile(masked, 1 - top_entropy_quantile)
             per_token_loss = per_token_loss * (entropies >= threshold).astype(completion_mask.dtype) * completion_mask
@@ -177,12 +180,21 @@ def ppo_step(
 
         low = (ratio < 1 - epsilon) & (advantages < 0)
         high = (ratio > 1 + epsilon_high) & (advantages > 0)
+        log_ratio = jax.lax.stop_gradient(log_w - old_w)
+        real = completion_mask > 0 if log_ratio.shape[1] > 1 else jnp.ones_like(log_ratio, bool)
         metrics = {
-            "mean_entropy": masked_mean(entropies) if entropies is not None else jnp.array(jnp.nan, logps.dtype),
+            "mean_entropy": masked_mean(jax.lax.stop_gradient(entropies))
+            if entropies is not None
+            else jnp.array(jnp.nan, logps.dtype),
             "advantages": jnp.mean(advantages),
             "clip_ratio/low_mean": masked_mean(low.astype(jnp.float32)),
             "clip_ratio/high_mean": masked_mean(high.astype(jnp.float32)),
             "clip_ratio/region_mean": masked_mean((low | high).astype(jnp.float32)),
+            # KL(old || new) per token, k3 estimator on the old policy's samples (Schulman 2020)
+            "policy_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio),
+            "ratio/mean": masked_mean(jnp.exp(log_ratio)),
+            "ratio/max": jnp.max(jnp.where(real, jnp.exp(log_ratio), 0.0)),
+            "ratio/min": jnp.min(jnp.where(real, jnp.exp(log_ratio), jnp.inf)),
         }
         if beta != 0.0:
             metrics["mean_kl"] = masked_mean(per_token_kl)

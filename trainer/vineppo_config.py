@@ -50,10 +50,14 @@ class VinePPOConfig(GRPOConfig):
     into token GAE: ``mc_gae``) or ``full`` (MC values at every step start). Branch replay reads
     snapshots kept in memory, spilled to ``vineppo_store`` (``disk``), or re-prefilled from tokens
     (``recompute``).
+
+    The defaults are the configuration docs/benchmarks.md measures best: full VinePPO, K = 4
+    branches per step start, 2 PPO epochs per batch, whitened advantages (`paper_preset` has the
+    paper's K = 9 and its other settings).
     """
 
-    vineppo_mode: str = field(default="lite", metadata={"help": "off | lite | full"})
-    vineppo_branches: int = field(default=8, metadata={"help": "full mode: K branches per step start"})
+    vineppo_mode: str = field(default="full", metadata={"help": "off | lite | full"})
+    vineppo_branches: int = field(default=4, metadata={"help": "full mode: K branches per step start"})
     vineppo_max_depth: int | None = field(
         default=None, metadata={"help": "full mode: token budget of a branch (default: max_completion_length)"}
     )
@@ -94,9 +98,9 @@ class VinePPOConfig(GRPOConfig):
     vineppo_step_delimiter: str = field(default="\n", metadata={"help": "full mode: reasoning-step delimiter"})
     vineppo_gamma: float = field(default=1.0, metadata={"help": "discount"})
     vineppo_lambda: float = field(default=0.95, metadata={"help": "lite mode: GAE lambda"})
-    vineppo_whiten_advantages: bool = field(default=False, metadata={"help": "whiten advantages over the batch"})
+    vineppo_whiten_advantages: bool = field(default=True, metadata={"help": "whiten advantages over the batch"})
     vineppo_baseline: str = field(default="none", metadata={"help": "none | batch: subtract the batch mean advantage"})
-    vineppo_ppo_epochs: int = field(default=1, metadata={"help": "PPO epochs per generated batch"})
+    vineppo_ppo_epochs: int = field(default=2, metadata={"help": "PPO epochs per generated batch"})
     vineppo_unfinished_reward: float | None = field(
         default=0.0, metadata={"help": "return of a branch cut off by its token budget (None: score it as it is)"}
     )

@@ -62,13 +62,18 @@ from trainer.vineppo_config import VinePPOConfig
 
 logger = logging.getLogger(__name__)
 
+StepCallback = tp.Callable[[EasyDeLState, dict[str, float]], dict[str, float] | None]
+"""``(state after the batch's updates, the step's metrics) -> extra metrics or None``; extras join
+the step's entry in ``history`` and EasyDeL's metric loggers (wandb, TensorBoard)."""
+
 
 class VinePPOTrainer(GRPOTrainer):
     """GRPO trainer whose advantages come from VinePPO's Monte-Carlo values.
 
     Takes `GRPOTrainer`'s arguments plus ``step_splitter`` (full mode: a callable mapping a
     response text to its step-start character offsets, instead of ``vineppo_step_delimiter``).
-    ``history`` holds one dict of metrics per training step (loss, rewards, ``vineppo/*``).
+    ``history`` holds one dict of metrics per training step (loss, rewards, ``vineppo/*``);
+    ``step_callbacks`` are called after each batch's updates (`StepCallback`).
     Reward functions must be Python callables (branches are scored with them); reward models
     work only with ``vineppo_mode='off'``.
     """
@@ -99,6 +104,7 @@ class VinePPOTrainer(GRPOTrainer):
                     f"got {bad} (reward models work only with vineppo_mode='off')"
                 )
         self.step_splitter = step_splitter
+        self.step_callbacks: list[StepCallback] = []
         self._given_model = model.model if isinstance(model, EasyDeLState) else model  # see resumed_into
         self.history: list[dict[str, float]] = []
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # store run prefix
@@ -202,6 +208,14 @@ class VinePPOTrainer(GRPOTrainer):
             for tokens, keys, values in captured.values():
                 self._generated_kv[tuple(tokens.tolist())] = (keys, values)
         return results
+
+    def release_generation_runtime(self, *, state: EasyDeLState | None = None, **kwargs: tp.Any) -> None:
+        """EasyDeL calls this after every generation and drops its compiled ``generate`` there,
+        so each step traced and compiled it again (about 1 s a step for the tiny task model, most
+        of GRPO's step). The compiled path holds no KV between calls, so it is kept; eSurge's
+        runtime is released as EasyDeL does."""
+        if self.arguments.use_esurge_generation:
+            super().release_generation_runtime(state=state, **kwargs)
 
     def branch_engine(self, model: EasyDeLBaseModule) -> BranchEngine:
         """The branch engine (``vineppo_engine``, opened on first use and kept across steps),
@@ -381,8 +395,8 @@ class VinePPOTrainer(GRPOTrainer):
             sequence_adv = np.asarray(jax.device_get(out["advantages"]), dtype=np.float64)
             out = _prompts_per_row(out)
             out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))  # the rollout policy's
-            out["advantages"] = self._final_advantages(sequence_adv[:, None] * completion_mask, completion_mask)
-            return out, metrics
+            out["advantages"], signal = self._final_advantages(sequence_adv[:, None] * completion_mask, completion_mask)
+            return out, {**metrics, **signal}
         generated = self._rollouts(state, batch, prompt_fields)
         values, stats = estimate_values(
             args.vineppo_cache_strategy,
@@ -443,8 +457,13 @@ class VinePPOTrainer(GRPOTrainer):
         """The training batch of a generated batch with its MC values."""
         mask = generated.completion_mask
         token_adv = self._token_advantages(generated.rollouts, values, generated.rewards, mask.shape)
-        metrics = {**generated.metrics, **_estimation_metrics(values, stats, generated.rollouts, generated.rewards)}
-        return {**generated.out, "advantages": self._final_advantages(token_adv, mask)}, metrics
+        advantages, signal = self._final_advantages(token_adv, mask)
+        metrics = {
+            **generated.metrics,
+            **_estimation_metrics(values, stats, generated.rollouts, generated.rewards),
+            **signal,
+        }
+        return {**generated.out, "advantages": advantages}, metrics
 
     def _step_run(self, step: int) -> str:
         """The store run of the batch generated at ``step`` (``disk``)."""
@@ -487,12 +506,22 @@ class VinePPOTrainer(GRPOTrainer):
         ]
         return pad_rows(rows, shape[1], at=[r.row for r in rollouts], height=shape[0])
 
-    def _final_advantages(self, token_adv: np.ndarray, completion_mask: np.ndarray) -> jax.Array:
+    def _final_advantages(
+        self, token_adv: np.ndarray, completion_mask: np.ndarray
+    ) -> tuple[jax.Array, dict[str, float]]:
         """Baselined/whitened over the batch's real tokens, cut to ``max_loss_completion_tokens``
-        (GRPO's loss cuts the completions, but not per-token advantages or old log-probs)."""
+        (GRPO's loss cuts the completions, but not per-token advantages or old log-probs), and
+        how much signal the batch carries before that: ``vineppo/advantage_nonzero`` (share of
+        response tokens with A != 0) and ``vineppo/advantage_abs_mean`` (mean |A| over them)."""
         args = self.arguments
+        real = np.asarray(completion_mask, bool)
+        raw = np.abs(np.asarray(token_adv, np.float64))[real]
+        signal = {
+            "vineppo/advantage_nonzero": float((raw > 1e-12).mean()) if raw.size else 0.0,
+            "vineppo/advantage_abs_mean": float(raw.mean()) if raw.size else 0.0,
+        }
         adv = normalize_batch(token_adv, completion_mask, args.vineppo_baseline, args.vineppo_whiten_advantages)
-        return self._cut(jnp.asarray(adv, dtype=jnp.float32))
+        return self._cut(jnp.asarray(adv, dtype=jnp.float32)), signal
 
     def _cut(self, per_token: jax.Array) -> jax.Array:
         """``[N, Lc]`` cut to ``max_loss_completion_tokens`` columns when set."""
@@ -601,7 +630,7 @@ class VinePPOTrainer(GRPOTrainer):
                 "completion_mask": jnp.asarray(completion_mask),
             }
         )
-        out["advantages"] = self._final_advantages(token_adv, completion_mask)
+        out["advantages"], signal = self._final_advantages(token_adv, completion_mask)
         out["ref_per_token_logps"] = self._completion_logps(self.ref_state, out)
         out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))
         out["num_items_in_batch"] = jnp.sum(out["completion_mask"])
@@ -609,6 +638,7 @@ class VinePPOTrainer(GRPOTrainer):
             "reward_mean": float(rewards.mean()),
             "completion_length": float(completion_mask.sum(1).mean()),
             **_estimation_metrics(values, EstimationStats(), rollouts, rewards),
+            **signal,
         }
         return out, metrics
 
@@ -717,9 +747,12 @@ class VinePPOTrainer(GRPOTrainer):
         informations["vineppo/ppo_epochs"] = self.arguments.vineppo_ppo_epochs
         if metrics.other_metrics is not None:
             informations.update(metrics.other_metrics)
-        self.history.append(
-            {"step": int(jax.device_get(state.step)), "loss": float(metrics.loss), **_floats(informations)}
-        )
+        entry = {"step": int(jax.device_get(state.step)), "loss": float(metrics.loss), **_floats(informations)}
+        for callback in self.step_callbacks:
+            extra = _floats(callback(state, entry) or {})
+            entry.update(extra)
+            informations.update(extra)
+        self.history.append(entry)
         _log_batch(self.history[-1])
         self._advance_bar(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None

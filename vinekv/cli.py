@@ -10,8 +10,8 @@ vinekv train [--config FILE] [--mode off|lite|full] [--strategy memory|disk|reco
     --async-replay values each batch in a worker process while the next one is generated.
 vinekv rollout STORE --run RUN [--policy task|task:DIR] [--problems N] [--group G] ...
     sample G responses per arithmetic problem with a policy and spill their KV to a new run.
-vinekv compare [--methods off,lite,full] [--seeds 3] [--updates 24 | --budget-s S] [--output DIR]
-    GRPO vs VinePPO-Lite vs VinePPO from the same warm-up: held-out accuracy per method and seed.
+vinekv compare [--methods off,ppo,lite,full] [--seeds 3] [--updates 24 | --budget-s S] [--output DIR]
+    GRPO vs PPO vs VinePPO-Lite vs VinePPO from the same warm-up: held-out accuracy per method and seed.
 vinekv inspect STORE [--run RUN [--trajectory T [--plot FILE.png]]] [--tokenizer DIR]
     a store's runs, one run's trajectories, one trajectory's steps with MC values and advantages.
 vinekv verify STORE [--run RUN ...]
@@ -78,6 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "output": args.output,
         "plot": False if args.no_plot else None,
+        "eval_every": args.eval_every,
         "resume": True if args.resume else None,
     }
     config = load(TrainConfig, args.config) if args.config else TrainConfig()
@@ -238,15 +239,20 @@ def _rollout(args: argparse.Namespace) -> int:
 def compare_options(parser: argparse.ArgumentParser) -> None:
     """`vinekv compare`'s options (shared with benchmarks/compare_bench.py)."""
     parser.add_argument("--config", help="TOML file with CompareConfig fields (options given here override it)")
-    parser.add_argument("--methods", help="comma-separated subset of off (GRPO), lite, full (default off,lite,full)")
-    parser.add_argument("--seeds", type=int, help="runs per method (default 3)")
-    parser.add_argument("--updates", type=int, help="policy updates per run (default 24)")
-    parser.add_argument("--eval-every", type=int, help="updates between held-out evaluations (default 6)")
+    parser.add_argument(
+        "--methods",
+        help="comma-separated subset of off (GRPO), ppo (PPO with a value network), lite, full (default all four)",
+    )
+    parser.add_argument("--seeds", type=int, help="runs per method (default 5)")
+    parser.add_argument("--updates", type=int, help="policy updates per run (default 60)")
+    parser.add_argument("--eval-every", type=int, help="updates between held-out evaluations (default 10)")
     parser.add_argument("--budget-s", type=float, help="train every run for this many seconds instead (default 0: off)")
     parser.add_argument("--max-updates", type=int, help="cap on updates with --budget-s (default 400)")
-    parser.add_argument("--eval-problems", type=int, help="held-out problems (default 200)")
+    parser.add_argument("--eval-problems", type=int, help="held-out problems (default 400)")
     parser.add_argument(
-        "--lite-anchor-stride", type=int, help="Lite: an extra anchor every N response tokens (default: final only)"
+        "--lite-anchor-stride",
+        type=int,
+        help="Lite: an extra anchor every N response tokens (default 8; longer than a response: the final anchor only)",
     )
 
 
@@ -307,9 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML file with TrainConfig fields (default: configs/train.toml's values)")
     train.add_argument("--mode", choices=["off", "lite", "full"], help="vineppo_mode (default full; off = GRPO)")
     train.add_argument("--strategy", choices=["memory", "disk", "recompute"], help="KV cache strategy (default disk)")
-    train.add_argument("--steps", type=int, help="optimizer steps = batches x vineppo_ppo_epochs (default 12)")
+    train.add_argument("--steps", type=int, help="optimizer steps = batches x vineppo_ppo_epochs (default 60)")
+    train.add_argument(
+        "--eval-every", type=int, help="held-out greedy accuracy every N updates during training (default 10; 0: off)"
+    )
     train.add_argument("--seed", type=int, help="seed of the training problems and sampling keys (default 0)")
-    train.add_argument("--output", help="folder for the store, checkpoints and plot (default runs/train)")
+    train.add_argument(
+        "--output", help="folder for the store, checkpoints, metrics.jsonl and plot (default runs/train)"
+    )
     train.add_argument("--no-plot", action="store_true", help="skip <output>/vinekv-train.png")
     train.add_argument(
         "--async-replay",

@@ -1,9 +1,11 @@
-"""`vinekv compare`: GRPO vs VinePPO-Lite vs full VinePPO on the arithmetic task, same warm-up.
+"""`vinekv compare`: GRPO vs PPO vs VinePPO-Lite vs full VinePPO on the arithmetic task, same warm-up.
 
-Every method is the same `VinePPOTrainer` (same PPO loss, epochs, batch, learning rate and
-whitening) and differs only in its advantages: ``off`` is GRPO's group-normalised sequence
-advantage, ``lite`` VinePPO-Lite (MC values at the anchors + mc_gae), ``full`` full VinePPO (MC
-values at every step start). Each (method, seed) starts from the cached warm-up and trains
+``off``, ``lite`` and ``full`` are the same `VinePPOTrainer` (same PPO loss, epochs, batch,
+learning rate and whitening) and differ only in their advantages: ``off`` is GRPO's
+group-normalised sequence advantage, ``lite`` VinePPO-Lite (MC values at the anchors + mc_gae),
+``full`` full VinePPO (MC values at every step start). ``ppo`` is EasyDeL's PPO with a value
+network (`trainer.ppo_baseline`: GAE from a critic on the policy's trunk) with the same settings
+(`ppo_config`). Each (method, seed) starts from the cached warm-up and trains
 ``updates`` policy updates, or until ``budget_s`` seconds of training (the same wall-clock
 budget); held-out accuracy (greedy and sampled at T = 1) is measured before training and every
 ``eval_every`` updates, outside the timed training.
@@ -21,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("off", "lite", "full")
-LABELS = {"off": "GRPO", "lite": "VinePPO-Lite", "full": "VinePPO"}
+METHODS = ("off", "ppo", "lite", "full")
+LABELS = {"off": "GRPO", "ppo": "PPO", "lite": "VinePPO-Lite", "full": "VinePPO"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,27 +32,29 @@ class CompareConfig:
     """What `compare` runs.
 
     Attributes:
-      methods: subset of ``off`` (GRPO), ``lite``, ``full``.
+      methods: subset of ``off`` (GRPO), ``ppo`` (PPO with a value network), ``lite``, ``full``.
       seeds: runs per method (seed s shuffles the training problems and seeds sampling).
       updates: policy updates per run (ignored with ``budget_s``).
       eval_every: updates between held-out evaluations.
       budget_s: if > 0, train each run for this many seconds of training time instead.
       max_updates: cap on updates with ``budget_s``.
       eval_problems, train_problems: held-out (seed 12345) and training (seed 1) problem counts.
-      lite_anchor_stride: Lite's extra anchor every N response tokens (None: final anchor only).
+      lite_anchor_stride: Lite's extra anchor every N response tokens (None: final anchor only;
+        the final anchor alone leaves almost nothing to learn from, docs/benchmarks.md).
       warmup: `vinekv.tasks.warmup.WarmupConfig` fields over its defaults (the starting policy).
-      trainer: `VinePPOConfig` fields over `configs.train.DEFAULT_TRAINER` for every method.
+      trainer: `VinePPOConfig` fields over `configs.train.DEFAULT_TRAINER` for every method
+        (``ppo`` maps them with `trainer.ppo_baseline.ppo_config`).
     """
 
     methods: tuple[str, ...] = METHODS
-    seeds: int = 3
-    updates: int = 24
-    eval_every: int = 6
+    seeds: int = 5
+    updates: int = 60
+    eval_every: int = 10
     budget_s: float = 0.0
     max_updates: int = 400
-    eval_problems: int = 200
+    eval_problems: int = 400
     train_problems: int = 4000
-    lite_anchor_stride: int | None = None
+    lite_anchor_stride: int | None = 8
     warmup: dict[str, Any] = dataclasses.field(default_factory=dict)
     trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -66,26 +70,32 @@ class CompareConfig:
             raise ValueError(f"budget_s must be >= 0, got {self.budget_s}")
 
     def trainer_settings(self, method: str, seed: int, out: Path) -> dict[str, Any]:
-        """`vinekv train`'s settings (`DEFAULT_TRAINER`) for ``method``, KV kept in memory."""
-        from configs.train import DEFAULT_TRAINER
+        """`vinekv train`'s settings (`DEFAULT_TRAINER`) for ``method``, KV kept in memory
+        (``ppo``: the settings `ppo_config` maps, its ``vineppo_mode`` unused)."""
+        from configs.train import DEFAULT_TRAINER, job_trainer
         from vinekv.train import job_settings
 
         return {
             **job_settings(out, seed),
-            **DEFAULT_TRAINER,
-            "vineppo_mode": method,
-            "vineppo_cache_strategy": "memory",
-            "lite_num_branches": DEFAULT_TRAINER["vineppo_branches"],
-            "lite_branch_max_len": DEFAULT_TRAINER["max_completion_length"],
-            "lite_anchor_stride": self.lite_anchor_stride,
-            "max_training_steps": self.max_updates if self.budget_s else self.updates,
-            **self.trainer,
+            **job_trainer(
+                {
+                    "vineppo_mode": method,
+                    "vineppo_cache_strategy": "memory",
+                    "lite_num_branches": DEFAULT_TRAINER["vineppo_branches"],
+                    "lite_branch_max_len": DEFAULT_TRAINER["max_completion_length"],
+                    "lite_anchor_stride": self.lite_anchor_stride,
+                    "max_training_steps": self.max_updates if self.budget_s else self.updates,
+                    **self.trainer,
+                }
+            ),
         }
 
 
 def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_data: Any, out: Path) -> dict:
     """One training run: its accuracy curve (``updates``, ``train_seconds``, ``greedy``,
-    ``sampled`` per evaluation) and the seconds of each batch."""
+    ``sampled`` per evaluation), the seconds of each batch and the trainer's per-batch metrics
+    (``history``: PPO's value loss, VinePPO's MC statistics, ...)."""
+    from trainer.ppo_baseline import PPOBaselineTrainer, ppo_config
     from trainer.vineppo_config import VinePPOConfig
     from trainer.vineppo_trainer import VinePPOTrainer
     from vinekv.tasks.arithmetic import reward
@@ -93,8 +103,12 @@ def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_
 
     warmed = warm_up(WarmupConfig(**config.warmup), progress=False)
     settings = config.trainer_settings(method, seed, out / f"{method}-{seed}")
-    trainer = VinePPOTrainer(
-        arguments=VinePPOConfig(**settings),
+    if method == "ppo":
+        build, arguments = PPOBaselineTrainer, ppo_config(settings)
+    else:
+        build, arguments = VinePPOTrainer, VinePPOConfig(**settings)
+    trainer = build(
+        arguments=arguments,
         model=warmed.model,
         reward_funcs=reward,
         train_dataset=train_data.shuffle(seed=seed),
@@ -106,7 +120,7 @@ def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_
 
     def evaluate(state: Any, step: int) -> None:
         clock["train"] += time.perf_counter() - clock["since"]
-        model = state.model
+        model = state.model.model if method == "ppo" else state.model  # PPO's: the LM under the value head
         curve.append(
             {
                 "updates": step,
@@ -137,8 +151,9 @@ def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_
     try:
         trainer.train()
     finally:
-        trainer.close()
-    return {"method": method, "seed": seed, "curve": curve, "step_seconds": step_seconds}
+        if isinstance(trainer, VinePPOTrainer):  # its store and engines; PPO holds neither
+            trainer.close()
+    return {"method": method, "seed": seed, "curve": curve, "step_seconds": step_seconds, "history": trainer.history}
 
 
 def compare(config: CompareConfig) -> list[dict]:
@@ -165,33 +180,43 @@ def save_results(config: CompareConfig, results: list[dict], path: Path) -> Path
     return path
 
 
+BASELINES = ("off", "ppo")  # the methods whose best peak the others are timed to reach
+
+
 def plot_comparison(config: CompareConfig, results: list[dict], path: Path) -> Path:
-    """PNG of held-out accuracy (greedy, sampled) against updates, or training seconds with a
-    budget: one faint line per run, mean +- std over seeds per method where evaluations align."""
+    """PNG of held-out accuracy (greedy, sampled) against updates and against training seconds:
+    one faint line per run; per method, the mean over seeds with its 95% t-interval (against
+    updates) where the runs evaluate at the same update counts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "train_seconds" if config.budget_s else "updates"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, metric in zip(axes, ("greedy", "sampled"), strict=True):
-        for i, method in enumerate(config.methods):
-            runs = [r for r in results if r["method"] == method]
-            for r in runs:
-                ax.plot([c[key] for c in r["curve"]], [c[metric] for c in r["curve"]], color=f"C{i}", alpha=0.3)
-            if key == "updates" and runs and len({len(r["curve"]) for r in runs}) == 1:
-                xs = [c[key] for c in runs[0]["curve"]]
-                ys = np.array([[c[metric] for c in r["curve"]] for r in runs])
-                ax.errorbar(xs, ys.mean(0), yerr=ys.std(0), color=f"C{i}", marker="o", capsize=3, label=LABELS[method])
-            else:
-                ax.plot([], [], color=f"C{i}", label=LABELS[method])
-        ax.set_xlabel("policy updates" if key == "updates" else "training seconds")
-        ax.set_title(f"held-out accuracy, {metric}")
-        ax.legend()
-    axes[0].set_ylabel(f"accuracy ({config.eval_problems} problems)")
-    budget = f"same wall-clock budget ({config.budget_s:.0f} s)"
-    fig.suptitle(budget if config.budget_s else f"same updates ({config.updates})")
+    from vinekv.compare_stats import curves, mean_ci
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey="row")
+    for row, metric in zip(axes, ("greedy", "sampled"), strict=True):
+        for col, key in zip(row, ("updates", "train_seconds"), strict=True):
+            for i, method in enumerate(config.methods):
+                runs = [r for r in results if r["method"] == method]
+                for r in runs:
+                    col.plot([c[key] for c in r["curve"]], [c[metric] for c in r["curve"]], color=f"C{i}", alpha=0.25)
+                if runs and len({tuple(c["updates"] for c in r["curve"]) for r in runs}) == 1:
+                    updates, seconds, values = curves(runs, metric)
+                    xs = updates if key == "updates" else seconds.mean(0)
+                    ci = np.array([mean_ci(v)[1] for v in values.T]) if len(runs) > 1 else None
+                    col.errorbar(
+                        xs, values.mean(0), yerr=ci, color=f"C{i}", marker="o", ms=3, capsize=3, label=LABELS[method]
+                    )
+                else:
+                    col.plot([], [], color=f"C{i}", label=LABELS[method])
+            col.set_xlabel("policy updates" if key == "updates" else "training seconds (mean over seeds)")
+            col.set_title(f"held-out accuracy, {metric}")
+            col.legend(fontsize=8)
+        row[0].set_ylabel(f"accuracy ({config.eval_problems} problems)")
+    seeds = len({r["seed"] for r in results})
+    budget = f"same wall-clock budget ({config.budget_s:.0f} s)" if config.budget_s else f"{config.updates} updates"
+    fig.suptitle(f"{budget}, {seeds} seeds (mean, 95% t-interval; faint: each run)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -200,17 +225,48 @@ def plot_comparison(config: CompareConfig, results: list[dict], path: Path) -> P
 
 
 def format_comparison(config: CompareConfig, results: list[dict]) -> str:
-    """One line per method: updates, median batch seconds, accuracy before -> after (mean +- std)."""
+    """Per method: updates, median batch seconds, greedy and sampled accuracy before -> after
+    (mean +- 95% t-interval over seeds), the greedy gain over GRPO paired by seed, and the
+    updates and seconds the mean curve takes to reach the best baseline's (GRPO's or PPO's) peak."""
+    from vinekv.compare_stats import curves, first_reaching, mean_ci, paired_difference
+
+    by_method = {m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in config.methods}
+    aligned = all(len({tuple(c["updates"] for c in r["curve"]) for r in runs}) == 1 for runs in by_method.values())
+    peak = None
+    if aligned and not config.budget_s:
+        means = {m: curves(runs, "greedy")[2].mean(0) for m, runs in by_method.items() if m in BASELINES and runs}
+        if means:
+            best = max(means, key=lambda m: means[m].max())
+            peak = (best, float(means[best].max()))
     lines = []
-    for method in config.methods:
-        runs = [r for r in results if r["method"] == method]
+    for method, runs in by_method.items():
         first = np.array([[r["curve"][0]["greedy"], r["curve"][0]["sampled"]] for r in runs])
         last = np.array([[r["curve"][-1]["greedy"], r["curve"][-1]["sampled"]] for r in runs])
         updates = [r["curve"][-1]["updates"] for r in runs]
         step = np.median([s for r in runs for s in r["step_seconds"][1:]] or [np.nan])
-        lines.append(
+        greedy, sampled = mean_ci(last[:, 0]), mean_ci(last[:, 1])
+        line = (
             f"{LABELS[method]:13s} {len(runs)} seeds, updates {np.mean(updates):.0f}, median batch {step:.1f} s; "
-            f"greedy {first[:, 0].mean():.3f} -> {last[:, 0].mean():.3f} +- {last[:, 0].std():.3f}, "
-            f"sampled {first[:, 1].mean():.3f} -> {last[:, 1].mean():.3f} +- {last[:, 1].std():.3f}"
+            f"greedy {first[:, 0].mean():.3f} -> {greedy[0]:.3f} +- {greedy[1]:.3f}, "
+            f"sampled {first[:, 1].mean():.3f} -> {sampled[0]:.3f} +- {sampled[1]:.3f}"
         )
+        grpo = by_method.get("off")
+        if method != "off" and grpo and [r["seed"] for r in grpo] == [r["seed"] for r in runs]:
+            gain = paired_difference(last[:, 0], np.array([r["curve"][-1]["greedy"] for r in grpo]))
+            line += f"; greedy vs GRPO {gain[0]:+.3f} +- {gain[1]:.3f}"
+        if peak is not None:
+            reached = first_reaching(*_mean_curve(runs), peak[1])
+            line += f"; reaches {LABELS[peak[0]]}'s peak {peak[1]:.3f} after " + (
+                f"{reached[0]} updates, {reached[1]:.0f} s" if reached else "never"
+            )
+        lines.append(line)
+    lines.append("(+- : 95% t-interval over seeds; 'vs GRPO': paired by seed)")
     return "\n".join(lines)
+
+
+def _mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(updates [E], mean training seconds [E], mean greedy accuracy [E])`` over ``runs``."""
+    from vinekv.compare_stats import curves
+
+    updates, seconds, values = curves(runs, "greedy")
+    return updates, seconds.mean(0), values.mean(0)

@@ -9,9 +9,12 @@ with the rollouts' KV spilled to ``<output>/kv`` -> held-out accuracy again, a p
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from configs import TrainConfig
 
@@ -31,10 +34,27 @@ COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class Accuracy:
-    """Held-out accuracy of greedy and sampled (T = 1) completions."""
+    """Held-out grades ``[N]`` (one per problem) of greedy and sampled (T = 1) completions."""
 
-    greedy: float
-    sampled: float
+    greedy_solved: tuple[float, ...]
+    sampled_solved: tuple[float, ...]
+
+    @property
+    def greedy(self) -> float:
+        return float(np.mean(self.greedy_solved))
+
+    @property
+    def sampled(self) -> float:
+        return float(np.mean(self.sampled_solved))
+
+
+def paired_gain(before: tuple[float, ...], after: tuple[float, ...]) -> tuple[float, float]:
+    """``(mean gain, its standard error)`` of per-problem grades ``[N]`` measured twice on the
+    same problems: the standard error of the mean of the paired differences (ddof 1)."""
+    diff = np.asarray(after, np.float64) - np.asarray(before, np.float64)
+    if diff.size < 2:
+        return float(diff.mean()), float("nan")
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +72,7 @@ class TrainReport:
     checkpoint: str | None
 
 
+METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_MODEL_NAME = "policy"  # checkpoints go to <output>/checkpoints/policy/run-<step>
 
 
@@ -111,18 +132,52 @@ def load_policy(output: str | Path, warmup: dict | None = None) -> tuple[Any, An
     return resumed_into(loaded, model).model, warmed.tokenizer
 
 
-def held_out_accuracy(model: Any, setup: TaskSetup, config: TrainConfig) -> Accuracy:
-    from vinekv.tasks.warmup import accuracy
+def held_out_accuracy(model: Any, setup: TaskSetup, config: TrainConfig, sampled: bool = True) -> Accuracy:
+    """Grades on the held-out problems, greedy and (unless not ``sampled``) at T = 1."""
+    from vinekv.tasks.warmup import solved
 
     grading = {
         "max_new_tokens": config.eval_max_tokens,
         "batch_size": config.eval_batch_size,
         "grade": setup.reward,
     }
-    return Accuracy(
-        greedy=accuracy(model, setup.tokenizer, setup.held_out, **grading),
-        sampled=accuracy(model, setup.tokenizer, setup.held_out, temperature=1.0, seed=config.seed, **grading),
+    at_t1 = (
+        solved(model, setup.tokenizer, setup.held_out, temperature=1.0, seed=config.seed, **grading) if sampled else ()
     )
+    return Accuracy(
+        tuple(solved(model, setup.tokenizer, setup.held_out, **grading).tolist()),
+        tuple(np.asarray(at_t1).tolist()),
+    )
+
+
+class MetricsLog:
+    """A `trainer.vineppo_trainer.StepCallback` appending each step's metrics to a JSON-lines
+    file (one object per line, ``step`` first; the file grows across resumed runs)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, state: Any, entry: dict[str, float]) -> None:
+        line = json.dumps({"step": entry["step"], **entry, "time": time.time()})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+
+
+class HeldOutEvaluation:
+    """A `StepCallback` adding ``eval/greedy_accuracy`` (held-out, greedy) every ``every`` updates."""
+
+    def __init__(self, setup: TaskSetup, config: TrainConfig, every: int):
+        self.setup, self.config, self.every = setup, config, every
+        self.last = None
+
+    def __call__(self, state: Any, entry: dict[str, float]) -> dict[str, float] | None:
+        step = int(entry["step"])
+        if self.last is None:
+            self.last = step - (step % self.every)  # resumed runs keep the same grid
+        if step - self.last < self.every:
+            return None
+        self.last = step - (step % self.every)
+        return {"eval/greedy_accuracy": held_out_accuracy(state.model, self.setup, self.config, sampled=False).greedy}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +289,9 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     start = time.perf_counter()
     before = held_out_accuracy(trainer.model_state.model, setup, config)
     seconds["evaluation"] = time.perf_counter() - start
+    if config.eval_every:
+        trainer.step_callbacks.append(HeldOutEvaluation(setup, config, config.eval_every))
+    trainer.step_callbacks.append(MetricsLog(output / METRICS_FILE))
     start = time.perf_counter()
     try:
         trained = trainer.train().state.model
@@ -243,7 +301,7 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     start = time.perf_counter()
     after = held_out_accuracy(trained, setup, config)
     seconds["evaluation"] += time.perf_counter() - start
-    plot = plot_history(trainer.history, str(output / "vinekv-train.png")) if config.plot else None
+    plot = plot_history(read_metrics(output / METRICS_FILE), str(output / "vinekv-train.png")) if config.plot else None
     runs = []
     if arguments.vineppo_cache_strategy == "disk" and arguments.vineppo_keep_snapshots:
         with SnapshotStore.open(store, mode="r") as reader:
@@ -254,22 +312,43 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     )
 
 
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The step entries of a ``metrics.jsonl`` (every run of the job, resumed ones included)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+PLOTTED = (
+    ("held-out accuracy (greedy)", ("eval/greedy_accuracy",)),
+    ("rollout reward", ("vineppo/trajectory_reward_mean",)),
+    ("loss", ("loss",)),
+    ("KL per token", ("policy_kl", "mean_kl")),
+    ("clip fraction", ("clip_ratio/region_mean",)),
+    ("entropy per token (nats)", ("mean_entropy",)),
+)
+
+
 def plot_history(history: list[dict[str, float]], path: str) -> str:
-    """PNG of reward, MC value mean and replay time share per step; returns the path."""
+    """PNG of the per-step metrics (`PLOTTED`): held-out accuracy where evaluated, rollout
+    reward, loss, KL (to the rollout policy; to the reference when ``beta`` > 0), clip fraction
+    and entropy; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    for key, label in (("vineppo/trajectory_reward_mean", "rollout reward"), ("vineppo/mc_value_mean", "MC value")):
-        top.plot(steps, [h.get(key, float("nan")) for h in history], marker="o", label=label)
-    top.set_ylabel("mean")
-    top.legend()
-    bottom.plot(steps, [h.get("vineppo/replay_time_share", float("nan")) for h in history], marker="s", color="C2")
-    bottom.set_ylabel("replay share of step time")
-    bottom.set_xlabel("optimizer step")
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+    for ax, (title, keys) in zip(axes.ravel(), PLOTTED, strict=True):
+        for key in keys:
+            points = [(h["step"], h[key]) for h in history if key in h and np.isfinite(h[key])]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval/") else None, ms=3, label=key)
+        ax.set_title(title)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("policy update")
     fig.suptitle("vinekv train")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -296,10 +375,16 @@ def format_training(report: TrainReport) -> str:
         "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
         *("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows),
         "",
-        f"held-out accuracy ({n} problems{resumed}): greedy {report.before.greedy:.3f} -> {report.after.greedy:.3f}, "
-        f"sampled {report.before.sampled:.3f} -> {report.after.sampled:.3f} "
-        f"(standard error ~{(0.25 / n) ** 0.5:.3f})",
+        f"held-out accuracy ({n} problems{resumed}):",
+        *(
+            f"  {name:7s} {getattr(report.before, name):.3f} -> {getattr(report.after, name):.3f}: "
+            "gain {:+.3f} +- {:.3f} (standard error, paired by problem)".format(
+                *paired_gain(getattr(report.before, f"{name}_solved"), getattr(report.after, f"{name}_solved"))
+            )
+            for name in ("greedy", "sampled")
+        ),
         "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()),
+        f"metrics: {Path(report.config.output) / METRICS_FILE}",
         f"store: {report.store}"
         + (f" ({len(report.runs)} runs kept, one per batch; `vinekv inspect {report.store}`)" if report.runs else ""),
     ]

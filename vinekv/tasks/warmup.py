@@ -232,7 +232,12 @@ def warm_up(config: WarmupConfig = WarmupConfig(), *, cache: Path | None = None,
     return WarmupResult(model, tokenizer, path, False, seconds, final_loss)
 
 
-def accuracy(
+def accuracy(model: Any, tokenizer: Any, dataset: Any, **options: Any) -> float:
+    """Share of ``dataset`` (``prompt``/``answer`` columns) the policy solves (`solved`'s mean)."""
+    return float(solved(model, tokenizer, dataset, **options).mean())
+
+
+def solved(
     model: Any,
     tokenizer: Any,
     dataset: Any,
@@ -242,17 +247,17 @@ def accuracy(
     max_new_tokens: int = 48,
     batch_size: int = 256,
     grade: Callable[..., list[float]] = reward,
-) -> float:
-    """Share of ``dataset`` (``prompt``/``answer`` columns) the policy solves: greedy
-    (``temperature=0``) or sampled completions of up to ``max_new_tokens``, cut at the first stop
-    token (`replay.sampler.eos_token_ids`), graded by ``grade(prompts, completions, answer)``
-    (default: the arithmetic verifier)."""
+) -> np.ndarray:
+    """``[N]`` grades of the policy on each problem of ``dataset`` (``prompt``/``answer`` columns):
+    greedy (``temperature=0``) or sampled completions of up to ``max_new_tokens``, cut at the
+    first stop token (`replay.sampler.eos_token_ids`), graded by
+    ``grade(prompts, completions, answer)`` (default: the arithmetic verifier, 0 or 1)."""
     from replay.decode import decode, prefill, row_keys_for
     from replay.sampler import eos_token_ids
 
     prompts, answers = list(dataset["prompt"]), list(dataset["answer"])
     stops = np.fromiter(eos_token_ids(model, tokenizer), np.int64)
-    solved = 0.0
+    grades = []
     for lo in range(0, len(prompts), batch_size):
         chunk = prompts[lo : lo + batch_size]
         encoded = [tokenizer.encode(p, add_special_tokens=False) for p in chunk]
@@ -264,8 +269,8 @@ def accuracy(
         keys = row_keys_for(seed + lo, len(chunk))
         tokens = decode(model, cache, logits, max_new_tokens, temperature=temperature, row_keys=keys).tokens
         texts = [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True) for row in tokens]
-        solved += sum(grade(chunk, texts, answers[lo : lo + batch_size]))
-    return solved / len(prompts)
+        grades.extend(grade(chunk, texts, answers[lo : lo + batch_size]))
+    return np.asarray(grades, dtype=np.float64)
 
 
 def _until_stop(tokens: np.ndarray, stops: np.ndarray) -> list[int]:
