@@ -30,9 +30,10 @@ def main() -> None:
     quiet_logs()
     enable_compilation_cache(ROOT / ".jax_cache")
     config = compare_config(args)
-    results = compare(config)
     name = "compare" + ("-budget" if config.budget_s else "") + (f"-{args.tag}" if args.tag else "")
-    save_results(config, results, ROOT / "benchmarks" / "results" / f"{name}.json")
+    results = compare(
+        config, on_run=lambda done: save_results(config, done, ROOT / "benchmarks" / "results" / f"{name}.json")
+    )
     plot_comparison(config, results, ROOT / "docs" / "img" / f"{name}.png")
     print(format_comparison(config, results))
 

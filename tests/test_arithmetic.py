@@ -4,7 +4,6 @@ and held-out accuracy against a plain full-recompute greedy decoder."""
 from __future__ import annotations
 
 import json
-
 import random
 import re
 

@@ -283,8 +283,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     config = compare_config(args)
     output = Path(args.output)
-    results = compare(config)
-    data = save_results(config, results, output / "compare.json")
+    results = compare(config, on_run=lambda done: save_results(config, done, output / "compare.json"))
+    data = output / "compare.json"
     png = plot_comparison(config, results, output / "compare.png")
     print(format_comparison(config, results))
     print(f"results: {data}\nplot: {png}")

@@ -14,10 +14,12 @@ budget); held-out accuracy (greedy and sampled at T = 1) is measured before trai
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +158,11 @@ def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_
     return {"method": method, "seed": seed, "curve": curve, "step_seconds": step_seconds, "history": trainer.history}
 
 
-def compare(config: CompareConfig) -> list[dict]:
-    """Every (seed, method) run of ``config``, in that order (`run_one`'s dicts)."""
+def compare(config: CompareConfig, on_run: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every (seed, method) run of ``config``, in that order (`run_one`'s dicts); ``on_run(results
+    so far)`` after each run (e.g. to save them: a long comparison keeps what it measured)."""
+    import jax
+
     from vinekv.tasks.arithmetic import make_dataset
     from vinekv.tasks.warmup import WarmupConfig
 
@@ -169,6 +174,10 @@ def compare(config: CompareConfig) -> list[dict]:
         for seed in range(config.seeds):
             for method in config.methods:
                 results.append(run_one(method, seed, config, held_out, train_data, Path(scratch)))
+                if on_run is not None:
+                    on_run(results)
+                jax.clear_caches()  # XLA:CPU keeps memory maps per compiled program: 19 runs hit vm.max_map_count
+                gc.collect()
     return results
 
 
