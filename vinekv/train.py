@@ -301,7 +301,12 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     start = time.perf_counter()
     after = held_out_accuracy(trained, setup, config)
     seconds["evaluation"] += time.perf_counter() - start
-    plot = plot_history(read_metrics(output / METRICS_FILE), str(output / "vinekv-train.png")) if config.plot else None
+    plot = None
+    if config.plot:
+        history = read_metrics(output / METRICS_FILE)
+        plot = plot_history(
+            [{"step": start_step, "eval/greedy_accuracy": before.greedy}, *history], str(output / "vinekv-train.png")
+        )
     runs = []
     if arguments.vineppo_cache_strategy == "disk" and arguments.vineppo_keep_snapshots:
         with SnapshotStore.open(store, mode="r") as reader:
@@ -330,7 +335,8 @@ PLOTTED = (
 
 
 def plot_history(history: list[dict[str, float]], path: str) -> str:
-    """PNG of the per-step metrics (`PLOTTED`): held-out accuracy where evaluated, rollout
+    """PNG of the per-step metrics (`PLOTTED`, in step order): held-out accuracy where evaluated
+    (`run_training` adds the evaluation before training at its start step), rollout
     reward, loss, KL (to the rollout policy; to the reference when ``beta`` > 0), clip fraction
     and entropy; returns the path."""
     import matplotlib
@@ -341,7 +347,7 @@ def plot_history(history: list[dict[str, float]], path: str) -> str:
     fig, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
     for ax, (title, keys) in zip(axes.ravel(), PLOTTED, strict=True):
         for key in keys:
-            points = [(h["step"], h[key]) for h in history if key in h and np.isfinite(h[key])]
+            points = sorted((h["step"], h[key]) for h in history if key in h and np.isfinite(h[key]))
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval/") else None, ms=3, label=key)
         ax.set_title(title)
