@@ -43,13 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from easydel.infra.base_module import EasyDeLBaseModule
 from easydel.infra.base_state import EasyDeLState
-from easydel.infra.errors import EasyDeLBreakRequest, EasyDeLTimerError
 from easydel.infra.loss_utils import LossMetrics
 from easydel.trainers.proximal_policy_optimization_trainer import PPOConfig, PPOTrainer
 
 from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
 from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import VinePPOTrainer, _floats
+from trainer.vineppo_trainer import VinePPOTrainer, _floats, run_ppo_epochs
 
 # The VinePPO paper's PPO runs (McGill-NLP/VinePPO at efe7228): configs/trainers/ppo_MATH.jsonnet
 # sets gamma 1.0 (line 57), lam 0.96 (line 58) and cliprange_value 0.2 (line 61), but every
@@ -196,22 +195,15 @@ class PPOBaselineTrainer(PPOTrainer):
     def _execute_train_step(self, state, batch) -> tuple[EasyDeLState, LossMetrics, BaseException | None]:
         """Rollout, scoring and GAE once, then ``num_ppo_epochs`` updates on the batch (each
         advances ``state.step``); the step's metrics are the last update's plus the rollout's."""
-        metrics = LossMetrics()
         start = time.perf_counter()
-        try:
-            batch, informations = self._preprocess_batch_input(state=state, batch=batch, is_train=True)
-            for _ in range(self.arguments.num_ppo_epochs):
-                state, metrics = jax.block_until_ready(
-                    self.sharded_training_step_function(
-                        state, batch, *self._train_shared_fn_extra_args, *self._train_shared_fn_static_args
-                    )
-                )
-        except (KeyboardInterrupt, EasyDeLTimerError, EasyDeLBreakRequest) as run_exception:
-            return state, metrics, run_exception
-        except Exception as run_exception:
-            if self._is_memory_oom_exception(run_exception):  # as the base trainer: annotated, saved, stopped
-                return state, metrics, self._augment_memory_oom_exception(run_exception)
-            raise
+        state, metrics, informations, error = run_ppo_epochs(
+            self,
+            state,
+            lambda: self._preprocess_batch_input(state=state, batch=batch, is_train=True),
+            self.arguments.num_ppo_epochs,
+        )
+        if error is not None:
+            return state, metrics, error
         informations.update(metrics.other_metrics or {})
         informations["step_seconds"] = time.perf_counter() - start
         self.history.append(

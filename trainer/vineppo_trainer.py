@@ -722,25 +722,14 @@ class VinePPOTrainer(GRPOTrainer):
         ``vineppo_async_replay`` the batch comes from `_async_batch` (replay seconds: waiting for
         the worker, plus capture and spill).
         """
-        metrics = LossMetrics()
         start = time.perf_counter()
-        try:
-            if self.arguments.vineppo_async_replay:
-                batch, informations = self._async_batch(state, batch)
-            else:
-                batch, informations = self._preprocess_batch_input(state=state, batch=batch, is_train=True)
-            for _ in range(self.arguments.vineppo_ppo_epochs):
-                state, metrics = jax.block_until_ready(
-                    self.sharded_training_step_function(
-                        state, batch, *self._train_shared_fn_extra_args, *self._train_shared_fn_static_args
-                    )
-                )
-        except (KeyboardInterrupt, EasyDeLTimerError, EasyDeLBreakRequest) as run_exception:
-            return state, metrics, run_exception
-        except Exception as run_exception:
-            if self._is_memory_oom_exception(run_exception):  # as the base trainer: annotated, saved, stopped
-                return state, metrics, self._augment_memory_oom_exception(run_exception)
-            raise
+        if self.arguments.vineppo_async_replay:
+            prepare = lambda: self._async_batch(state, batch)  # noqa: E731
+        else:
+            prepare = lambda: self._preprocess_batch_input(state=state, batch=batch, is_train=True)  # noqa: E731
+        state, metrics, informations, error = run_ppo_epochs(self, state, prepare, self.arguments.vineppo_ppo_epochs)
+        if error is not None:
+            return state, metrics, error
         replay_s = informations.get("vineppo/replay_seconds", 0.0)
         informations["vineppo/step_seconds"] = time.perf_counter() - start
         informations["vineppo/replay_time_share"] = replay_s / max(informations["vineppo/step_seconds"], 1e-9)
@@ -756,6 +745,31 @@ class VinePPOTrainer(GRPOTrainer):
         _log_batch(self.history[-1])
         self._advance_bar(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
+
+
+def run_ppo_epochs(
+    trainer: tp.Any, state: EasyDeLState, prepare: tp.Callable[[], tuple[dict, dict]], epochs: int
+) -> tuple[EasyDeLState, LossMetrics, dict, BaseException | None]:
+    """``prepare()`` (the training batch and its metrics) once, then ``epochs`` updates of
+    ``trainer``'s jitted step on it: ``(state, last update's metrics, batch metrics, error)``.
+    Interruptions and out-of-memory errors are returned, as EasyDeL's own step returns them
+    (annotated, so the trainer saves and stops); other errors raise."""
+    metrics, informations = LossMetrics(), {}
+    try:
+        batch, informations = prepare()
+        for _ in range(epochs):
+            state, metrics = jax.block_until_ready(
+                trainer.sharded_training_step_function(
+                    state, batch, *trainer._train_shared_fn_extra_args, *trainer._train_shared_fn_static_args
+                )
+            )
+    except (KeyboardInterrupt, EasyDeLTimerError, EasyDeLBreakRequest) as run_exception:
+        return state, metrics, informations, run_exception
+    except Exception as run_exception:
+        if trainer._is_memory_oom_exception(run_exception):
+            return state, metrics, informations, trainer._augment_memory_oom_exception(run_exception)
+        raise
+    return state, metrics, informations, None
 
 
 @dataclasses.dataclass
