@@ -5,10 +5,9 @@ fields) into EasyDeL's `PPOConfig`, with the paper's PPO values (`PAPER_PPO`). `
 is EasyDeL's `PPOTrainer` (value head `CausalLMWithValueHead` on the policy's last hidden state,
 zero-initialised; GAE; clipped policy and value losses; KL to the start policy as a reward term) with:
 
-- a fresh sampling key per step (`VinePPOTrainer`'s compiled ``generate``: EasyDeL's defaults to
-  ``PRNGKey(0)``, which would resample the same completions every step);
+- a fresh sampling key per step and the compiled ``generate`` kept across steps
+  (`trainer.generation.CompiledGeneration`, as `VinePPOTrainer`: batch k samples with the same key);
 - the dataset's columns (``answer``) reaching the reward functions (`trainer.task_fields`);
-- the compiled ``generate`` kept across steps (`VinePPOTrainer.release_generation_runtime`);
 - ``num_ppo_epochs`` updates per batch: EasyDeL 0.3.0 ignores the field and makes one, so
   ``max_training_steps`` counts updates as it does for `VinePPOTrainer`;
 - ``history``: one dict of metrics per batch.
@@ -46,9 +45,10 @@ from easydel.infra.base_state import EasyDeLState
 from easydel.infra.loss_utils import LossMetrics
 from easydel.trainers.proximal_policy_optimization_trainer import PPOConfig, PPOTrainer
 
+from trainer.generation import CompiledGeneration
 from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
 from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import VinePPOTrainer, _floats, run_ppo_epochs
+from trainer.vineppo_trainer import _floats, run_ppo_epochs
 
 # The VinePPO paper's PPO runs (McGill-NLP/VinePPO at efe7228): configs/trainers/ppo_MATH.jsonnet
 # sets gamma 1.0 (line 57), lam 0.96 (line 58) and cliprange_value 0.2 (line 61), but every
@@ -108,7 +108,7 @@ def ppo_config(settings: Mapping[str, tp.Any]) -> PPOConfig:
     return PPOConfig(**{**PAPER_PPO, **fields, "use_esurge_generation": False})
 
 
-class PPOBaselineTrainer(PPOTrainer):
+class PPOBaselineTrainer(CompiledGeneration, PPOTrainer):
     """EasyDeL's `PPOTrainer` with fresh sampling keys, dataset columns for the reward functions,
     ``num_ppo_epochs`` updates per batch and a ``history`` of per-batch metrics.
 
@@ -140,33 +140,6 @@ class PPOBaselineTrainer(PPOTrainer):
             train_dataset=self._train_rows,
             processing_class=processing_class,
         )
-
-    def create_generate_function(
-        self,
-        generation_config: tp.Any = None,
-        *,
-        shard_inputs: bool = True,
-        config_overrides: dict[str, tp.Any] | None = None,
-        accept_model_kwargs: bool = False,
-        **generate_kwargs: tp.Any,
-    ) -> tp.Callable:
-        """`VinePPOTrainer.create_generate_function` (key ``fold_in(PRNGKey(generation_seed), step)``;
-        it reads only the base trainer's attributes). The step advances by ``num_ppo_epochs`` per
-        batch, as VinePPOTrainer's, so both draw batch k's samples with the same key.
-        Multimodal and explicit-key calls keep EasyDeL's function."""
-        if accept_model_kwargs or "prng_key" in generate_kwargs:
-            return super().create_generate_function(
-                generation_config,
-                shard_inputs=shard_inputs,
-                config_overrides=config_overrides,
-                accept_model_kwargs=accept_model_kwargs,
-                **generate_kwargs,
-            )
-        return VinePPOTrainer.create_generate_function(
-            self, generation_config, shard_inputs=shard_inputs, config_overrides=config_overrides, **generate_kwargs
-        )
-
-    release_generation_runtime = VinePPOTrainer.release_generation_runtime  # keeps the compiled generate
 
     def _get_preprocess_transform(self) -> tp.Any:
         """PPO's (GRPO's) prompt tokenization, keeping each example's ``vinekv_row``."""

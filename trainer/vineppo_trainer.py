@@ -38,7 +38,6 @@ from easydel.trainers.metrics import NullProgressBar
 from easydel.trainers.trainer_protocol import TrainerConfigureFunctionOutput
 from easydel.trainers.training_utils import normalize_generation_model_kwargs
 from easydel.utils.compiling_utils import ejit
-from eformer import common_types
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -53,6 +52,7 @@ from replay.steps import Splitter
 from replay.values import MCRecord, branch_returns
 from trainer.advantages import normalize_batch, trajectory_advantages
 from trainer.async_replay import PolicyBlueprint, ReplayWorker, WorkerSetup
+from trainer.generation import CompiledGeneration
 from trainer.losses import ppo_token_loss
 from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
@@ -67,7 +67,7 @@ StepCallback = tp.Callable[[EasyDeLState, dict[str, float]], dict[str, float] | 
 the step's entry in ``history`` and EasyDeL's metric loggers (wandb, TensorBoard)."""
 
 
-class VinePPOTrainer(GRPOTrainer):
+class VinePPOTrainer(CompiledGeneration, GRPOTrainer):
     """GRPO trainer whose advantages come from VinePPO's Monte-Carlo values.
 
     Takes `GRPOTrainer`'s arguments plus ``step_splitter`` (full mode: a callable mapping a
@@ -209,14 +209,6 @@ class VinePPOTrainer(GRPOTrainer):
                 self._generated_kv[tuple(tokens.tolist())] = (keys, values)
         return results
 
-    def release_generation_runtime(self, *, state: EasyDeLState | None = None, **kwargs: tp.Any) -> None:
-        """EasyDeL calls this after every generation and drops its compiled ``generate`` there,
-        so each step traced and compiled it again (about 1 s a step for the tiny task model, most
-        of GRPO's step). The compiled path holds no KV between calls, so it is kept; eSurge's
-        runtime is released as EasyDeL does."""
-        if self.arguments.use_esurge_generation:
-            super().release_generation_runtime(state=state, **kwargs)
-
     def branch_engine(self, model: EasyDeLBaseModule) -> BranchEngine:
         """The branch engine (``vineppo_engine``, opened on first use and kept across steps),
         serving ``model``'s weights."""
@@ -301,63 +293,6 @@ class VinePPOTrainer(GRPOTrainer):
             mesh=out.mesh,
             checkpoint_manager=out.checkpoint_manager,
         )
-
-    # -- generation with a fresh key per step ------------------------------------------------
-
-    def create_generate_function(
-        self,
-        generation_config: tp.Any = None,
-        *,
-        shard_inputs: bool = True,
-        config_overrides: dict[str, tp.Any] | None = None,
-        accept_model_kwargs: bool = False,
-        **generate_kwargs: tp.Any,
-    ) -> tp.Callable:
-        """GRPOTrainer's compiled ``generate`` with the key ``fold_in(PRNGKey(generation_seed), step)``.
-
-        EasyDeL's ``generate`` defaults to ``PRNGKey(0)`` on every call, so every step would
-        resample the same completions for the same prompts. Multimodal (``model_kwargs``) and
-        explicit-key calls keep EasyDeL's function.
-        """
-        if accept_model_kwargs or "prng_key" in generate_kwargs:
-            return super().create_generate_function(
-                generation_config,
-                shard_inputs=shard_inputs,
-                config_overrides=config_overrides,
-                accept_model_kwargs=accept_model_kwargs,
-                **generate_kwargs,
-            )
-        config = self._prepare_generation_config(generation_config)
-        if config is not None:
-            for key, value in (config_overrides or {}).items():
-                setattr(config, key, value)
-            for key, value in generate_kwargs.items():
-                if hasattr(config, key):
-                    setattr(config, key, value)
-        config_kwargs = {} if config is None else {"generation_config": config}
-        base_key = jax.random.PRNGKey(self.arguments.generation_seed or 0)
-        replicated = jax.sharding.NamedSharding(self.model.mesh, jax.sharding.PartitionSpec())
-
-        @ejit(in_shardings=(self.state_shardings, replicated, replicated), out_shardings=(replicated,) * 3)
-        def generate(state: EasyDeLState, input_ids: jax.Array, attention_mask: jax.Array):
-            module = state.model
-            with module.mesh:
-                manager = getattr(module.config, "partition_manager", None) if shard_inputs else None
-                if manager is not None:  # as EasyDeL's: prompts sharded over batch and sequence
-                    axes = [common_types.BATCH, common_types.SEQUENCE_PARALLEL]
-                    input_ids = manager.shard(input_ids, axes=axes, mode=common_types.MODE_PREFILL)
-                    attention_mask = manager.shard(attention_mask, axes=axes, mode=common_types.MODE_PREFILL)
-                outputs = module.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    prng_key=jax.random.fold_in(base_key, state.step),
-                    **config_kwargs,
-                    **generate_kwargs,
-                )
-            sequences = outputs.sequences if hasattr(outputs, "sequences") else outputs
-            return sequences, input_ids, attention_mask
-
-        return generate
 
     # -- preprocessing -------------------------------------------------------------------------
 
