@@ -46,7 +46,7 @@ from easydel.infra.loss_utils import LossMetrics
 from easydel.trainers.proximal_policy_optimization_trainer import PPOConfig, PPOTrainer
 
 from trainer.generation import CompiledGeneration
-from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
+from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepsRowIndex, row_fields, with_row_index
 from trainer.vineppo_config import VinePPOConfig
 from trainer.vineppo_trainer import _floats, run_ppo_epochs
 
@@ -108,7 +108,7 @@ def ppo_config(settings: Mapping[str, tp.Any]) -> PPOConfig:
     return PPOConfig(**{**PAPER_PPO, **fields, "use_esurge_generation": False})
 
 
-class PPOBaselineTrainer(CompiledGeneration, PPOTrainer):
+class PPOBaselineTrainer(CompiledGeneration, KeepsRowIndex, PPOTrainer):
     """EasyDeL's `PPOTrainer` with fresh sampling keys, dataset columns for the reward functions,
     ``num_ppo_epochs`` updates per batch and a ``history`` of per-batch metrics.
 
@@ -139,17 +139,6 @@ class PPOBaselineTrainer(CompiledGeneration, PPOTrainer):
             reward_funcs=wrapped,
             train_dataset=self._train_rows,
             processing_class=processing_class,
-        )
-
-    def _get_preprocess_transform(self) -> tp.Any:
-        """PPO's (GRPO's) prompt tokenization, keeping each example's ``vinekv_row``."""
-        if super()._get_preprocess_transform() is None:
-            return None
-        return KeepRowTransform(
-            tokenizer=self.processing_class,
-            max_prompt_length=self.arguments.max_prompt_length,
-            tools=getattr(self.arguments, "tools", None),
-            skip_apply_chat_template=self.arguments.skip_apply_chat_template,
         )
 
     def _preprocess_batch_input(

@@ -50,6 +50,22 @@ class KeepRowTransform(GRPOPreprocessTransform):
         return out
 
 
+class KeepsRowIndex:
+    """Mixin for an EasyDeL GRPO-style trainer (listed before it in the bases): its prompt
+    tokenization keeps each example's ``vinekv_row`` (`KeepRowTransform`); pre-tokenized datasets
+    (no transform) keep their integer columns as they are."""
+
+    def _get_preprocess_transform(self) -> Any:
+        if super()._get_preprocess_transform() is None:
+            return None
+        return KeepRowTransform(
+            tokenizer=self.processing_class,
+            max_prompt_length=self.arguments.max_prompt_length,
+            tools=getattr(self.arguments, "tools", None),
+            skip_apply_chat_template=self.arguments.skip_apply_chat_template,
+        )
+
+
 class FieldInjector:
     """Holds the current batch's per-completion fields and wraps reward functions to receive them.
 

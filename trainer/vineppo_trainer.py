@@ -56,7 +56,7 @@ from trainer.generation import CompiledGeneration
 from trainer.losses import ppo_token_loss
 from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
 from trainer.rollouts import Rollout, pad_rows, split_rollouts
-from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepRowTransform, row_fields, with_row_index
+from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepsRowIndex, row_fields, with_row_index
 from trainer.value_estimation import EstimationStats, estimate_values, needs_entropy, spill_rollouts, stored_values
 from trainer.vineppo_config import VinePPOConfig
 
@@ -67,7 +67,7 @@ StepCallback = tp.Callable[[EasyDeLState, dict[str, float]], dict[str, float] | 
 the step's entry in ``history`` and EasyDeL's metric loggers (wandb, TensorBoard)."""
 
 
-class VinePPOTrainer(CompiledGeneration, GRPOTrainer):
+class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
     """GRPO trainer whose advantages come from VinePPO's Monte-Carlo values.
 
     Takes `GRPOTrainer`'s arguments plus ``step_splitter`` (full mode: a callable mapping a
@@ -295,18 +295,6 @@ class VinePPOTrainer(CompiledGeneration, GRPOTrainer):
         )
 
     # -- preprocessing -------------------------------------------------------------------------
-
-    def _get_preprocess_transform(self) -> tp.Any:
-        """GRPO's prompt tokenization, keeping each example's ``vinekv_row`` (pre-tokenized
-        datasets keep their integer columns as they are)."""
-        if super()._get_preprocess_transform() is None:
-            return None
-        return KeepRowTransform(
-            tokenizer=self.processing_class,
-            max_prompt_length=self.arguments.max_prompt_length,
-            tools=getattr(self.arguments, "tools", None),
-            skip_apply_chat_template=self.arguments.skip_apply_chat_template,
-        )
 
     def _prompt_fields(self, batch: dict[str, jax.Array], is_train: bool) -> list[dict[str, tp.Any]]:
         """One dict of task fields per prompt of ``batch``: its dataset row but the prompt."""
