@@ -1,9 +1,16 @@
 """Value quality of Monte-Carlo estimates on the arithmetic task (the VinePPO paper's analysis).
 
     PYTHONPATH=. .venv/bin/python benchmarks/value_quality_bench.py [--problems 60] [--rank-states 80]
+    PYTHONPATH=. .venv/bin/python benchmarks/value_quality_bench.py --policy ppo [--ppo-updates 60]
+
+The policy is the cached warm-up (``--policy warmup``) or, with ``--policy ppo``, the warm-up
+after ``--ppo-updates`` updates of the PPO baseline in the comparison's regime (`vinekv.compare`,
+method ``ppo``, seed ``--ppo-seed``): then every response, branch and truth below samples that
+policy, and its critic (`trainer.ppo_baseline.critic_values`) is measured beside the MC estimates
+on the same states and alternatives.
 
 Held-out problems (seed 777; the warm-up trains on seed 0, the training job uses 1 and 12345)
-get one response each from the cached warm-up policy, sampled like a rollout of the training
+get one response each from the policy, sampled like a rollout of the training
 job: T = 1, top-p 1, top-k 0, at most 40 tokens, ending at the task's EOS. Each response is
 split into steps at "\\n" (`trajectory_states`, full mode) and its states are the step starts.
 Every branch samples like a rollout too: a branch from response position b gets 40 - b tokens
@@ -20,12 +27,13 @@ Every branch samples like a rollout too: a branch from response position b gets 
    next "\\n"); the distinct ones that end a step with budget left are captured and valued
    with 256 branches (truth) and M more (K-estimates, as above). Accuracy = share of pairs of
    alternatives with different true values that a K-estimate orders like the truth (ties in
-   the estimate count half), next to the exact binomial prediction with p = V*.
+   the estimate count half), next to the exact binomial prediction with p = V*. The critic is
+   scored the same way on V at the state after each alternative step (one estimate, no groups).
 3. int8 vs lossless: both stores are replayed with the same settings and branch keys
    (K = --compare-k); a state agrees when |V_int8 - V_lossless| <= the larger of its two
    standard errors (sqrt(Var / K), `mc_values`); the pooled sqrt(se_a^2 + se_b^2) is reported too.
 
-Results: benchmarks/results/value_quality.json and docs/img/value-quality.png.
+Results: benchmarks/results/value_quality[-ppo].json and docs/img/value-quality[-ppo].png.
 """
 
 from __future__ import annotations
@@ -379,14 +387,77 @@ def codec_agreement(int8: dict[str, MCRecord], lossless: dict[str, MCRecord], k:
     }
 
 
+def critic_error(critic: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """MAE of the critic's ``[states]`` values against ``truth`` ``[states]``, next to the MAE of
+    the best constant (the truths' median: what a critic that ignores the state can reach) and
+    the Pearson correlation."""
+    per_state = np.abs(critic - truth)
+    return {
+        "mae": float(per_state.mean()),
+        "mae_stderr": float(per_state.std(ddof=1) / np.sqrt(len(per_state))),
+        "constant_mae": float(np.abs(truth - np.median(truth)).mean()),
+        "correlation": float(np.corrcoef(critic, truth)[0, 1]),
+    }
+
+
+def critic_ranking(groups: list[np.ndarray], critic: list[np.ndarray], truth_k: int, gap: float) -> dict[str, Any]:
+    """Ranking accuracy of the critic's values ``critic`` (per state ``[A]``) of the alternatives
+    whose returns are ``groups`` (per state ``[A, truth_k + M]``), as `ranking_by_k` scores an estimate."""
+    scores = []
+    for returns, values in zip(groups, critic, strict=True):
+        scores += pair_scores(mc_values(returns[:, :truth_k]).mean, values[:, None])
+    gaps, accuracy = np.array(scores).T
+    clear = gaps >= gap
+    return {
+        "pairs": len(gaps),
+        "accuracy": float(accuracy.mean()),
+        "clear_pairs": int(clear.sum()),
+        "clear_accuracy": float(accuracy[clear].mean()) if clear.any() else float("nan"),
+    }
+
+
+def padded_critic(state: Any, prompt: np.ndarray, response: np.ndarray, positions: Any, horizon: int) -> np.ndarray:
+    """`critic_values` with the response padded to ``horizon`` tokens (causal: the values at
+    ``positions`` do not change), so every call of a prompt length reuses one compiled forward."""
+    from trainer.ppo_baseline import critic_values
+
+    padded = np.concatenate([response, np.zeros(horizon - len(response), np.int32)])
+    return critic_values(state, prompt, padded, positions)
+
+
+def ppo_policy(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The PPO baseline's state after ``--ppo-updates`` updates from the cached warm-up, trained
+    as `vinekv compare --methods ppo` trains seed ``--ppo-seed``; and the run's figures."""
+    from vinekv.compare import CompareConfig, build_trainer, task_data
+
+    config = CompareConfig(methods=("ppo",), seeds=1, updates=args.ppo_updates)
+    _, train_data = task_data(config)
+    log(f"training the PPO baseline for {args.ppo_updates} updates (seed {args.ppo_seed})")
+    with tempfile.TemporaryDirectory(prefix="vinekv-value-quality-ppo-") as out:
+        trainer, _ = build_trainer("ppo", args.ppo_seed, config, train_data, Path(out))
+        state = trainer.train().state
+    last = trainer.history[-5:]
+    info = {
+        "updates": int(trainer.history[-1]["step"]),
+        "seed": args.ppo_seed,
+        "last_batches": {
+            name: float(np.mean([h[name] for h in last if name in h]))
+            for name in ("score_mean", "value_loss", "vf_clipfrac")
+            if any(name in h for h in last)
+        },
+    }
+    return state, info
+
+
 # -- the phases ---------------------------------------------------------------------------------
 
 
 def ranking_study(
     model: Any, tokenizer: Any, reward: Any, trajectories: list[Trajectory], args: argparse.Namespace
-) -> tuple[dict[str, Any], list[np.ndarray]]:
+) -> tuple[dict[str, Any], list[list[Alternative]], list[np.ndarray]]:
     """Samples alternatives, picks ``--rank-states`` states with >= 2 of them (seeded), values
-    every alternative; returns counts and per state the ``[A, truth_k + M]`` returns."""
+    every alternative; returns counts, the chosen states' alternatives and per state their
+    ``[A, truth_k + M]`` returns."""
     config = replay_config(args, args.truth_k)
     per_state, counts = sample_alternatives(model, tokenizer, trajectories, config, args.alternatives)
     eligible = [alts for alts in per_state if len(alts) >= 2]
@@ -411,7 +482,7 @@ def ranking_study(
         "alternatives": len(alts),
         "alternative_counts": counts,
     }
-    return info, groups
+    return info, chosen, groups
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -421,7 +492,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    critic = results["critic"]
+    fig, axes = plt.subplots(1, 4 if critic else 3, figsize=(18.5 if critic else 14, 4.2))
     mae = results["mc_error"]["by_k"]
     ks = [int(k) for k in mae]
     ax = axes[0]
@@ -436,6 +508,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.plot(ks, [mae[str(k)]["exact_vs_truth"] for k in ks], "--", label="exact binomial, vs 256-branch truth")
     ax.plot(ks, [mae[str(k)]["exact"] for k in ks], ":", marker=".", label="exact binomial E|p_K - p|")
     ax.plot(ks, [mae[str(k)]["bound"] for k in ks], "k-", lw=1, label="bound sqrt(p(1-p)/K)")
+    if critic:
+        ax.axhline(critic["mc_error"]["mae"], color="C3", lw=1.5, label="PPO critic")
+        ax.axhline(critic["mc_error"]["constant_mae"], color="C3", lw=1, ls=":", label="best constant")
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("K (branches per state)")
@@ -451,6 +526,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.plot(ks, [rank[str(k)]["clear_accuracy"] for k in ks], "s-", color="C1", label=f"|dV*| >= {gap} ({clear})")
     ax.plot(ks, [rank[str(k)]["clear_predicted"] for k in ks], "--", color="C1", label="binomial prediction, clear")
     ax.axhline(0.5, color="k", lw=0.8, ls=":", label="chance")
+    if critic:
+        ax.axhline(critic["ranking"]["accuracy"], color="C3", lw=1.5, label="PPO critic, all pairs")
+        ax.axhline(critic["ranking"]["clear_accuracy"], color="C3", lw=1.5, ls="-.", label="PPO critic, clear")
     ax.set_xscale("log")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_ylim(0.4, 1.0)
@@ -471,7 +549,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
         f"{codec['identical_values']}/{codec['states']} identical",
         fontsize=10,
     )
-    fig.suptitle(f"value quality on the arithmetic task; {results['machine']}", fontsize=9)
+    if critic:
+        ax = axes[3]
+        truth = [s["truth"] for s in results["mc_error"]["per_state"]]
+        ax.plot([0, 1], [0, 1], "k-", lw=0.8)
+        ax.scatter(truth, critic["per_state"], s=10, alpha=0.6, color="C3")
+        ax.set_xlabel("V* (256 branches)")
+        ax.set_ylabel("PPO critic's V")
+        ax.set_title(
+            f"PPO critic after {critic['ppo']['updates']} updates: MAE {critic['mc_error']['mae']:.3f}, "
+            f"r = {critic['mc_error']['correlation']:.2f}",
+            fontsize=10,
+        )
+    policy = "the cached warm-up" if results["policy"]["kind"] == "warmup" else "the PPO baseline's policy"
+    fig.suptitle(f"value quality on the arithmetic task, policy: {policy}; {results['machine']}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -503,10 +594,21 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--max-rows", type=int, default=256, help="rows (states x K) decoded together (default 256)")
     parser.add_argument(
-        "--out", default=str(REPO / "benchmarks/results/value_quality.json"), help="results JSON (default %(default)s)"
+        "--policy",
+        choices=("warmup", "ppo"),
+        default="warmup",
+        help="the cached warm-up, or it after --ppo-updates PPO updates, critic included (default warmup)",
     )
-    parser.add_argument("--plot", default=str(REPO / "docs/img/value-quality.png"), help="plot (default %(default)s)")
+    parser.add_argument("--ppo-updates", type=int, default=60, help="updates of the PPO policy (default 60)")
+    parser.add_argument("--ppo-seed", type=int, default=0, help="seed of the PPO run (default 0)")
+    parser.add_argument(
+        "--out", help="results JSON (default benchmarks/results/value_quality.json, value_quality-ppo.json with ppo)"
+    )
+    parser.add_argument("--plot", help="plot (default docs/img/value-quality.png, value-quality-ppo.png with ppo)")
     args = parser.parse_args()
+    suffix = "-ppo" if args.policy == "ppo" else ""
+    args.out = args.out or str(REPO / f"benchmarks/results/value_quality{suffix}.json")
+    args.plot = args.plot or str(REPO / f"docs/img/value-quality{suffix}.png")
     args.ks = [int(k) for k in args.ks.split(",")]
     if args.compare_k > args.truth_k:
         parser.error("--compare-k must be <= --truth-k (the lossless store's first compare-k branches are reused)")
@@ -526,6 +628,12 @@ def main() -> int:
     warmup = WarmupConfig()
     policy = warm_up(warmup)
     model, tokenizer = policy.model, policy.tokenizer
+    ppo_state, ppo_info = None, None
+    if args.policy == "ppo":
+        ppo_state, ppo_info = ppo_policy(args)
+        model = ppo_state.model.model  # the language model under the value head
+        seconds["ppo_training"] = time.perf_counter() - clock
+        clock = time.perf_counter()
     data = make_dataset(args.problems, args.problem_seed, warmup.task_steps, warmup.operand_max)
     seen = set(make_dataset(warmup.train_problems, warmup.seed, warmup.task_steps, warmup.operand_max)["prompt"])
     trajectories = sample_responses(model, tokenizer, data, replay_config(args, 1))
@@ -560,18 +668,43 @@ def main() -> int:
     mae = mae_by_k(truth, returns[:, args.truth_k :], args.ks, args.truth_k)
     seconds["mc_error"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    rank_info, groups = ranking_study(model, tokenizer, reward, trajectories, args)
+    rank_info, chosen, groups = ranking_study(model, tokenizer, reward, trajectories, args)
     ranking = ranking_by_k(groups, args.ks, args.truth_k, args.rank_gap)
     seconds["ranking"] = time.perf_counter() - clock
+    open_states = (truth > 0) & (truth < 1)
+    critic = None
+    if ppo_state is not None:
+        by_tid = {t.tid: t for t in trajectories}
+        at_states = np.concatenate(
+            [
+                padded_critic(ppo_state, t.prompt, t.response, [p for tid, p in keys if tid == t.tid], args.horizon)
+                for t in trajectories
+            ]
+        )
+        at_alternatives = [
+            np.array(
+                [
+                    padded_critic(ppo_state, by_tid[a.tid].prompt, a.response, [len(a.response)], args.horizon)[0]
+                    for a in state_alternatives
+                ]
+            )
+            for state_alternatives in chosen
+        ]
+        critic = {
+            "ppo": ppo_info,
+            "mc_error": critic_error(at_states, truth),
+            "open_mc_error": critic_error(at_states[open_states], truth[open_states]),
+            "ranking": critic_ranking(groups, at_alternatives, args.truth_k, args.rank_gap),
+            "per_state": at_states.tolist(),
+        }
     seconds["total"] = time.perf_counter() - start
 
-    open_states = (truth > 0) & (truth < 1)
     results = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, CPU only",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": vars(args),
         "seconds": seconds,
-        "policy": {"warmup": dataclasses.asdict(warmup), "path": str(policy.path)},
+        "policy": {"kind": args.policy, "warmup": dataclasses.asdict(warmup), "path": str(policy.path)},
         "responses": {
             "problems": len(trajectories),
             "in_warmup_training_set": int(sum(p in seen for p in data["prompt"])),
@@ -590,6 +723,7 @@ def main() -> int:
         },
         "ranking": {**rank_info, "by_k": ranking},
         "int8_vs_lossless": {"k": args.compare_k, "store_bytes": sizes, **codec},
+        "critic": critic,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
@@ -611,6 +745,14 @@ def report(results: dict[str, Any]) -> None:
             f"{k:<3} {m['mae']:.4f} +- {m['mae_stderr']:.4f}  {m['exact_vs_truth']:.4f}        {m['exact']:.4f}"
             f"          {m['bound']:.4f}  | {r['accuracy']:.3f} ({r['predicted']:.3f})       "
             f"{r['clear_accuracy']:.3f} ({r['clear_predicted']:.3f})"
+        )
+    critic = results["critic"]
+    if critic:
+        err, rank_c = critic["mc_error"], critic["ranking"]
+        print(
+            f"PPO critic ({critic['ppo']['updates']} updates): MAE {err['mae']:.4f} +- {err['mae_stderr']:.4f} "
+            f"(best constant {err['constant_mae']:.4f}, r = {err['correlation']:.2f}) | ranking all "
+            f"{rank_c['accuracy']:.3f}, clear {rank_c['clear_accuracy']:.3f}"
         )
     print(
         f"int8 vs lossless (K = {codec['k']}): {100 * codec['within_larger_stderr']:.1f}% within the larger stderr, "

@@ -93,15 +93,15 @@ class CompareConfig:
         }
 
 
-def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_data: Any, out: Path) -> dict:
-    """One training run: its accuracy curve (``updates``, ``train_seconds``, ``greedy``,
-    ``sampled`` per evaluation), the seconds of each batch and the trainer's per-batch metrics
-    (``history``: PPO's value loss, VinePPO's MC statistics, ...)."""
+def build_trainer(method: str, seed: int, config: CompareConfig, train_data: Any, out: Path) -> tuple[Any, Any]:
+    """``(trainer, warmed)``: ``method``'s trainer (`PPOBaselineTrainer` for ``ppo``, else
+    `VinePPOTrainer`) on the cached warm-up ``warmed`` (`vinekv.tasks.warmup.warm_up`), training
+    on ``train_data`` shuffled by ``seed`` with ``config``'s settings, its files under ``out``."""
     from trainer.ppo_baseline import PPOBaselineTrainer, ppo_config
     from trainer.vineppo_config import VinePPOConfig
     from trainer.vineppo_trainer import VinePPOTrainer
     from vinekv.tasks.arithmetic import reward
-    from vinekv.tasks.warmup import WarmupConfig, accuracy, warm_up
+    from vinekv.tasks.warmup import WarmupConfig, warm_up
 
     warmed = warm_up(WarmupConfig(**config.warmup), progress=False)
     settings = config.trainer_settings(method, seed, out / f"{method}-{seed}")
@@ -116,7 +116,30 @@ def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_
         train_dataset=train_data.shuffle(seed=seed),
         processing_class=warmed.tokenizer,
     )
-    updates = settings["max_training_steps"]
+    return trainer, warmed
+
+
+def task_data(config: CompareConfig) -> tuple[Any, Any]:
+    """``(held_out, train_data)``: ``eval_problems`` problems of seed 12345 and ``train_problems``
+    of seed 1, of the warm-up's task (steps, operand range)."""
+    from vinekv.tasks.arithmetic import make_dataset
+    from vinekv.tasks.warmup import WarmupConfig
+
+    task = WarmupConfig(**config.warmup)
+    held_out = make_dataset(config.eval_problems, 12345, steps=task.task_steps, operand_max=task.operand_max)
+    train_data = make_dataset(config.train_problems, 1, steps=task.task_steps, operand_max=task.operand_max)
+    return held_out, train_data
+
+
+def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_data: Any, out: Path) -> dict:
+    """One training run: its accuracy curve (``updates``, ``train_seconds``, ``greedy``,
+    ``sampled`` per evaluation), the seconds of each batch and the trainer's per-batch metrics
+    (``history``: PPO's value loss, VinePPO's MC statistics, ...)."""
+    from trainer.vineppo_trainer import VinePPOTrainer
+    from vinekv.tasks.warmup import accuracy
+
+    trainer, warmed = build_trainer(method, seed, config, train_data, out)
+    updates = trainer.arguments.max_training_steps
     curve, step_seconds = [], []
     clock = {"train": 0.0, "since": time.perf_counter()}
 
@@ -163,12 +186,7 @@ def compare(config: CompareConfig, on_run: Callable[[list[dict]], None] | None =
     so far)`` after each run (e.g. to save them: a long comparison keeps what it measured)."""
     import jax
 
-    from vinekv.tasks.arithmetic import make_dataset
-    from vinekv.tasks.warmup import WarmupConfig
-
-    task = WarmupConfig(**config.warmup)
-    held_out = make_dataset(config.eval_problems, 12345, steps=task.task_steps, operand_max=task.operand_max)
-    train_data = make_dataset(config.train_problems, 1, steps=task.task_steps, operand_max=task.operand_max)
+    held_out, train_data = task_data(config)
     results = []
     with tempfile.TemporaryDirectory(prefix="vinekv-compare-") as scratch:
         for seed in range(config.seeds):
