@@ -74,3 +74,12 @@ def test_every_problem_is_listed_at_once():
     with pytest.raises(ValueError) as err:
         VinePPOConfig(vineppo_mode="half", vineppo_branches=0, vineppo_cache_strategy="disk")
     assert all(part in str(err.value) for part in ("vineppo_mode", "vineppo_branches", "vineppo_store"))
+
+
+def test_tempered_sampling_warns_that_the_update_is_off_policy(caplog):
+    with caplog.at_level("WARNING", logger="trainer.vineppo_config"):
+        VinePPOConfig(save_directory="unused", use_esurge_generation=False)
+    assert not caplog.records  # pinned T 1: the ratio's log-probs are the sampler's
+    with caplog.at_level("WARNING", logger="trainer.vineppo_config"):
+        VinePPOConfig.paper_preset(save_directory="unused")
+    assert "temperature 0.6," in caplog.text and "off-policy" in caplog.text

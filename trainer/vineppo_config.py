@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from easydel.trainers.group_relative_policy_optimization.grpo_config import GRPOConfig
@@ -12,6 +13,8 @@ from replay.branch_replay import ReplayConfig
 from replay.engines import ENGINES, ESurgeOptions
 from replay.steps import SELECTIONS
 from trainer.value_estimation import STRATEGIES
+
+logger = logging.getLogger(__name__)
 
 MODES = ("off", "lite", "full")
 BASELINES = ("none", "batch")
@@ -254,6 +257,13 @@ class VinePPOConfig(GRPOConfig):
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.generation_temperature != 1.0:
+            logger.warning(
+                "rollouts sample at temperature %s, but the PPO ratio's log-probs are the untempered policy's "
+                "(as in EasyDeL's GRPO; the VinePPO reference divides the logits by the sampling temperature): "
+                "the update is off-policy. generation_temperature=1.0 keeps it exact.",
+                self.generation_temperature,
+            )
 
     @classmethod
     def paper_preset(cls, **overrides: object) -> VinePPOConfig:
