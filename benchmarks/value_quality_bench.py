@@ -60,7 +60,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from kvstore import SnapshotStore, capture_sequences  # noqa: E402
 from replay import MCRecord, ReplayConfig, generate_branches, mc_values, replay_run, select_states  # noqa: E402
-from replay.branch_replay import TrajectoryPlan, stored_record, value_states  # noqa: E402
+from replay.branch_replay import TrajectoryPlan, ValueRequest, stored_record, value_trajectories  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "heldout"
@@ -228,27 +228,17 @@ def sample_alternatives(
 
 
 def value_alternative(
-    model: Any, tokenizer: Any, reward: Any, args: argparse.Namespace, alt: Alternative, snapshot: Any, index: int
+    model: Any, tokenizer: Any, reward: Any, args: argparse.Namespace, alt: Alternative, snapshot: Any
 ) -> np.ndarray:
     """``[truth_k + extra]`` returns of branches from the state after ``alt``'s step: branches
-    0..truth_k-1, then truth_k.. as a second round (`value_states` extends the first)."""
-    tid = f"{alt.tid}-b{alt.position}-a{index}"
+    0..truth_k-1, then truth_k.. as a second round (`value_trajectories` extends the first)."""
     position = len(alt.response)
     plan = TrajectoryPlan(np.array([position]), np.array([True]), ((),))
     returns = plan.prior
     for branches in (args.truth_k, args.truth_k + args.extra_branches):
         plan = TrajectoryPlan(plan.positions, plan.valued, returns)
-        values = value_states(
-            model,
-            tokenizer,
-            reward,
-            replay_config(args, branches),
-            tid,
-            alt.response.tolist(),
-            plan,
-            {position: snapshot},
-            {"answer": alt.answer},
-        )
+        request = ValueRequest(alt.response.tolist(), plan, {position: snapshot}, {"answer": alt.answer})
+        (values,) = value_trajectories(model, tokenizer, reward, replay_config(args, branches), [request])
         returns = values.returns
     return np.asarray(returns[0], np.float64)
 
@@ -471,8 +461,8 @@ def ranking_study(
     prompts = {t.tid: t.prompt for t in trajectories}
     snapshots = capture_sequences(model, [np.concatenate([prompts[a.tid], a.response]) for a in alts], CAPTURE_ROWS)
     returns = []
-    for index, (alt, snap) in enumerate(tqdm(zip(alts, snapshots, strict=True), total=len(alts), desc="alternatives")):
-        returns.append(value_alternative(model, tokenizer, reward, args, alt, snap, index))
+    for alt, snap in tqdm(zip(alts, snapshots, strict=True), total=len(alts), desc="alternatives"):
+        returns.append(value_alternative(model, tokenizer, reward, args, alt, snap))
     sizes = np.cumsum([0] + [len(s) for s in chosen])
     groups = [np.stack(returns[lo:hi]) for lo, hi in itertools.pairwise(sizes)]
     info = {

@@ -46,7 +46,10 @@ MODES = ("full", "lite")
 TRUNCATION_WARNING = 0.5
 # Settings that change how many branches run, not what a branch returns: a stored run valued
 # with other values of these is extended, not redone.
-_COUNT_FIELDS = ("branches", "max_branches", "adaptive_ci", "max_rows", "engine")
+_COUNT_FIELDS = ("branches", "max_branches", "adaptive_ci", "max_rows", "trajectories_per_call", "engine")
+# How branches are keyed (`state_key`); part of `ReplayConfig.digest`, so stored returns drawn
+# under another scheme are redone rather than extended.
+BRANCH_KEYS = "state-prefix"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,8 @@ class ReplayConfig:
         another round of ``branches``, up to ``max_branches``. None: exactly ``branches``.
       seed: run seed of the branch PRNG keys.
       max_rows: rows (states x K) decoded together.
+      trajectories_per_call: `replay_run` reads and values this many trajectories together
+        (their equal states once, `value_trajectories`); bounds the snapshots held in memory.
       engine: ``auto`` | ``vanilla`` | ``esurge``.
     """
 
@@ -100,6 +105,7 @@ class ReplayConfig:
     adaptive_ci: float | None = None
     seed: int = 0
     max_rows: int = 64
+    trajectories_per_call: int = 16
     engine: str = "auto"
 
     def __post_init__(self) -> None:
@@ -113,7 +119,7 @@ class ReplayConfig:
         ]
         errors += [
             f"{name} must be >= 1, got {getattr(self, name)}"
-            for name in ("branches", "max_tokens", "max_rows")
+            for name in ("branches", "max_tokens", "max_rows", "trajectories_per_call")
             if getattr(self, name) < 1
         ]
         errors += [
@@ -169,13 +175,18 @@ class ReplayConfig:
     def digest(self) -> str:
         """Identity of the settings that determine a branch's return (counts and batching excluded)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _COUNT_FIELDS}
+        fields["branch_keys"] = BRANCH_KEYS
         return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 @dataclasses.dataclass
 class ReplayReport:
     """Counts and seconds (``read``, ``decode``, ``score``) of a replay; ``branches_per_state``
-    holds the final K of every state valued (adaptive K varies it). ``stale``: trajectories
+    holds the final K of every state valued (adaptive K varies it). ``states`` counts every
+    trajectory's valued states, ``sampled_states`` the distinct ones branches were sampled for
+    (equal states of several trajectories share their branches, `value_trajectories`);
+    ``branches``, ``unfinished`` and ``branch_tokens`` count what was sampled,
+    ``separate_branches`` what valuing every trajectory alone would have sampled. ``stale``: trajectories
     (among ``trajectories``) valued again from scratch because their stored values came from
     another policy."""
 
@@ -183,6 +194,8 @@ class ReplayReport:
     skipped: int = 0
     stale: int = 0
     states: int = 0
+    sampled_states: int = 0
+    separate_branches: int = 0
     branches: int = 0
     unfinished: int = 0
     branch_tokens: int = 0
@@ -231,9 +244,12 @@ class ReplayReport:
         counts = values.stats.count
         self.trajectories += 1
         self.states += int((counts > 0).sum())
-        self.branches += values.new_branches
-        self.unfinished += values.unfinished
-        self.branch_tokens += values.new_tokens
+        states, branches, tokens, unfinished = values.sampled
+        self.sampled_states += states
+        self.separate_branches += values.new_branches
+        self.branches += branches
+        self.unfinished += unfinished
+        self.branch_tokens += tokens
         self.rollout_tokens += response_len
         self.branches_per_state.extend(int(c) for c in counts if c > 0)
         self.seconds["read"] += read_seconds
@@ -433,17 +449,20 @@ def replay_run(
         engine = opened = open_engine(
             config.engine, model, tokenizer=tokenizer, max_rows=config.max_rows, esurge_options=esurge_options
         )
+    per_call = config.trajectories_per_call
+    batches = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
     try:
         with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(read, todo[0]) if todo else None
-            for i in range(len(todo)):
-                item = pending.result()
-                pending = reader.submit(read, todo[i + 1]) if i + 1 < len(todo) else None
-                line = _value_stored(store, run, model, tokenizer, reward_fns, config, item, report, engine)
-                if metrics:
-                    metrics.write(json.dumps(line) + "\n")
-                    metrics.flush()
-                bar.update(1)
+            pending = reader.submit(lambda tids: [read(t) for t in tids], batches[0]) if batches else None
+            for i in range(len(batches)):
+                items = pending.result()
+                if i + 1 < len(batches):
+                    pending = reader.submit(lambda tids: [read(t) for t in tids], batches[i + 1])
+                for line in _value_stored(store, run, model, tokenizer, reward_fns, config, items, report, engine):
+                    if metrics:
+                        metrics.write(json.dumps(line) + "\n")
+                        metrics.flush()
+                bar.update(len(items))
                 bar.set_postfix(states=report.states, branches=report.branches, tok_s=f"{report.tokens_per_second:.0f}")
     finally:
         bar.close()
@@ -504,9 +523,13 @@ class StateValues:
 
     Attributes:
       returns: ``[S]`` per state, the returns of all its branches (earlier ones first).
-      new_branches, new_tokens: branches sampled and tokens decoded by this call.
-      unfinished: branches of this call cut off by their budget.
-      seconds: wall time of ``decode`` and ``score``.
+      new_branches, new_tokens, unfinished: branches this call added to its states, their
+        tokens, and how many were cut off by their budget; a state shared with other
+        trajectories counts in each (what valuing this trajectory alone costs).
+      seconds: wall time of ``decode`` and ``score`` (a call's time split evenly).
+      sampled: ``(states, branches, tokens, unfinished)`` this call actually sampled for the
+        states this trajectory owns (the first trajectory holding a state owns it): summed over
+        a call's trajectories, what was decoded.
     """
 
     returns: tuple[tuple[float, ...], ...]
@@ -514,6 +537,7 @@ class StateValues:
     new_tokens: int
     unfinished: int
     seconds: dict[str, float]
+    sampled: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
     def stats(self) -> MCStats:
@@ -542,76 +566,124 @@ def score_completions(
     return score(reward_fns, [prompt] * len(texts), texts, [fields or {}] * len(texts))
 
 
-def value_states(
+@dataclasses.dataclass(frozen=True)
+class ValueRequest:
+    """One trajectory's states to value (`value_trajectories`).
+
+    Attributes:
+      response_ids: ``[T]`` the trajectory's response tokens.
+      plan: its states and the returns they already have.
+      states: response position b -> snapshot of the prompt plus ``response[:b]``, for every
+        state in ``plan.needed(config)``.
+      fields: the task fields its reward functions receive (its dataset row).
+    """
+
+    response_ids: Sequence[int]
+    plan: TrajectoryPlan
+    states: Mapping[int, CachedState]
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def state_key(prefix_ids: np.ndarray) -> int:
+    """32-bit id of a state for its branch keys: a hash of its tokens (prompt + response prefix)
+    alone, so equal states draw equal branches whatever trajectory, batch or process values them."""
+    data = np.ascontiguousarray(prefix_ids, dtype=np.int32).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little")
+
+
+def value_trajectories(
     model: Any,
     tokenizer: Any,
     reward_fns: RewardFn | Sequence[RewardFn],
     config: ReplayConfig,
-    trajectory_id: str,
-    response_ids: Sequence[int],
-    plan: TrajectoryPlan,
-    states: Mapping[int, CachedState],
-    fields: dict[str, Any] | None = None,
+    requests: Sequence[ValueRequest],
     engine: BranchEngine | None = None,
-) -> StateValues:
-    """Samples the branches ``plan`` still lacks and folds all returns into MC values.
+) -> list[StateValues]:
+    """Samples the branches every request's ``plan`` still lacks and folds all returns into MC values.
 
-    ``states`` maps a response position b to its snapshot (the prompt plus ``response[:b]``),
-    for every state in ``plan.needed(config)``. Branch i of the state at b is keyed by
-    ``(config.seed, trajectory_id, b, i)``; its completion ``response[:b] ++ branch`` is scored
-    against the prompt with ``fields``; adaptive rounds repeat until every state is settled.
-    ``engine``: a started branch engine to draw with (default: ``config.engine``, opened per call).
+    States are valued once per distinct ``(prompt + response prefix, task fields, earlier
+    returns)``: the prompt state of a group's rollouts, and states after equal leading steps,
+    share one set of branches, and their returns go to every trajectory holding them. Branch i
+    of a state at response position b is keyed by ``(config.seed, state_key(prefix), b, i)``,
+    so a state's returns do not depend on which other states are valued with it. Each round
+    (adaptive K) decodes all distinct states that need branches in one `generate_branches` call
+    per branch count; completions ``response[:b] ++ branch`` are scored against the prompt with
+    the owner's fields. `StateValues` counts each trajectory's branches as if valued alone, and
+    separately what was sampled (at the first trajectory holding a state).
     """
-    rows = [list(r) for r in plan.prior]
+    rows = [[list(r) for r in req.plan.prior] for req in requests]
     seconds = {"decode": 0.0, "score": 0.0}
-    new_branches = new_tokens = unfinished = 0
-    budgets = config.branch_budgets(plan.positions)
-    prompt_ids = None
+    held = np.zeros((len(requests), 3), np.int64)  # branches, tokens, unfinished added to each one's states
+    sampled = np.zeros((len(requests), 3), np.int64)  # branches, tokens, unfinished sampled at owners
+    owned: list[set[int]] = [set() for _ in requests]  # the states each request owns (over all rounds)
     while True:
-        current = TrajectoryPlan(plan.positions, plan.valued, tuple(map(tuple, rows)))
-        wanted, todo = current.wanted(config), current.needed(config)
-        if todo.size == 0:
+        # state identity -> (branches to add, [(request, state index)], the first one owning the call)
+        distinct: dict[tuple, tuple[int, list[tuple[int, int]]]] = {}
+        for r, req in enumerate(requests):
+            current = TrajectoryPlan(req.plan.positions, req.plan.valued, tuple(map(tuple, rows[r])))
+            more = current.wanted(config) - np.array([len(x) for x in rows[r]], np.int64)
+            for j in current.needed(config):
+                b = int(req.plan.positions[j])
+                if b not in req.states:
+                    raise ValueError(f"no snapshot given for the state at response position {b} (request {r})")
+                snap = req.states[b]
+                identity = (
+                    snap.token_ids[0, : snap.position].tobytes(),
+                    b,
+                    json.dumps(req.fields, sort_keys=True, default=str),
+                    tuple(rows[r][j]),
+                )
+                distinct.setdefault(identity, (int(more[j]), []))[1].append((r, int(j)))
+        if not distinct:
             break
-        missing = [int(plan.positions[i]) for i in todo if int(plan.positions[i]) not in states]
-        if missing:
-            raise ValueError(f"no snapshot given for the states at response positions {missing}")
-        counts = np.asarray([len(rows[i]) for i in todo])
-        for n in np.unique(wanted[todo] - counts):  # one call per branch count (usually one)
-            idx = todo[wanted[todo] - counts == n]
-            snaps = [states[int(plan.positions[i])] for i in idx]
-            if prompt_ids is None:
-                prompt_ids = snaps[0].token_ids[0, : snaps[0].position - int(plan.positions[idx[0]])]
+        for n in sorted({n for n, _ in distinct.values()}):  # one call per branch count (usually one)
+            group = [holders for more, holders in distinct.values() if more == n]
+            owners = [holders[0] for holders in group]
+            positions = np.array([int(requests[r].plan.positions[j]) for r, j in owners])
+            snaps = [requests[r].states[int(b)] for (r, _), b in zip(owners, positions, strict=True)]
             start = time.perf_counter()
             branches = generate_branches(
                 model,
                 snaps,
-                config.sampling_params(int(n)),
+                config.sampling_params(n),
                 engine=engine or config.engine,
                 seed=config.seed,
                 tokenizer=tokenizer,
-                state_keys=[(trajectory_id, int(plan.positions[i])) for i in idx],
+                state_keys=[
+                    (state_key(s.token_ids[0, : s.position]), int(b)) for s, b in zip(snaps, positions, strict=True)
+                ],
                 max_rows=config.max_rows,
-                max_tokens=budgets[idx],
-                first_branch=[len(rows[i]) for i in idx],
+                max_tokens=config.branch_budgets(positions),
+                first_branch=[len(rows[r][j]) for r, j in owners],
                 sampler=config.sampler,
             )
             seconds["decode"] += time.perf_counter() - start
             start = time.perf_counter()
-            completions = [
-                list(response_ids[: int(plan.positions[i])]) + branch.tolist()
-                for i, state_branches in zip(idx, branches, strict=True)
-                for branch in state_branches.tokens
-            ]
-            rewards = score_completions(reward_fns, tokenizer, prompt_ids, completions, fields)
-            finished = np.stack([b.finished for b in branches])
-            returns = branch_returns(rewards.reshape(finished.shape), finished, config.unfinished_reward)
-            for i, state_returns in zip(idx, returns, strict=True):
-                rows[i].extend(state_returns.tolist())
+            by_owner: dict[int, list[int]] = {}  # request -> the states of this call it owns
+            for k, (r, _) in enumerate(owners):
+                by_owner.setdefault(r, []).append(k)
+            for r, ks in by_owner.items():  # one reward call per trajectory, as for its rollouts
+                snap, response = snaps[ks[0]], list(requests[r].response_ids)
+                completions = [
+                    response[: int(positions[k])] + branch.tolist() for k in ks for branch in branches[k].tokens
+                ]
+                prompt = snap.token_ids[0, : snap.position - int(positions[ks[0]])]
+                rewards = score_completions(reward_fns, tokenizer, prompt, completions, requests[r].fields)
+                for k, state_rewards in zip(ks, np.split(rewards, len(ks)), strict=True):
+                    state_branches = branches[k]
+                    returns = branch_returns(state_rewards, state_branches.finished, config.unfinished_reward).tolist()
+                    cost = (len(returns), int(state_branches.lengths.sum()), int((~state_branches.finished).sum()))
+                    sampled[r] += cost
+                    owned[r].add(owners[k][1])
+                    for holder_r, holder_j in group[k]:
+                        rows[holder_r][holder_j].extend(returns)
+                        held[holder_r] += cost
             seconds["score"] += time.perf_counter() - start
-            new_branches += int(finished.size)
-            new_tokens += int(sum(b.lengths.sum() for b in branches))
-            unfinished += int((~finished).sum())
-    return StateValues(tuple(map(tuple, rows)), new_branches, new_tokens, unfinished, seconds)
+    share = {name: total / max(len(requests), 1) for name, total in seconds.items()}
+    return [
+        StateValues(tuple(map(tuple, rows[r])), *map(int, held[r]), dict(share), (len(owned[r]), *map(int, sampled[r])))
+        for r in range(len(requests))
+    ]
 
 
 def trajectory_record(
@@ -629,24 +701,34 @@ def trajectory_record(
     )
 
 
-def _value_stored(store, run, model, tokenizer, reward_fns, config, item, report, engine) -> dict:
-    info, plan, tid = item["info"], item["plan"], item["tid"]
-    response = info["response_token_ids"]
-    fields = reward_fields(info["fields"])
-    values = value_states(model, tokenizer, reward_fns, config, tid, response, plan, item["states"], fields, engine)
-    record = trajectory_record(config, info["prompt_len"], plan, values, item["policy"])
-    store.annotate(run, tid, mc=record.to_fields())
-    report.add(values, len(response), item["read"])
-    stats = values.stats
-    return {
-        "trajectory": tid,
-        "states": int((stats.count > 0).sum()),
-        "branches": values.new_branches,
-        "branches_per_state": stats.count.tolist(),
-        "branch_tokens": values.new_tokens,
-        "budget_branch_tokens_per_rollout_token": values.new_tokens / max(1, len(response)),
-        "mc_mean": [None if np.isnan(m) else m for m in stats.mean.tolist()],
-        "mc_var_mean": float(np.nanmean(stats.var)) if np.any(stats.count > 0) else 0.0,
-        "unfinished": values.unfinished,
-        "seconds": {"read": item["read"], **values.seconds},
-    }
+def _value_stored(store, run, model, tokenizer, reward_fns, config, items, report, engine) -> list[dict]:
+    """Values the read ``items`` together (`value_trajectories`), writes each one's `MCRecord`
+    into the store and counts it; returns one metrics line per trajectory."""
+    requests = [
+        ValueRequest(i["info"]["response_token_ids"], i["plan"], i["states"], reward_fields(i["info"]["fields"]))
+        for i in items
+    ]
+    valued = value_trajectories(model, tokenizer, reward_fns, config, requests, engine)
+    lines = []
+    for item, values in zip(items, valued, strict=True):
+        info, tid = item["info"], item["tid"]
+        response = info["response_token_ids"]
+        record = trajectory_record(config, info["prompt_len"], item["plan"], values, item["policy"])
+        store.annotate(run, tid, mc=record.to_fields())
+        report.add(values, len(response), item["read"])
+        stats = values.stats
+        lines.append(
+            {
+                "trajectory": tid,
+                "states": int((stats.count > 0).sum()),
+                "branches": values.new_branches,
+                "branches_per_state": stats.count.tolist(),
+                "branch_tokens": values.new_tokens,
+                "budget_branch_tokens_per_rollout_token": values.new_tokens / max(1, len(response)),
+                "mc_mean": [None if np.isnan(m) else m for m in stats.mean.tolist()],
+                "mc_var_mean": float(np.nanmean(stats.var)) if np.any(stats.count > 0) else 0.0,
+                "unfinished": values.unfinished,
+                "seconds": {"read": item["read"], **values.seconds},
+            }
+        )
+    return lines

@@ -14,7 +14,14 @@ from easydel.inference.sampling_params import SamplingParams
 
 from kvstore import SnapshotStore, capture_state
 from kvstore.capture import capture_with_entropy
-from replay.branch_replay import ReplayConfig, plan_trajectory, replay_run, trajectory_states, value_states
+from replay.branch_replay import (
+    ReplayConfig,
+    ValueRequest,
+    plan_trajectory,
+    replay_run,
+    trajectory_states,
+    value_trajectories,
+)
 from replay.sampler import generate_branches
 from replay.text import prefix_ends, text_offsets
 from replay.values import MCRecord
@@ -154,7 +161,8 @@ def test_branch_budget_is_the_rollouts_remaining_horizon(tiny_model, byte_tok, t
 
     monkeypatch.setattr(branch_replay, "generate_branches", keep)
     states = {int(b): full.prefix(len(PROMPT) + int(b)) for b in plan.positions}
-    values = value_states(tiny_model, byte_tok, even_fraction, config, "t", list(RESPONSE), plan, states)
+    request = ValueRequest(list(RESPONSE), plan, states)
+    (values,) = value_trajectories(tiny_model, byte_tok, even_fraction, config, [request])
     for b, branches in zip(plan.positions, sampled, strict=True):
         # a branch ends where the rollout's budget would: response[:b] ++ branch <= 14 tokens
         assert branches.lengths.max() <= 14 - b
@@ -215,11 +223,14 @@ def test_adaptive_k_stops_settled_states_and_samples_uncertain_ones(tiny_model, 
         with SnapshotStore.open(path) as store:
             report = replay_run(store, "r", tiny_model, byte_tok, reward, config, progress=False)
             counts = np.concatenate([r.stats.count for r in records(store).values()])
+            first = [r.stats.count[0] for r in records(store).values()]  # the prompt state's K, equal in all three
+        # 6 states, 4 distinct: the three responses share the prompt state, valued once
+        assert (report.states, report.sampled_states) == (6, 4)
         if expect == "first round":  # every return equal: half-width 0 after the first round
-            assert set(counts.tolist()) == {4} and report.branches == 4 * report.states
+            assert set(counts.tolist()) == {4} and report.branches == 4 * report.sampled_states
         else:  # returns disagree: rounds of 4 up to the cap of 12
             assert counts.max() == 12 and set(counts.tolist()) <= {4, 8, 12}
-            assert report.branches == counts.sum()
+            assert len(set(first)) == 1 and report.branches == counts.sum() - 2 * first[0]
         assert sorted(report.branches_per_state) == sorted(counts.tolist())
 
 
@@ -240,7 +251,7 @@ def test_more_branches_later_equal_a_fresh_run(tiny_model, byte_tok, stored, tmp
             progress=False,
         )
         got = records(store)
-    assert report.branches == 4 * report.states  # only branches 4..7 were sampled
+    assert report.branches == 4 * report.sampled_states  # only branches 4..7 were sampled
     with SnapshotStore.open(fresh) as store:
         replay_run(
             store,

@@ -75,7 +75,8 @@ def test_one_or_two_workers_give_a_single_process_values(local_ray, stored, tmp_
         metrics_path=tmp_path / "m.jsonl",
     )
     assert _values(one) == expected
-    assert (report.trajectories, report.skipped, report.states, report.branches) == (3, 0, 3 + 2 + 1, 4 * 6)
+    assert (report.trajectories, report.skipped, report.states, report.separate_branches) == (3, 0, 3 + 2 + 1, 4 * 6)
+    assert report.branches == 4 * 5  # the first call's two trajectories share their prompt state
     assert (report.workers, report.retried) == (1, [])
     lines = [json.loads(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert sorted(x["trajectory"] for x in lines) == ["t0", "t1", "t2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -21,7 +22,7 @@ from kvstore import (
     resume_from_state,
 )
 from replay import prefill, sample_tokens
-from replay.branch_replay import ReplayConfig, replay_run, select_states
+from replay.branch_replay import ReplayConfig, replay_run, select_states, state_key
 from replay.sampler import branch_keys, generate_branches
 from replay.values import MCRecord, mc_values
 from vinekv.models import build_model
@@ -76,6 +77,22 @@ def test_rerun_is_deterministic_across_batch_sizes(tiny_model, stored_run):
             np.testing.assert_array_equal(a, b)
     other_seed = generate_branches(tiny_model, snaps[:1], params, seed=2, state_keys=keys[:1])[0]
     assert not all(np.array_equal(a, b) for a, b in zip(other_seed.tokens, wide[0].tokens, strict=True))
+
+
+def test_a_states_branches_do_not_depend_on_the_batch(tiny_model, stored_run):
+    """Batch invariance on the dense engine: the same state with the same keys gives the same
+    branches decoded alone (4 rows) or with 15 other states in one 64-row batch, wherever it sits."""
+    _, _, states = stored_run
+    params = SamplingParams(n=4, max_tokens=8, temperature=1.0)
+    snaps = [s.prefix(t) for s in states for t in range(3, s.position + 1)][:16]
+    keys = [(state_key(s.token_ids[0]), s.position) for s in snaps]
+    alone = generate_branches(tiny_model, snaps[5:6], params, seed=4, state_keys=keys[5:6], max_rows=4)[0]
+    for order in (slice(None), slice(None, None, -1)):
+        batch = generate_branches(tiny_model, snaps[order], params, seed=4, state_keys=keys[order], max_rows=64)
+        together = batch[order][5]
+        assert together.finish_reasons == alone.finish_reasons
+        for a, b in zip(together.tokens, alone.tokens, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_stop_strings_eos_and_length(tiny_model, tokenizer_dir, stored_run):
@@ -179,7 +196,9 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
             store, "r0", tiny_model, tok, answer_reward, config, metrics_path=tmp_path / "m.jsonl", progress=False
         )
         assert (report.trajectories, report.skipped, report.states) == (3, 0, 3 + 2 + 1)
-        assert report.branches == 4 * 6 and report.branch_tokens <= 4 * 6 * 6
+        # the three share the prompt state: 4 distinct states sampled, 6 valued
+        assert (report.sampled_states, report.branches, report.separate_branches) == (4, 4 * 4, 4 * 6)
+        assert report.branch_tokens <= 4 * 4 * 6
         expected = mc_records(store)
     assert expected["t0"]["positions"] == [8, 12, 15] and expected["t0"]["count"] == [4, 4, 4]
     means = [m for mc in expected.values() for m in mc["mean"]]
@@ -196,8 +215,9 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
         return answer_reward(prompts, completions, **kwargs)
 
     with SnapshotStore.open(broken) as store:
-        with pytest.raises(KeyboardInterrupt):
-            replay_run(store, "r0", tiny_model, tok, crashing, config, progress=False)
+        with pytest.raises(KeyboardInterrupt):  # one trajectory per call: t0 is committed before t1 is scored
+            one_by_one = dataclasses.replace(config, trajectories_per_call=1)
+            replay_run(store, "r0", tiny_model, tok, crashing, one_by_one, progress=False)
         assert "mc" in store.trajectory_info("r0", "t0")["fields"]
         assert "mc" not in store.trajectory_info("r0", "t1")["fields"]
         again = replay_run(store, "r0", tiny_model, tok, answer_reward, config, progress=False, trajectories=None)
@@ -205,20 +225,16 @@ def test_offline_replay_writes_values_and_resumes_after_a_crash(tiny_model, toke
         resumed = mc_records(store)
         assert store.trajectory_info("r0", "t0")["fields"]["answer"] == "5"  # other fields kept
     assert resumed == expected
-    # other batching, same values; and nothing is redone on a third run
+    # nothing is redone on a third run
     with SnapshotStore.open(whole) as store:
         third = replay_run(store, "r0", tiny_model, tok, answer_reward, config, progress=False)
         assert (third.trajectories, third.skipped) == (0, 3)
+    # other batching, same values: 4 rows a decode call, and each trajectory valued on its own
+    # (the prompt state sampled three times with the same keys instead of once)
     with SnapshotStore.open(narrow) as store:
-        replay_run(
-            store,
-            "r0",
-            tiny_model,
-            tok,
-            answer_reward,
-            ReplayConfig(**{**config.__dict__, "max_rows": 4}),
-            progress=False,
-        )
+        alone = dataclasses.replace(config, max_rows=4, trajectories_per_call=1)
+        separate = replay_run(store, "r0", tiny_model, tok, answer_reward, alone, progress=False)
+        assert (separate.sampled_states, separate.branches) == (6, 4 * 6)
         assert mc_records(store) == expected
 
 
@@ -271,7 +287,7 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
 
         report, warnings = run(store, other, allow_stale=True)
         assert (report.trajectories, report.skipped, report.stale) == (3, 0, 3)
-        assert report.branches == 4 * 6  # from scratch: A's returns are not extended
+        assert report.branches == 4 * 4  # from scratch (4 distinct states): A's returns are not extended
         assert len(warnings) == 1 and "3 of 3 trajectories of run 'r0'" in warnings[0] and "again" in warnings[0]
         by_b = mc_records(store)
     assert by_b == expected_b

@@ -85,7 +85,11 @@ def test_one_training_step(tmp_path, tokenizer, mode, strategy):
         assert all(len(r) == 1 for r in rows)
         return
     assert metrics["vineppo/states"] > len(PROMPTS) * GROUP  # several states per response
-    assert metrics["vineppo/branches"] == metrics["vineppo/states"] * 2
+    # equal states (a group's prompt state at least) sampled once: fewer branches than states x K
+    assert metrics["vineppo/sampled_states"] <= metrics["vineppo/states"] - len(PROMPTS) * (GROUP - 1)
+    assert metrics["vineppo/branches"] == metrics["vineppo/sampled_states"] * 2
+    saved = 1 - metrics["vineppo/sampled_states"] / metrics["vineppo/states"]
+    assert metrics["vineppo/branches_saved"] == pytest.approx(saved)
     assert metrics["vineppo/mc_value_var"] > 0 and 0 < metrics["vineppo/replay_time_share"] < 1
     assert (metrics["vineppo/store_bytes"] > 0) == (strategy == "disk")
     if strategy == "disk":  # the step's run was read back and deleted (vineppo_keep_snapshots=False)
@@ -323,7 +327,10 @@ def test_adaptive_k_in_training_records_k_per_state(tmp_path, tokenizer):
     counts = counts[counts > 0]
     assert set(counts.tolist()) <= {2, 4, 6} and counts.max() == 6  # even-byte rewards disagree: up to the cap
     assert metrics["vineppo/branches_per_state"] == pytest.approx(counts.mean())
-    assert metrics["vineppo/branches_per_state_max"] == 6 and metrics["vineppo/branches"] == counts.sum()
+    assert metrics["vineppo/branches_per_state_max"] == 6
+    # what each state's K adds up to, less the branches of states shared with an earlier rollout
+    assert metrics["vineppo/branches"] == pytest.approx(counts.sum() * (1 - metrics["vineppo/branches_saved"]))
+    assert metrics["vineppo/branches"] < counts.sum()
 
 
 def test_paper_preset():

@@ -27,10 +27,11 @@ from kvstore.store import SnapshotStore
 from replay.branch_replay import (
     ReplayConfig,
     ReplayReport,
+    ValueRequest,
     plan_trajectory,
     replay_run,
     trajectory_record,
-    value_states,
+    value_trajectories,
 )
 from replay.engines import BranchEngine, open_engine
 from replay.rewards import RewardFn
@@ -135,28 +136,15 @@ def estimate_values(
         )
     reuse = None if needs_entropy(config) else generated_kv
     chunks = _captured_chunks(model, rollouts, batch_rows, needs_entropy(config), stats, reuse)
-    if strategy == "memory":  # every rollout's KV is captured and held before any branch
-        chunks = list(chunks)
-        stats.peak_kv_bytes = sum(s.nbytes for chunk in chunks for s, _ in chunk)
+    if strategy == "memory":  # every rollout's KV is captured and held, then all states valued together
+        chunks = [[state for chunk in chunks for state in chunk]]
+        stats.peak_kv_bytes = sum(s.nbytes for s, _ in chunks[0])
     results: list[MCRecord] = []
     for chunk in chunks:
-        for full, entropy in chunk:
-            rollout = rollouts[len(results)]
-            results.append(
-                _value_rollout(
-                    model,
-                    tokenizer,
-                    reward_fns,
-                    config,
-                    rollout,
-                    full,
-                    entropy,
-                    fields[len(results)],
-                    splitter,
-                    stats,
-                    engine,
-                )
-            )
+        done = slice(len(results), len(results) + len(chunk))
+        results += _value_rollouts(
+            model, tokenizer, reward_fns, config, rollouts[done], chunk, fields[done], splitter, stats, engine
+        )
     stats.replay.warn_if_mostly_truncated(config)
     return results, stats
 
@@ -199,21 +187,26 @@ def _generated_state(rollout: Rollout, generated_kv, layout, fingerprint: str) -
     return CachedState(keys, values, sequence[None, :-1], layout, fingerprint)
 
 
-def _value_rollout(
-    model, tokenizer, reward_fns, config, rollout, full: CachedState, entropy, fields, splitter, stats, engine
-):
-    prompt_len, response = len(rollout.prompt_ids), rollout.response_ids
-    plan = plan_trajectory(
-        response, tokenizer, config, splitter=splitter, entropy=response_entropy(entropy, prompt_len, len(response))
-    )
-    states = {int(b): full.prefix(prompt_len + int(b)) for b in plan.positions[plan.needed(config)]}
+def _value_rollouts(model, tokenizer, reward_fns, config, rollouts, captured, fields, splitter, stats, engine):
+    """`MCRecord` of each rollout, all valued in one `value_trajectories` call; ``captured``:
+    ``(full snapshot, entropy or None)`` per rollout."""
+    plans, requests = [], []
+    for rollout, (full, entropy), row_fields in zip(rollouts, captured, fields, strict=True):
+        prompt_len, response = len(rollout.prompt_ids), rollout.response_ids
+        plan = plan_trajectory(
+            response, tokenizer, config, splitter=splitter, entropy=response_entropy(entropy, prompt_len, len(response))
+        )
+        states = {int(b): full.prefix(prompt_len + int(b)) for b in plan.positions[plan.needed(config)]}
+        plans.append(plan)
+        requests.append(ValueRequest(response, plan, states, row_fields))
     start = time.perf_counter()
-    values = value_states(
-        model, tokenizer, reward_fns, config, trajectory_id(rollout.row), response, plan, states, fields, engine
-    )
+    values = value_trajectories(model, tokenizer, reward_fns, config, requests, engine)
     stats.seconds["replay"] += time.perf_counter() - start
-    stats.replay.add(values, len(response))
-    return trajectory_record(config, prompt_len, plan, values)
+    records = []
+    for rollout, plan, value in zip(rollouts, plans, values, strict=True):
+        stats.replay.add(value, len(rollout.response_ids))
+        records.append(trajectory_record(config, len(rollout.prompt_ids), plan, value))
+    return records
 
 
 def spill_rollouts(

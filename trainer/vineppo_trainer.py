@@ -767,7 +767,11 @@ def _prompts_per_row(out: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def _estimation_metrics(
     values: list[MCRecord], stats: EstimationStats, rollouts: list[Rollout], rewards: np.ndarray
 ) -> dict[str, float]:
-    """Step metrics: MC value mean/variance, branch counts and budget, store bytes, replay seconds."""
+    """Step metrics: MC value mean/variance, branch counts and budget, store bytes, replay seconds.
+
+    ``vineppo/states`` counts every rollout's valued states, ``vineppo/sampled_states`` the
+    distinct ones branches were sampled for, ``vineppo/branches`` the branches sampled and
+    ``vineppo/branches_saved`` the share of branches valuing each rollout alone would have added."""
     all_stats = [v.stats for v in values]
     counts = np.concatenate([s.count for s in all_stats]) if values else np.zeros(0, np.int64)
     valued = counts > 0
@@ -781,7 +785,9 @@ def _estimation_metrics(
         "vineppo/states": float(valued.sum()),
         "vineppo/branches_per_state": float(counts[valued].mean()) if valued.any() else 0.0,
         "vineppo/branches_per_state_max": float(counts.max()) if counts.size else 0.0,
+        "vineppo/sampled_states": float(report.sampled_states),
         "vineppo/branches": float(report.branches),
+        "vineppo/branches_saved": 1.0 - report.branches / report.separate_branches if report.separate_branches else 0.0,
         "vineppo/branch_tokens": float(report.branch_tokens),
         "vineppo/budget_branch_tokens_per_rollout_token": report.branch_tokens / max(rollout_tokens, 1),
         "vineppo/branch_tokens_per_second": report.tokens_per_second,
