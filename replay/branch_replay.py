@@ -2,11 +2,13 @@
 
 For every trajectory of a run: pick its states (step starts in full mode, anchors in Lite
 mode; `trajectory_states`), read the longest prefix a state needs from the store once (every
-state is a prefix of it; the next trajectory's read overlaps this one's decoding), sample K
+state is a prefix of it; the next batch's reads overlap this one's decoding), sample K
 branches per valued state with `generate_branches` (each within the rollout's remaining token
-budget), score ``response prefix ++ branch`` with the reward functions, fold returns into MC
-values, and write them back next to the snapshot metadata (``fields["mc"]``, a `MCRecord`),
-atomically per trajectory. Branch i of a state has its own key: a trajectory already valued
+budget), ``trajectories_per_call`` trajectories together with each distinct state sampled once
+(`value_trajectories`: a group's prompt state, equal leading steps), score ``response prefix ++
+branch`` with the reward functions, fold returns into MC values, and write them back next to
+the snapshot metadata (``fields["mc"]``, a `MCRecord`), atomically per trajectory. Branch i of
+a state has its own key, from the state's tokens (`state_key`), not from the trajectory: a trajectory already valued
 under the same settings gets only the branches it lacks (more K, adaptive rounds) and a settled
 one is skipped, so a killed replay, run again, finishes the rest and gives the same values as
 an uninterrupted one. Values sampled by another policy (the record's ``policy`` fingerprint)

@@ -128,6 +128,11 @@ ENDED_BY = ("length", "eos", "stop")  # `Decoded.ended_by` codes: budget, an EOS
 STEP_BUCKET = 16  # the token buffer's width is rounded up to this (fewer compiled shapes)
 
 
+def step_width(steps: int) -> int:
+    """The token buffer's width for ``steps`` decode steps: ``steps`` rounded up to `STEP_BUCKET`."""
+    return -(-steps // STEP_BUCKET) * STEP_BUCKET
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """Static sampling settings of a decode: temperature (0: greedy), top-k (0: off), top-p
@@ -229,7 +234,7 @@ def decode_rows(
     capacity = cache.views[0].key.shape[1]
     if filled + steps > capacity:
         raise ValueError(f"cache of max_length {capacity} has no room for {steps} tokens after position {filled}")
-    width = min(-(-steps // STEP_BUCKET) * STEP_BUCKET, capacity - filled)
+    width = min(step_width(steps), capacity - filled)  # a cache with room for step_width keeps it bucketed
     graphdef, graphstate, graphother = split or model.split_module()
     ids = [np.asarray(sorted(set(map(int, x))), np.int32) for x in (eos_ids, stop_ids)]
     with model.mesh:

@@ -7,8 +7,8 @@ with one atomic commit as soon as they are sampled. The driver keeps the queue: 
 gets the next ids, so a slow worker holds nobody back. A worker that dies (process killed, node
 lost) loses only the trajectories it had not finished: the driver hands them to another worker
 and starts a new worker in its place; what the dead one had written is skipped as settled.
-Branch keys depend on (seed, trajectory, state) only, so the values equal a single process's
-for any number of workers and any retries.
+Branch keys depend on (seed, the state's tokens, branch index) only (`state_key`), so the values
+equal a single process's for any number of workers and any retries.
 """
 
 from __future__ import annotations

@@ -113,7 +113,10 @@ def branch_keys(
     index = np.repeat(np.asarray([i for _, i in state_keys], dtype=np.int32), k)
     first = np.broadcast_to(np.asarray(first_branch, dtype=np.int32), (len(state_keys),))
     branch = (np.repeat(first, k) + np.tile(np.arange(k, dtype=np.int32), len(state_keys))).astype(np.int32)
-    return np.asarray(_fold_keys(jax.random.PRNGKey(seed), traj, index, branch))
+    n = traj.size
+    padded = 1 << max(6, (n - 1).bit_length())  # a power of two (>= 64): one compiled program per size class
+    traj, index, branch = (np.pad(a, (0, padded - n)) for a in (traj, index, branch))
+    return np.asarray(_fold_keys(jax.random.PRNGKey(seed), traj, index, branch))[:n]
 
 
 def _default_state_keys(states: list[CachedState]) -> list[tuple[int, int]]:

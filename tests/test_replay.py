@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +78,22 @@ def test_rerun_is_deterministic_across_batch_sizes(tiny_model, stored_run):
             np.testing.assert_array_equal(a, b)
     other_seed = generate_branches(tiny_model, snaps[:1], params, seed=2, state_keys=keys[:1])[0]
     assert not all(np.array_equal(a, b) for a, b in zip(other_seed.tokens, wide[0].tokens, strict=True))
+
+
+def test_branch_keys_are_the_fold_in_chain_whatever_the_count():
+    """`branch_keys` pads its arrays to a size class (one compiled program for many counts): key
+    i is still fold_in(fold_in(fold_in(PRNGKey(seed), state), position), branch)."""
+    states = [(123456789, 3), ("t7", 0), (2**31 - 1, 17)]
+    for k in (1, 5, 30):
+        keys = branch_keys(11, states, k, first_branch=[0, 2, 9])
+        assert keys.shape[0] == 3 * k
+        for s, ((t, p), first) in enumerate(zip(states, (0, 2, 9), strict=True)):
+            t = t if isinstance(t, int) else zlib.crc32(t.encode())
+            for i in range(k):
+                chain = jax.random.PRNGKey(11)
+                for part in (t & 0x7FFFFFFF, p, first + i):
+                    chain = jax.random.fold_in(chain, part)
+                np.testing.assert_array_equal(keys[s * k + i], np.asarray(chain))
 
 
 def test_a_states_branches_do_not_depend_on_the_batch(tiny_model, stored_run):

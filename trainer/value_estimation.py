@@ -6,8 +6,11 @@ replay (`replay.branch_replay.replay_run`) reads the prefixes back, so host memo
 chunk plus the store's bounded write queue, whatever the batch size. ``recompute``: only
 tokens are kept; each chunk is re-prefilled right before its branches.
 
-All three capture in the same fixed row chunks and key branches by ``(seed, trajectory id,
-state index, branch index)``, so with the lossless codec they give identical values.
+All three capture in the same fixed row chunks and key branches by ``(seed, the state's tokens,
+branch index)`` (`replay.branch_replay.state_key`), so with the lossless codec they give
+identical values. ``memory`` values all rollouts' states in one `value_trajectories` call,
+``recompute`` a capture chunk's, ``disk`` ``trajectories_per_call`` at a time (`replay_run`);
+equal states within a call are sampled once.
 """
 
 from __future__ import annotations

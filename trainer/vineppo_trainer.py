@@ -317,7 +317,9 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
             out, metrics, completion_mask, _ = self._generate(state, batch, prompt_fields)
             sequence_adv = np.asarray(jax.device_get(out["advantages"]), dtype=np.float64)
             out = _prompts_per_row(out)
-            out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))  # the rollout policy's
+            start = time.perf_counter()
+            out["old_per_token_logps"] = jax.block_until_ready(self._cut(self._completion_logps(state, out)))
+            metrics["vineppo/seconds/logps"] = time.perf_counter() - start  # the rollout policy's log-probs
             out["advantages"], signal = self._final_advantages(sequence_adv[:, None] * completion_mask, completion_mask)
             return out, {**metrics, **signal}
         generated = self._rollouts(state, batch, prompt_fields)
@@ -367,11 +369,15 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         )
         fields = [prompt_fields[r.group] for r in rollouts]
         out = _prompts_per_row(out)
-        out["old_per_token_logps"] = self._cut(self._completion_logps(state, out))  # the rollout policy's
+        start = time.perf_counter()
+        out["old_per_token_logps"] = jax.block_until_ready(self._cut(self._completion_logps(state, out)))
+        metrics["vineppo/seconds/logps"] = time.perf_counter() - start  # the rollout policy's log-probs
         config = self.arguments.replay_config(
             seed=self._replay_seed(state), stop_token_ids=tuple(self.rollout_stop_ids)
         )
+        start = time.perf_counter()
         rewards = self._score_rollouts(rollouts, fields)
+        metrics["vineppo/seconds/rollout_score"] = time.perf_counter() - start
         return _GeneratedBatch(out, metrics, completion_mask, rollouts, fields, rewards, config, generated_kv)
 
     def _valued(
@@ -379,12 +385,14 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
     ) -> tuple[dict[str, jax.Array], dict[str, tp.Any]]:
         """The training batch of a generated batch with its MC values."""
         mask = generated.completion_mask
+        start = time.perf_counter()
         token_adv = self._token_advantages(generated.rollouts, values, generated.rewards, mask.shape)
         advantages, signal = self._final_advantages(token_adv, mask)
         metrics = {
             **generated.metrics,
             **_estimation_metrics(values, stats, generated.rollouts, generated.rewards),
             **signal,
+            "vineppo/seconds/advantages": time.perf_counter() - start,
         }
         return {**generated.out, "advantages": advantages}, metrics
 
@@ -674,18 +682,21 @@ def run_ppo_epochs(
     trainer: tp.Any, state: EasyDeLState, prepare: tp.Callable[[], tuple[dict, dict]], epochs: int
 ) -> tuple[EasyDeLState, LossMetrics, dict, BaseException | None]:
     """``prepare()`` (the training batch and its metrics) once, then ``epochs`` updates of
-    ``trainer``'s jitted step on it: ``(state, last update's metrics, batch metrics, error)``.
+    ``trainer``'s jitted step on it: ``(state, last update's metrics, batch metrics, error)``;
+    the batch metrics gain ``update_seconds`` (wall time of the updates).
     Interruptions and out-of-memory errors are returned, as EasyDeL's own step returns them
     (annotated, so the trainer saves and stops); other errors raise."""
     metrics, informations = LossMetrics(), {}
     try:
         batch, informations = prepare()
+        start = time.perf_counter()
         for _ in range(epochs):
             state, metrics = jax.block_until_ready(
                 trainer.sharded_training_step_function(
                     state, batch, *trainer._train_shared_fn_extra_args, *trainer._train_shared_fn_static_args
                 )
             )
+        informations["update_seconds"] = time.perf_counter() - start
     except (KeyboardInterrupt, EasyDeLTimerError, EasyDeLBreakRequest) as run_exception:
         return state, metrics, informations, run_exception
     except Exception as run_exception:
@@ -795,6 +806,8 @@ def _estimation_metrics(
         "vineppo/peak_kv_bytes": float(stats.peak_kv_bytes),
         "vineppo/kv_from_generation": float(stats.kv_from_generation) / max(len(rollouts), 1),
         "vineppo/capture_seconds": stats.seconds["capture"] + stats.seconds["spill"],
+        **{f"vineppo/seconds/{name}": stats.seconds[name] for name in ("capture", "spill")},
+        **{f"vineppo/seconds/{name}": seconds for name, seconds in report.seconds.items()},  # read, decode, score
         "vineppo/replay_seconds": stats.seconds["replay"] + stats.seconds["capture"] + stats.seconds["spill"],
         "vineppo/trajectory_reward_mean": float(np.mean(rewards)) if len(rewards) else 0.0,
     }

@@ -16,7 +16,7 @@ import numpy as np
 
 from kvstore.dense_cache import cache_from_states, forward_chunk
 from kvstore.state import CachedState
-from replay.decode import decode_rows
+from replay.decode import decode_rows, step_width
 from replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
 
 LENGTH_BUCKET = 64
@@ -73,7 +73,8 @@ class VanillaEngine(BranchEngine):
         filler = [group[-1]] * ((padded - rows + k - 1) // k)
         prefixes = [s.prefix(s.position - 1) for s in [*group, *filler]]
         longest = max(s.position for s in group)
-        max_length = -(-(longest + int(budgets.max())) // LENGTH_BUCKET) * LENGTH_BUCKET
+        # room for the bucketed token buffer too, so its width (a compiled shape) does not follow `longest`
+        max_length = -(-(longest + step_width(int(budgets.max()))) // LENGTH_BUCKET) * LENGTH_BUCKET
         cache = cache_from_states(model, prefixes, max_length=max_length, repeats=k)
         total = cache.views[0].key.shape[0]
         last = np.repeat([s.token_ids[0, -1] for s in [*group, *filler]], k)[:, None].astype(np.int32)
