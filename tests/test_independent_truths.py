@@ -424,6 +424,18 @@ def check_full_rows(out, seen, tokenizer, gamma):
     return kept
 
 
+def distinct_valued_states(seen) -> int:
+    """Valued states with distinct tokens (prompt + response prefix): each is sampled once."""
+    return len(
+        {
+            (*r.prompt_ids.tolist(), -1, *r.response_ids[:b].tolist())
+            for r, v in zip(seen["rollouts"], seen["values"], strict=True)
+            for b, count in zip(v.response_positions, v.stats.count, strict=True)
+            if count > 0
+        }
+    )
+
+
 def test_full_mode_trainer_advantages_equal_independent_ones(tmp_path, tokenizer, monkeypatch):
     gamma = 0.9
     tr = make_trainer(
@@ -436,7 +448,10 @@ def test_full_mode_trainer_advantages_equal_independent_ones(tmp_path, tokenizer
     assert unvalued > 0, "no state beyond the cap: the NaN back-fill was not exercised"
     assert np.abs(out["advantages"]).max() > 0
     states = sum(int((v.stats.count > 0).sum()) for v in seen["values"])
-    assert metrics["vineppo/states"] == states and metrics["vineppo/branches"] == K * states
+    assert metrics["vineppo/states"] == states
+    sampled = distinct_valued_states(seen)
+    assert sampled <= states - len(PROMPTS) * (GROUP - 1)  # a group's prompt state at least is shared
+    assert metrics["vineppo/sampled_states"] == sampled and metrics["vineppo/branches"] == K * sampled
 
 
 def test_off_mode_trainer_advantages_are_grpo_advantages(tmp_path, tokenizer, monkeypatch):
@@ -486,4 +501,4 @@ def test_mask_truncated_completions_mixes_kept_and_masked_rows(tmp_path, tokeniz
     states = sum(int((v.stats.count > 0).sum()) for v in seen["values"])
     assert states >= kept.sum()
     assert metrics["vineppo/states"] == states
-    assert metrics["vineppo/branches"] == K * metrics["vineppo/states"]
+    assert metrics["vineppo/branches"] == K * distinct_valued_states(seen)
