@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from kvstore.dense_cache import kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
@@ -48,7 +49,15 @@ MODES = ("full", "lite")
 TRUNCATION_WARNING = 0.5
 # Settings that change how many branches run, not what a branch returns: a stored run valued
 # with other values of these is extended, not redone.
-_COUNT_FIELDS = ("branches", "max_branches", "adaptive_ci", "max_rows", "trajectories_per_call", "engine")
+_COUNT_FIELDS = (
+    "branches",
+    "max_branches",
+    "adaptive_ci",
+    "max_rows",
+    "trajectories_per_call",
+    "batch_kv_mb",
+    "engine",
+)
 # How branches are keyed (`state_key`); part of `ReplayConfig.digest`, so stored returns drawn
 # under another scheme are redone rather than extended.
 BRANCH_KEYS = "state-prefix"
@@ -82,8 +91,11 @@ class ReplayConfig:
         another round of ``branches``, up to ``max_branches``. None: exactly ``branches``.
       seed: run seed of the branch PRNG keys.
       max_rows: rows (states x K) decoded together.
-      trajectories_per_call: `replay_run` reads and values this many trajectories together
-        (their equal states once, `value_trajectories`); bounds the snapshots held in memory.
+      trajectories_per_call: `replay_run` reads and values up to this many trajectories together
+        (their equal states once, `value_trajectories`).
+      batch_kv_mb: ... and no more than fit in this many MiB of KV (whole trajectories, at the
+        model's KV dtype; at least one): the snapshots `replay_run` holds are this batch and the
+        next one, read meanwhile, whatever the run's size.
       engine: ``auto`` | ``vanilla`` | ``esurge``.
     """
 
@@ -108,6 +120,7 @@ class ReplayConfig:
     seed: int = 0
     max_rows: int = 64
     trajectories_per_call: int = 16
+    batch_kv_mb: float = 64.0
     engine: str = "auto"
 
     def __post_init__(self) -> None:
@@ -131,6 +144,8 @@ class ReplayConfig:
         ]
         if self.max_branches is not None and self.max_branches < self.branches:
             errors.append(f"max_branches ({self.max_branches}) must be >= branches ({self.branches})")
+        if not self.batch_kv_mb > 0:
+            errors.append(f"batch_kv_mb must be > 0, got {self.batch_kv_mb}")
         if self.adaptive_ci is not None and not self.adaptive_ci > 0:
             errors.append(f"adaptive_ci must be > 0 or None, got {self.adaptive_ci}")
         if self.temperature < 0:
@@ -388,8 +403,10 @@ def replay_run(
     fingerprint = policy_fingerprint(model)
     report = ReplayReport()
     todo, stale = [], set()
+    tokens: dict[str, int] = {}  # each trajectory's length, for the batches' KV budget
     for tid in ids:
         info = store.trajectory_info(run, tid)
+        tokens[tid] = info["prompt_len"] + len(info["response_token_ids"])
         record = stored_record(info["fields"])
         if record is not None and record.made_by(info["fingerprint"]) != fingerprint:
             stale.add(tid)
@@ -451,8 +468,8 @@ def replay_run(
         engine = opened = open_engine(
             config.engine, model, tokenizer=tokenizer, max_rows=config.max_rows, esurge_options=esurge_options
         )
-    per_call = config.trajectories_per_call
-    batches = [todo[i : i + per_call] for i in range(0, len(todo), per_call)]
+    batches = replay_batches([tokens[t] for t in todo], kv_bytes_per_token(model), config)
+    batches = [[todo[i] for i in batch] for batch in batches]
     try:
         with ThreadPoolExecutor(max_workers=1) as reader:
             pending = reader.submit(lambda tids: [read(t) for t in tids], batches[0]) if batches else None
@@ -474,6 +491,29 @@ def replay_run(
             opened.close()
     report.warn_if_mostly_truncated(config)
     return report
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of keys and values per token of ``model``'s cache (all layers)."""
+    layout = kv_layout(model)
+    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
+
+
+def replay_batches(lengths: Sequence[int], bytes_per_token: int, config: ReplayConfig) -> list[list[int]]:
+    """Consecutive batches of trajectory indices: at most ``config.trajectories_per_call`` each,
+    and at most ``config.batch_kv_mb`` MiB of KV (``lengths`` tokens x ``bytes_per_token``),
+    at least one trajectory each."""
+    budget = config.batch_kv_mb * 2**20
+    batches: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        size = n * bytes_per_token
+        if not batches or len(batches[-1]) >= config.trajectories_per_call or used + size > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += size
+    return batches
 
 
 def shard_of(trajectory_id: str, num_shards: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from replay.branch_replay import ReplayConfig, replay_batches
 from replay.rewards import score
 from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states
 from replay.values import MCRecord, branch_returns, branches_wanted, mc_values, ragged
@@ -135,3 +136,16 @@ def test_a_reward_with_other_argument_names_gets_a_clear_error():
         score(lambda p, c, **k: [1.0], ["q"], ["x"], [{}])
     with pytest.raises(TypeError, match=r"requires \['answer'\].*\['completions', 'prompts'\] here"):
         score(lambda prompts, completions, answer: [1.0], ["q"], ["x"], [{}])
+
+
+def test_replay_batches_respect_the_count_and_the_kv_budget():
+    mib = 2**20
+    config = ReplayConfig(trajectories_per_call=3, batch_kv_mb=10.0)
+    # 1 MiB per token: lengths 4, 4 fit (8 MiB), a third 4 would make 12; then 3 + 3 + 3 by count
+    assert replay_batches([4, 4, 4, 3, 3, 3, 1], mib, config) == [[0, 1], [2, 3, 4], [5, 6]]
+    # a trajectory over the budget on its own still gets a batch of its own
+    assert replay_batches([2, 20, 2], mib, config) == [[0], [1], [2]]
+    assert replay_batches([], mib, config) == []
+    assert replay_batches([1] * 7, 1, ReplayConfig()) == [list(range(7))]  # defaults: up to 16, 64 MiB
+    with pytest.raises(ValueError, match="batch_kv_mb must be > 0"):
+        ReplayConfig(batch_kv_mb=0)

@@ -9,7 +9,8 @@ tokens are kept; each chunk is re-prefilled right before its branches.
 All three capture in the same fixed row chunks and key branches by ``(seed, the state's tokens,
 branch index)`` (`replay.branch_replay.state_key`), so with the lossless codec they give
 identical values. ``memory`` values all rollouts' states in one `value_trajectories` call,
-``recompute`` a capture chunk's, ``disk`` ``trajectories_per_call`` at a time (`replay_run`);
+``recompute`` a capture chunk's, ``disk`` a batch within ``trajectories_per_call`` and
+``batch_kv_mb`` at a time (`replay_run`);
 equal states within a call are sampled once.
 """
 
