@@ -680,6 +680,9 @@ def value_trajectories(
             break
         for n in sorted({n for n, _ in distinct.values()}):  # one call per branch count (usually one)
             group = [holders for more, holders in distinct.values() if more == n]
+            # earliest states first: a decode batch runs until its longest branch ends, so states
+            # with similar remaining budgets share batches (the rows' keys make order irrelevant)
+            group.sort(key=lambda holders: int(requests[holders[0][0]].plan.positions[holders[0][1]]))
             owners = [holders[0] for holders in group]
             positions = np.array([int(requests[r].plan.positions[j]) for r, j in owners])
             snaps = [requests[r].states[int(b)] for (r, _), b in zip(owners, positions, strict=True)]
