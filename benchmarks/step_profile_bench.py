@@ -3,8 +3,8 @@
     PYTHONPATH=. .venv/bin/python benchmarks/step_profile_bench.py [--batches 4] [--ks 4,9]
 
 Each configuration trains the built-in job's regime (`vinekv compare`'s settings: 32 problems x
-4 responses, 2 PPO epochs, the cached warm-up, seed 0) with the ``disk`` strategy and the int8
-store, as `vinekv train` does, for one discarded batch (compilation) and ``--batches`` measured
+4 responses, 2 PPO epochs, the cached warm-up, seed 0) with the ``disk`` strategy, the int8
+store and each step's run kept, as `vinekv train` does, for one discarded batch (compilation) and ``--batches`` measured
 ones, all in this process and in the same order. Per batch, from the trainer's metrics:
 generation (EasyDeL's ``generation_time``), the rollout policy's log-probs, rollout scoring,
 capture, spill, prefix reads, branch decode, branch scoring, advantages, the PPO updates (both
@@ -84,7 +84,6 @@ def profile(method: str, k: int, batches: int, counter: CompileCounter, scratch:
             "vineppo_cache_strategy": "disk",
             "vineppo_branches": max(k, 1),  # GRPO (k = 0) samples none
             "lite_num_branches": max(k, 1),
-            "vineppo_keep_snapshots": False,
         },
     )
     _, train_data = task_data(config)

@@ -26,7 +26,7 @@ import numpy as np
 from easydel.caching import TransformerCache
 
 from kvstore.codecs import KVCodec, get_codec
-from kvstore.dense_cache import cache_from_states, extract_state, forward_chunk, kv_layout
+from kvstore.dense_cache import cache_from_states, empty_cache, extract_state, forward_chunk, kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import StalePolicyError, check_policy  # noqa: F401 (StalePolicyError: re-export)
 from kvstore.state import CachedState, EncodedState
@@ -230,7 +230,7 @@ def _captured(model, sequences, batch_rows, entropy):
         ids = np.zeros((batch_rows, width), np.int32)
         for row, seq in enumerate(chunk):
             ids[row, : len(seq)] = seq
-        cache = model.init_cache(batch_size=batch_rows, max_length=width)
+        cache = empty_cache(model, batch_rows, width)
         logits, cache = forward_chunk(model, cache, ids, split=split)
         entropies = np.asarray(jax.device_get(next_token_entropy(logits))) if entropy else None
         yield start, cache, ids, chunk, entropies

@@ -50,6 +50,12 @@ def kv_layout(model: Any) -> KVLayout:
     )
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes of keys and values per token of ``model``'s cache (all layers, its KV dtype)."""
+    layout = kv_layout(model)
+    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
+
+
 def _chunk_mask(indexs: jax.Array, chunk_len: int, max_length: int) -> MaskInfo:
     """Causal mask ``[batch, 1, chunk_len, max_length]`` for a chunk starting at ``indexs``."""
     query_pos = indexs[:, None] + jnp.arange(chunk_len, dtype=jnp.int32)[None, :]
@@ -250,6 +256,21 @@ def _expand_rows(keys, values, *, repeats: int, max_length: int, dtype: Any):
     return expand(keys), expand(values)
 
 
+def empty_cache(model: Any, batch: int, max_length: int) -> TransformerCache:
+    """A zeroed dense cache of ``batch`` rows and ``max_length`` positions, as ``init_cache``
+    gives, from the model's cached template (``init_cache`` re-derives the cache type and
+    shardings on every call)."""
+    template = _cache_template(model, batch, max_length)
+    return TransformerCache(
+        views=[
+            view.replace(
+                key=jnp.zeros_like(view.key), value=jnp.zeros_like(view.value), indexs=jnp.zeros_like(view.indexs)
+            )
+            for view in template.views
+        ]
+    )
+
+
 _TEMPLATES: dict[int, dict[tuple[int, int], TransformerCache]] = {}
 
 
@@ -260,7 +281,7 @@ def _cache_template(model: Any, batch: int, max_length: int) -> TransformerCache
         weakref.finalize(model, _TEMPLATES.pop, id(model), None)
     per_model = _TEMPLATES.setdefault(id(model), {})
     if (batch, max_length) not in per_model:
-        if len(per_model) >= 8:
+        if len(per_model) >= 32:  # shapes in use: row buckets x length buckets (init_cache costs ~20-50 ms)
             per_model.pop(next(iter(per_model)))
         cache = model.init_cache(batch_size=batch, max_length=max_length)
         _check_dense(cache)

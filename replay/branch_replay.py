@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from kvstore.dense_cache import kv_layout
+from kvstore.dense_cache import kv_bytes_per_token
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
@@ -491,12 +491,6 @@ def replay_run(
             opened.close()
     report.warn_if_mostly_truncated(config)
     return report
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """Bytes of keys and values per token of ``model``'s cache (all layers)."""
-    layout = kv_layout(model)
-    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * np.dtype(layout.dtype).itemsize
 
 
 def replay_batches(lengths: Sequence[int], bytes_per_token: int, config: ReplayConfig) -> list[list[int]]:

@@ -22,6 +22,7 @@ from kvstore import (
     policy_fingerprint,
     resume_from_state,
 )
+from kvstore.dense_cache import kv_bytes_per_token
 from replay import prefill, sample_tokens
 from replay.branch_replay import ReplayConfig, replay_run, select_states, state_key
 from replay.sampler import branch_keys, generate_branches
@@ -110,6 +111,36 @@ def test_a_states_branches_do_not_depend_on_the_batch(tiny_model, stored_run):
         assert together.finish_reasons == alone.finish_reasons
         for a, b in zip(together.tokens, alone.tokens, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_the_dense_engines_cache_budget_splits_batches_not_branches(tiny_model, stored_run, monkeypatch):
+    """`VanillaEngine(max_cache_mb=...)` decodes fewer rows at a time when their dense cache would
+    exceed the budget; the branches are the ones one big batch gives."""
+    from replay.engines.vanilla import VanillaEngine
+
+    _, _, states = stored_run
+    snaps = [s.prefix(t) for s in states for t in (6, 9, 12)]
+    keys = [(state_key(s.token_ids[0]), s.position) for s in snaps]
+    params = SamplingParams(n=4, max_tokens=8, temperature=1.0)
+    groups = []
+    run_group = VanillaEngine._run_group
+    monkeypatch.setattr(
+        VanillaEngine, "_run_group", lambda self, group, *a: groups.append(len(group)) or run_group(self, group, *a)
+    )
+    wide = generate_branches(tiny_model, snaps, params, seed=3, state_keys=keys, engine=VanillaEngine(tiny_model))
+    assert groups == [9]
+    # a row's cache: the longest prefix (12) + the bucketed 8-token budget (16), rounded to 64 positions
+    budget = 8 * 64 * kv_bytes_per_token(tiny_model) / 2**20  # 8 rows: 2 states of K = 4
+    narrow = generate_branches(
+        tiny_model, snaps, params, seed=3, state_keys=keys, engine=VanillaEngine(tiny_model, max_cache_mb=budget)
+    )
+    assert groups[1:] == [2, 2, 2, 2, 1]
+    for x, y in zip(wide, narrow, strict=True):
+        assert x.finish_reasons == y.finish_reasons
+        for a, b in zip(x.tokens, y.tokens, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="max_cache_mb must be > 0"):
+        VanillaEngine(tiny_model, max_cache_mb=0)
 
 
 def test_stop_strings_eos_and_length(tiny_model, tokenizer_dir, stored_run):

@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.dense_cache import cache_from_states, forward_chunk
+from kvstore.dense_cache import cache_from_states, forward_chunk, kv_bytes_per_token
 from kvstore.state import CachedState
 from replay.decode import decode_rows, step_width
 from replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
 
 LENGTH_BUCKET = 64
 DEFAULT_MAX_ROWS = 64
+DEFAULT_MAX_CACHE_MB = 64.0
 
 
 def _bucket_rows(rows: int) -> int:
@@ -33,20 +34,33 @@ class VanillaEngine(BranchEngine):
     Args:
       model: the policy.
       max_rows: rows (states x K) decoded together, before rounding up to a power of two.
+      max_cache_mb: ... and no more rows than a dense cache of this many MiB holds at the call's
+        longest prefix plus budget (at least one state's K rows): a call with many long states
+        is decoded in several batches rather than one cache of all of them.
     """
 
     name = "vanilla"
 
-    def __init__(self, model: Any, max_rows: int = DEFAULT_MAX_ROWS):
+    def __init__(self, model: Any, max_rows: int = DEFAULT_MAX_ROWS, max_cache_mb: float = DEFAULT_MAX_CACHE_MB):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self.model, self.max_rows = model, max_rows
+        if not max_cache_mb > 0:
+            raise ValueError(f"max_cache_mb must be > 0, got {max_cache_mb}")
+        self.model, self.max_rows, self.max_cache_mb = model, max_rows, max_cache_mb
+        self._split: tuple[Any, Any, Any] | None = None  # model.split_module(), taken once per model
 
     def close(self) -> None:
         """Nothing to release: compiled programs are shared by every engine of the process."""
 
     def update_model(self, model: Any) -> None:
-        self.model = model
+        self.model, self._split = model, None
+
+    def _model_split(self) -> tuple[Any, Any, Any]:
+        """The model's ``split_module()`` (graph, params, rest): flattening the module graph costs
+        ~10-30 ms, once per model rather than per decode batch."""
+        if self._split is None:
+            self._split = self.model.split_module()
+        return self._split
 
     def expand(
         self,
@@ -56,7 +70,10 @@ class VanillaEngine(BranchEngine):
         budgets: np.ndarray,
         tokenizer: Any = None,
     ) -> list[Branches]:
-        per_group = max(1, self.max_rows // sampling.k)
+        longest = max(s.position for s in states) + step_width(int(np.max(budgets)))
+        row_bytes = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET * kv_bytes_per_token(self.model)
+        rows = min(self.max_rows, int(self.max_cache_mb * 2**20 // row_bytes))
+        per_group = max(1, rows // sampling.k)
         out: list[Branches] = []
         for start in range(0, len(states), per_group):
             stop = min(start + per_group, len(states))
@@ -78,7 +95,7 @@ class VanillaEngine(BranchEngine):
         cache = cache_from_states(model, prefixes, max_length=max_length, repeats=k)
         total = cache.views[0].key.shape[0]
         last = np.repeat([s.token_ids[0, -1] for s in [*group, *filler]], k)[:, None].astype(np.int32)
-        split = model.split_module()
+        split = self._model_split()
         logits, cache = forward_chunk(model, cache, last, split=split)
         decoded = decode_rows(
             model,
