@@ -263,12 +263,14 @@ def empty_cache(model: Any, batch: int, max_length: int) -> TransformerCache:
     template = _cache_template(model, batch, max_length)
     return TransformerCache(
         views=[
-            view.replace(
-                key=jnp.zeros_like(view.key), value=jnp.zeros_like(view.value), indexs=jnp.zeros_like(view.indexs)
-            )
+            view.replace(key=_zeros(view.key), value=_zeros(view.value), indexs=jnp.zeros_like(view.indexs))
             for view in template.views
         ]
     )
+
+
+def _zeros(like: jax.ShapeDtypeStruct) -> jax.Array:
+    return jnp.zeros(like.shape, like.dtype, device=like.sharding)
 
 
 _TEMPLATES: dict[int, dict[tuple[int, int], TransformerCache]] = {}
@@ -276,7 +278,7 @@ _TEMPLATES: dict[int, dict[tuple[int, int], TransformerCache]] = {}
 
 def _cache_template(model: Any, batch: int, max_length: int) -> TransformerCache:
     """An empty cache of this shape, built once per model: its views supply structure and
-    shardings only (its K/V buffers are never written, so sharing it is safe)."""
+    shardings only; their keys and values are `jax.ShapeDtypeStruct` (no buffers kept)."""
     if id(model) not in _TEMPLATES:  # forgotten when the model is garbage-collected
         weakref.finalize(model, _TEMPLATES.pop, id(model), None)
     per_model = _TEMPLATES.setdefault(id(model), {})
@@ -285,5 +287,8 @@ def _cache_template(model: Any, batch: int, max_length: int) -> TransformerCache
             per_model.pop(next(iter(per_model)))
         cache = model.init_cache(batch_size=batch, max_length=max_length)
         _check_dense(cache)
-        per_model[(batch, max_length)] = cache
+        abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
+        per_model[(batch, max_length)] = TransformerCache(
+            views=[view.replace(key=abstract(view.key), value=abstract(view.value)) for view in cache.views]
+        )
     return per_model[(batch, max_length)]
