@@ -620,6 +620,11 @@ class ValueRequest:
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+def _field_json(value: Any) -> Any:
+    """JSON stand-in of a task field value json cannot encode (arrays in full, else its repr)."""
+    return value.tolist() if hasattr(value, "tolist") else repr(value)
+
+
 def state_key(prefix_ids: np.ndarray) -> int:
     """32-bit id of a state for its branch keys: a hash of its tokens (prompt + response prefix)
     alone, so equal states draw equal branches whatever trajectory, batch or process values them."""
@@ -653,7 +658,7 @@ def value_trajectories(
     sampled = np.zeros((len(requests), 3), np.int64)  # branches, tokens, unfinished sampled at owners
     owned: list[set[int]] = [set() for _ in requests]  # the states each request owns (over all rounds)
     while True:
-        # state identity -> (branches to add, [(request, state index)], the first one owning the call)
+        # state identity -> (branches to add, its holders [(request, state index)]; the first owns it)
         distinct: dict[tuple, tuple[int, list[tuple[int, int]]]] = {}
         for r, req in enumerate(requests):
             current = TrajectoryPlan(req.plan.positions, req.plan.valued, tuple(map(tuple, rows[r])))
@@ -666,7 +671,7 @@ def value_trajectories(
                 identity = (
                     snap.token_ids[0, : snap.position].tobytes(),
                     b,
-                    json.dumps(req.fields, sort_keys=True, default=str),
+                    json.dumps(req.fields, sort_keys=True, default=_field_json),
                     tuple(rows[r][j]),
                 )
                 distinct.setdefault(identity, (int(more[j]), []))[1].append((r, int(j)))
