@@ -8,11 +8,12 @@ budget), ``trajectories_per_call`` trajectories together with each distinct stat
 (`value_trajectories`: a group's prompt state, equal leading steps), score ``response prefix ++
 branch`` with the reward functions, fold returns into MC values, and write them back next to
 the snapshot metadata (``fields["mc"]``, a `MCRecord`), atomically per trajectory. Branch i of
-a state has its own key, from the state's tokens (`state_key`), not from the trajectory: a trajectory already valued
-under the same settings gets only the branches it lacks (more K, adaptive rounds) and a settled
-one is skipped, so a killed replay, run again, finishes the rest and gives the same values as
-an uninterrupted one. Values sampled by another policy (the record's ``policy`` fingerprint)
-are not values of this one: such a trajectory is valued again from scratch.
+a state has its own key, from the state's tokens (`state_key`), not from the trajectory: a
+trajectory already valued under the same settings gets only the branches it lacks (more K,
+adaptive rounds) and a settled one is skipped, so a killed replay, run again, finishes the rest
+and gives the same values as an uninterrupted one. Values sampled by another policy (the
+record's ``policy`` fingerprint) are not values of this one: such a trajectory is valued again
+from scratch.
 """
 
 from __future__ import annotations
@@ -472,11 +473,12 @@ def replay_run(
     batches = [[todo[i] for i in batch] for batch in batches]
     try:
         with ThreadPoolExecutor(max_workers=1) as reader:
-            pending = reader.submit(lambda tids: [read(t) for t in tids], batches[0]) if batches else None
+            read_batch = lambda tids: [read(t) for t in tids]  # noqa: E731
+            pending = reader.submit(read_batch, batches[0]) if batches else None
             for i in range(len(batches)):
                 items = pending.result()
                 if i + 1 < len(batches):
-                    pending = reader.submit(lambda tids: [read(t) for t in tids], batches[i + 1])
+                    pending = reader.submit(read_batch, batches[i + 1])
                 for line in _value_stored(store, run, model, tokenizer, reward_fns, config, items, report, engine):
                     if metrics:
                         metrics.write(json.dumps(line) + "\n")

@@ -10,8 +10,7 @@ All three capture in the same fixed row chunks and key branches by ``(seed, the 
 branch index)`` (`replay.branch_replay.state_key`), so with the lossless codec they give
 identical values. ``memory`` values all rollouts' states in one `value_trajectories` call,
 ``recompute`` a capture chunk's, ``disk`` a batch within ``trajectories_per_call`` and
-``batch_kv_mb`` at a time (`replay_run`);
-equal states within a call are sampled once.
+``batch_kv_mb`` at a time (`replay_run`); equal states within a call are sampled once.
 """
 
 from __future__ import annotations
@@ -194,22 +193,21 @@ def _generated_state(rollout: Rollout, generated_kv, layout, fingerprint: str) -
 def _value_rollouts(model, tokenizer, reward_fns, config, rollouts, captured, fields, splitter, stats, engine):
     """`MCRecord` of each rollout, all valued in one `value_trajectories` call; ``captured``:
     ``(full snapshot, entropy or None)`` per rollout."""
-    plans, requests = [], []
+    requests = []
     for rollout, (full, entropy), row_fields in zip(rollouts, captured, fields, strict=True):
         prompt_len, response = len(rollout.prompt_ids), rollout.response_ids
         plan = plan_trajectory(
             response, tokenizer, config, splitter=splitter, entropy=response_entropy(entropy, prompt_len, len(response))
         )
         states = {int(b): full.prefix(prompt_len + int(b)) for b in plan.positions[plan.needed(config)]}
-        plans.append(plan)
         requests.append(ValueRequest(response, plan, states, row_fields))
     start = time.perf_counter()
     values = value_trajectories(model, tokenizer, reward_fns, config, requests, engine)
     stats.seconds["replay"] += time.perf_counter() - start
     records = []
-    for rollout, plan, value in zip(rollouts, plans, values, strict=True):
+    for rollout, request, value in zip(rollouts, requests, values, strict=True):
         stats.replay.add(value, len(rollout.response_ids))
-        records.append(trajectory_record(config, len(rollout.prompt_ids), plan, value))
+        records.append(trajectory_record(config, len(rollout.prompt_ids), request.plan, value))
     return records
 
 

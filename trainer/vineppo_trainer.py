@@ -317,9 +317,7 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
             out, metrics, completion_mask, _ = self._generate(state, batch, prompt_fields)
             sequence_adv = np.asarray(jax.device_get(out["advantages"]), dtype=np.float64)
             out = _prompts_per_row(out)
-            start = time.perf_counter()
-            out["old_per_token_logps"] = jax.block_until_ready(self._cut(self._completion_logps(state, out)))
-            metrics["vineppo/seconds/logps"] = time.perf_counter() - start  # the rollout policy's log-probs
+            self._add_rollout_logps(state, out, metrics)
             out["advantages"], signal = self._final_advantages(sequence_adv[:, None] * completion_mask, completion_mask)
             return out, {**metrics, **signal}
         generated = self._rollouts(state, batch, prompt_fields)
@@ -369,9 +367,7 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         )
         fields = [prompt_fields[r.group] for r in rollouts]
         out = _prompts_per_row(out)
-        start = time.perf_counter()
-        out["old_per_token_logps"] = jax.block_until_ready(self._cut(self._completion_logps(state, out)))
-        metrics["vineppo/seconds/logps"] = time.perf_counter() - start  # the rollout policy's log-probs
+        self._add_rollout_logps(state, out, metrics)
         config = self.arguments.replay_config(
             seed=self._replay_seed(state), stop_token_ids=tuple(self.rollout_stop_ids)
         )
@@ -458,6 +454,13 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         """``[N, Lc]`` cut to ``max_loss_completion_tokens`` columns when set."""
         limit = self.arguments.max_loss_completion_tokens
         return per_token if limit is None else per_token[:, :limit]
+
+    def _add_rollout_logps(self, state: EasyDeLState, out: dict[str, jax.Array], metrics: dict[str, tp.Any]) -> None:
+        """``out["old_per_token_logps"]``: the rollout policy's (``state``'s) log-probs of the
+        completions, cut like the loss's; their seconds as ``vineppo/seconds/logps``."""
+        start = time.perf_counter()
+        out["old_per_token_logps"] = jax.block_until_ready(self._cut(self._completion_logps(state, out)))
+        metrics["vineppo/seconds/logps"] = time.perf_counter() - start
 
     def _completion_logps(self, state: EasyDeLState, out: dict[str, jax.Array]) -> jax.Array:
         """Per-token log-probs ``[N, Lc]`` of the completions (prompts one row per completion)

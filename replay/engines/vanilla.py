@@ -24,6 +24,13 @@ DEFAULT_MAX_ROWS = 64
 DEFAULT_MAX_CACHE_MB = 64.0
 
 
+def _cache_length(longest: int, budget: int) -> int:
+    """Positions of a dense cache for snapshots up to ``longest`` positions and branches of up to
+    ``budget`` tokens: room for the bucketed token buffer too (`step_width`), so the buffer's
+    width, a compiled shape, does not follow ``longest``; a multiple of `LENGTH_BUCKET`."""
+    return -(-(longest + step_width(budget)) // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
 def _bucket_rows(rows: int) -> int:
     return 1 << max(0, (rows - 1).bit_length())
 
@@ -70,8 +77,8 @@ class VanillaEngine(BranchEngine):
         budgets: np.ndarray,
         tokenizer: Any = None,
     ) -> list[Branches]:
-        longest = max(s.position for s in states) + step_width(int(np.max(budgets)))
-        row_bytes = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET * kv_bytes_per_token(self.model)
+        longest = max(s.position for s in states)
+        row_bytes = _cache_length(longest, int(np.max(budgets))) * kv_bytes_per_token(self.model)
         rows = min(self.max_rows, int(self.max_cache_mb * 2**20 // row_bytes))
         per_group = max(1, rows // sampling.k)
         out: list[Branches] = []
@@ -89,9 +96,7 @@ class VanillaEngine(BranchEngine):
         padded = _bucket_rows(rows)
         filler = [group[-1]] * ((padded - rows + k - 1) // k)
         prefixes = [s.prefix(s.position - 1) for s in [*group, *filler]]
-        longest = max(s.position for s in group)
-        # room for the bucketed token buffer too, so its width (a compiled shape) does not follow `longest`
-        max_length = -(-(longest + step_width(int(budgets.max()))) // LENGTH_BUCKET) * LENGTH_BUCKET
+        max_length = _cache_length(max(s.position for s in group), int(budgets.max()))
         cache = cache_from_states(model, prefixes, max_length=max_length, repeats=k)
         total = cache.views[0].key.shape[0]
         last = np.repeat([s.token_ids[0, -1] for s in [*group, *filler]], k)[:, None].astype(np.int32)
