@@ -69,7 +69,9 @@ class CompileCounter:
             self.count += 1
 
 
-def profile(method: str, k: int, batches: int, counter: CompileCounter, scratch: Path) -> dict[str, Any]:
+def profile(
+    method: str, k: int, batches: int, counter: CompileCounter, scratch: Path, strategy: str = "disk"
+) -> dict[str, Any]:
     """``batches + 1`` batches of ``method`` at K = ``k``; per batch the phase seconds, counts and
     compilations (the first batch included, marked ``warmup``)."""
     from vinekv.compare import CompareConfig, build_trainer, task_data
@@ -81,7 +83,7 @@ def profile(method: str, k: int, batches: int, counter: CompileCounter, scratch:
         updates=(batches + 1) * epochs,
         lite_anchor_stride=8,
         trainer={
-            "vineppo_cache_strategy": "disk",
+            "vineppo_cache_strategy": strategy,
             "vineppo_branches": max(k, 1),  # GRPO (k = 0) samples none
             "lite_num_branches": max(k, 1),
         },
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="measured batches per configuration (default 4)")
     parser.add_argument("--ks", default="4,9", help="branches per state of Lite and full (default 4,9)")
     parser.add_argument("--methods", default="off,lite,full", help="methods (default off,lite,full)")
+    parser.add_argument("--strategy", default="disk", help="vineppo_cache_strategy (default disk; compare: memory)")
     parser.add_argument("--tag", default="", help="suffix of the result files (default none)")
     args = parser.parse_args()
     quiet_logs()
@@ -173,7 +176,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vinekv-step-profile-") as scratch:
         for method, k in runs:
-            run = profile(method, k, args.batches, counter, Path(scratch))
+            run = profile(method, k, args.batches, counter, Path(scratch), args.strategy)
             run["summary"] = summary(run)
             results.append(run)
             print(f"{label(method, k)}: {run['summary']['step_seconds']:.2f} s per batch", flush=True)

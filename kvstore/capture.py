@@ -26,7 +26,7 @@ import numpy as np
 from easydel.caching import TransformerCache
 
 from kvstore.codecs import KVCodec, get_codec
-from kvstore.dense_cache import cache_from_states, empty_cache, extract_state, forward_chunk, kv_layout
+from kvstore.dense_cache import cache_from_states, empty_cache, extract_rows, extract_state, forward_chunk, kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import StalePolicyError, check_policy  # noqa: F401 (StalePolicyError: re-export)
 from kvstore.state import CachedState, EncodedState
@@ -241,6 +241,6 @@ def _captured(model, sequences, batch_rows, entropy):
 def _capture(model, sequences, batch_rows, fingerprint, entropy):
     fingerprint = fingerprint or policy_fingerprint(model)
     for _, cache, ids, chunk, entropies in _captured(model, sequences, batch_rows, entropy):
-        for row, seq in enumerate(chunk):
-            state = extract_state(model, cache, ids, len(seq), rows=[row], fingerprint=fingerprint)
-            yield state, (entropies[row, : len(seq)] if entropy else None)
+        lengths = [len(seq) for seq in chunk] + [1] * (batch_rows - len(chunk))  # padding rows: 1 position
+        for row, state in enumerate(extract_rows(model, cache, ids, lengths, fingerprint)[: len(chunk)]):
+            yield state, (entropies[row, : lengths[row]] if entropy else None)

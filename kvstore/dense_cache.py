@@ -160,6 +160,32 @@ def extract_state(
     )
 
 
+def extract_rows(
+    model: Any, cache: TransformerCache, token_ids: np.ndarray, lengths: Sequence[int], fingerprint: str
+) -> list[CachedState]:
+    """One batch-1 `CachedState` per row of ``cache``, row ``b`` covering its first ``lengths[b]``
+    positions (``token_ids`` ``[batch, >= max(lengths)]``): `extract_state` for every row with a
+    single device-to-host copy of the cache's first ``max(lengths)`` positions (bucketed)."""
+    _check_dense(cache)
+    lengths = [int(n) for n in lengths]
+    filled = np.asarray(jax.device_get(_cache_indexs(cache)))
+    if len(lengths) != filled.shape[0] or any(not 1 <= n <= f for n, f in zip(lengths, filled, strict=True)):
+        raise ValueError(f"lengths {lengths} must give each of the cache's {filled.shape[0]} rows 1..its filled length")
+    width = min(cache.views[0].key.shape[1], -(-max(lengths) // EXTRACT_BUCKET) * EXTRACT_BUCKET)
+    keys, values = jax.device_get(([v.key[:, :width] for v in cache.views], [v.value[:, :width] for v in cache.views]))
+    keys, values, layout = np.stack(keys), np.stack(values), kv_layout(model)
+    return [
+        CachedState(
+            keys=keys[:, row : row + 1, :n].copy(),
+            values=values[:, row : row + 1, :n].copy(),
+            token_ids=np.asarray(token_ids[row : row + 1, :n], np.int32),
+            layout=layout,
+            fingerprint=fingerprint,
+        )
+        for row, n in enumerate(lengths)
+    ]
+
+
 def cache_from_states(model: Any, states: Sequence[CachedState], max_length: int, repeats: int = 1) -> TransformerCache:
     """A fresh dense cache holding the given snapshots, each row repeated ``repeats`` times.
 

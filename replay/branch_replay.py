@@ -91,7 +91,7 @@ class ReplayConfig:
       adaptive_ci: target 95% confidence half-width of a state's value: states above it get
         another round of ``branches``, up to ``max_branches``. None: exactly ``branches``.
       seed: run seed of the branch PRNG keys.
-      max_rows: rows (states x K) decoded together.
+      max_rows: branches decoded at once (the dense engine's cache rows; eSurge's batch).
       trajectories_per_call: `replay_run` reads and values up to this many trajectories together
         (their equal states once, `value_trajectories`).
       batch_kv_mb: ... and no more than fit in this many MiB of KV (whole trajectories, at the

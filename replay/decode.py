@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from easydel.caching import TransformerCache
 
-from kvstore.dense_cache import forward_chunk, forward_split
+from kvstore.dense_cache import empty_cache, forward_chunk, forward_split
 
 
 @dataclasses.dataclass
@@ -189,6 +189,217 @@ def decode_loop_fn():
     """The jitted `_decode_loop` (model graph, buffer width and sampling static)."""
     donate = () if jax.default_backend() == "cpu" else (3,)
     return jax.jit(_decode_loop, static_argnums=(0, 9, 10), donate_argnums=donate)
+
+
+@dataclasses.dataclass
+class PoolDecoded:
+    """Result of `decode_pool`, one entry per branch.
+
+    Attributes:
+      tokens: ``[branches, width]`` int32 sampled tokens (entries past a branch's length unused).
+      logprobs: ``[branches, width]`` float32, as in `Decoded`.
+      lengths: ``[branches]`` tokens of each branch (up to and including its EOS / stop token).
+      ended_by: per branch, ``"eos"``, ``"stop"`` or ``"length"``.
+      row_steps: decode steps run times rows (the work done; ``lengths.sum()`` of it was kept).
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    ended_by: list[str]
+    row_steps: int
+
+
+def _pool_loop(
+    graphdef,
+    graphstate,
+    graphother,
+    rows_cache,
+    pool_keys,
+    pool_values,
+    pool_positions,
+    pool_last,
+    branch_state,
+    branch_keys,
+    budgets,
+    num_branches,
+    eos_ids,
+    stop_ids,
+    width,
+    sampling,
+):
+    """Continuous batching of branches over a fixed set of cache rows, all on the device.
+
+    Once at least 1/8 of the rows are idle (or none is busy), that many idle rows take the next
+    waiting branches (so rows start staggered): such a row's cache becomes a copy of its
+    branch's state (``pool_*``: the snapshot less its last token, that token, and the position
+    it sits at) and it feeds that last token. Each step, every row runs one forward, draws a
+    token with its branch's key at its position, records it, and ends at an EOS / stop id or at
+    its branch's budget.
+    """
+    rows = rows_cache.views[0].key.shape[0]
+    size = budgets.shape[0]
+    slots = max(1, rows // 8)  # rows refilled at once: a refill copies this many cache rows
+
+    def refill(args):
+        cache, inp, row_branch, row_step, next_branch = args
+        idle = jnp.nonzero(row_branch >= size, size=slots, fill_value=rows)[0]
+        branch = next_branch + jnp.arange(slots, dtype=jnp.int32)
+        take = (idle < rows) & (branch < num_branches)
+        at = jnp.where(take, idle, rows)  # rows not taken: dropped
+        state = branch_state[jnp.where(take, branch, 0)]
+        views = [
+            view.replace(
+                key=view.key.at[at].set(pool_keys[layer][state], mode="drop"),
+                value=view.value.at[at].set(pool_values[layer][state], mode="drop"),
+                indexs=view.indexs.at[at].set(pool_positions[state], mode="drop"),
+            )
+            for layer, view in enumerate(cache.views)
+        ]
+        return (
+            cache.replace(views=views),
+            inp.at[at].set(pool_last[state], mode="drop"),
+            row_branch.at[at].set(branch, mode="drop"),
+            row_step.at[at].set(0, mode="drop"),
+            next_branch + jnp.sum(take),
+        )
+
+    def cond(carry):
+        row_branch, next_branch = carry[3], carry[5]
+        return jnp.any(row_branch < size) | (next_branch < num_branches)
+
+    def body(carry):
+        steps, cache, inp, row_branch, row_step, next_branch, tokens, logprobs, lengths, ended_by = carry
+        idle = jnp.sum(row_branch >= size)
+        wanted = ((idle >= slots) | (idle == rows)) & (next_branch < num_branches)
+        cache, inp, row_branch, row_step, next_branch = jax.lax.cond(
+            wanted, refill, lambda args: args, (cache, inp, row_branch, row_step, next_branch)
+        )
+        busy = row_branch < size
+        logits, cache = forward_split(graphdef, graphstate, graphother, cache, inp[:, None])
+        positions = cache.views[0].indexs
+        keys = branch_keys[jnp.where(busy, row_branch, 0)]
+        tok, lp = sample_tokens(
+            logits[:, -1], keys, positions, sampling.temperature, sampling.top_k, sampling.top_p, sampling.sampler
+        )
+        target = jnp.where(busy, row_branch, size)  # idle rows write nowhere (dropped)
+        tokens = tokens.at[target, row_step].set(tok, mode="drop")
+        logprobs = logprobs.at[target, row_step].set(lp, mode="drop")
+        reason = jnp.where(jnp.isin(tok, eos_ids), 1, jnp.where(jnp.isin(tok, stop_ids), 2, 0)).astype(jnp.int32)
+        stopped = busy & (reason > 0)
+        lengths = lengths.at[jnp.where(stopped, row_branch, size)].set(row_step + 1, mode="drop")
+        ended_by = ended_by.at[jnp.where(stopped, row_branch, size)].set(reason, mode="drop")
+        ends = stopped | (busy & (row_step + 1 >= budgets[jnp.where(busy, row_branch, 0)]))
+        row_branch = jnp.where(ends, size, row_branch)
+        return (
+            steps + 1,
+            cache,
+            tok,
+            row_branch,
+            row_step + 1,
+            next_branch,
+            tokens,
+            logprobs,
+            lengths,
+            ended_by,
+        )
+
+    carry = (
+        jnp.int32(0),
+        rows_cache,
+        jnp.zeros((rows,), jnp.int32),
+        jnp.full((rows,), size, jnp.int32),
+        jnp.zeros((rows,), jnp.int32),
+        jnp.int32(0),
+        jnp.zeros((size, width), jnp.int32),
+        jnp.zeros((size, width), jnp.float32),
+        budgets,
+        jnp.zeros((size,), jnp.int32),
+    )
+    steps, *_, tokens, logprobs, lengths, ended_by = jax.lax.while_loop(cond, body, carry)
+    return tokens, logprobs, lengths, ended_by, steps
+
+
+@functools.cache
+def pool_loop_fn():
+    """The jitted `_pool_loop` (model graph, buffer width and sampling static)."""
+    return jax.jit(_pool_loop, static_argnums=(0, 14, 15))
+
+
+def decode_pool(
+    model: Any,
+    pool: TransformerCache,
+    last_tokens: np.ndarray,
+    branch_state: np.ndarray,
+    budgets: np.ndarray,
+    branch_keys: jax.Array,
+    rows: int,
+    sampling: Sampling = Sampling(),
+    *,
+    eos_ids: Sequence[int] = (),
+    stop_ids: Sequence[int] = (),
+    split: tuple[Any, Any, Any] | None = None,
+) -> PoolDecoded:
+    """Decodes many branches of many states through ``rows`` cache rows, each row taking the next
+    branch when its branch ends (continuous batching), in one on-device loop.
+
+    A branch's tokens are exactly those `decode_rows` draws for it in a cache of its own: token
+    ``p`` is drawn with ``fold_in(branch_keys[j], p)`` from the state's KV alone, whichever rows
+    and neighbours it is decoded with.
+
+    Args:
+      model: the policy; ``split`` is its ``split_module()`` if at hand.
+      pool: dense cache, one row per state: the snapshot less its last token (``indexs`` = that
+        token's position); its length must fit every state's position plus its branches' budget.
+      last_tokens: ``[states]`` each snapshot's last token.
+      branch_state: ``[branches]`` the pool row each branch continues (in the order rows take them).
+      budgets: ``[branches]`` most tokens per branch (>= 1).
+      branch_keys: ``[branches]`` PRNG keys.
+      rows: cache rows decoded at once.
+      sampling: temperature, top-k, top-p and truncation order.
+      eos_ids, stop_ids: token ids that end a branch.
+    """
+    budgets, keys = np.asarray(budgets, np.int32), np.asarray(jax.device_get(branch_keys))
+    size = budgets.shape[0]
+    if branch_state.shape != (size,) or keys.shape[0] != size or np.any(budgets < 1):
+        raise ValueError(f"branch_state, keys and budgets (>= 1) must have one entry per branch ({size})")
+    if sampling.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {sampling.temperature}")
+    capacity = pool.views[0].key.shape[1]
+    starts = np.asarray(jax.device_get(pool.views[0].indexs))[branch_state] + 1
+    if np.any(starts + budgets > capacity):
+        raise ValueError(f"cache of max_length {capacity} has no room for a state's position plus its budget")
+    padded = max(64, 1 << (size - 1).bit_length())  # a power-of-two buffer: branches beyond `size` never start
+    pad = padded - size
+    graphdef, graphstate, graphother = split or model.split_module()
+    ids = [np.asarray(sorted(set(map(int, x))), np.int32) for x in (eos_ids, stop_ids)]
+    rows_cache = empty_cache(model, rows, capacity)
+    with model.mesh:
+        tokens, logprobs, lengths, ended_by, steps = pool_loop_fn()(
+            graphdef,
+            graphstate,
+            graphother,
+            rows_cache,
+            [v.key for v in pool.views],
+            [v.value for v in pool.views],
+            pool.views[0].indexs,
+            jnp.asarray(last_tokens, jnp.int32),
+            jnp.asarray(np.concatenate([branch_state, np.zeros(pad, np.int64)]), jnp.int32),
+            np.concatenate([keys, np.repeat(keys[-1:], pad, axis=0)]),
+            jnp.asarray(np.concatenate([budgets, np.ones(pad, np.int32)])),
+            jnp.int32(size),
+            *ids,
+            capacity,  # the token buffer's width: a compiled shape that follows the cache length, not the budgets
+            sampling,
+        )
+    tokens, logprobs, lengths, ended_by, steps = jax.device_get((tokens, logprobs, lengths, ended_by, steps))
+    return PoolDecoded(
+        tokens=np.array(tokens[:size]),
+        logprobs=np.array(logprobs[:size]),
+        lengths=np.array(lengths[:size]),
+        ended_by=[ENDED_BY[int(c)] for c in ended_by[:size]],
+        row_steps=int(steps) * rows,
+    )
 
 
 def row_keys_for(seed: int, batch: int) -> jax.Array:

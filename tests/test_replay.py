@@ -114,27 +114,31 @@ def test_a_states_branches_do_not_depend_on_the_batch(tiny_model, stored_run):
 
 
 def test_the_dense_engines_cache_budget_splits_batches_not_branches(tiny_model, stored_run, monkeypatch):
-    """`VanillaEngine(max_cache_mb=...)` decodes fewer rows at a time when their dense cache would
-    exceed the budget; the branches are the ones one big batch gives."""
+    """`VanillaEngine(max_cache_mb=...)` decodes through fewer rows and holds fewer states at a
+    time when their dense caches would exceed the budget; the branches are the ones one big
+    batch gives (rows take the next branch as theirs end: 36 branches through 4 rows)."""
     from replay.engines.vanilla import VanillaEngine
 
     _, _, states = stored_run
     snaps = [s.prefix(t) for s in states for t in (6, 9, 12)]
     keys = [(state_key(s.token_ids[0]), s.position) for s in snaps]
     params = SamplingParams(n=4, max_tokens=8, temperature=1.0)
-    groups = []
-    run_group = VanillaEngine._run_group
+    calls = []
+    run_pool = VanillaEngine._run_pool
     monkeypatch.setattr(
-        VanillaEngine, "_run_group", lambda self, group, *a: groups.append(len(group)) or run_group(self, group, *a)
+        VanillaEngine,
+        "_run_pool",
+        lambda self, group, keys, budgets, rows, pool_rows, *a: calls.append((len(group), rows, pool_rows))
+        or run_pool(self, group, keys, budgets, rows, pool_rows, *a),
     )
     wide = generate_branches(tiny_model, snaps, params, seed=3, state_keys=keys, engine=VanillaEngine(tiny_model))
-    assert groups == [9]
-    # a row's cache: the longest prefix (12) + the bucketed 8-token budget (16), rounded to 64 positions
-    budget = 8 * 64 * kv_bytes_per_token(tiny_model) / 2**20  # 8 rows: 2 states of K = 4
+    assert calls == [(9, 64, 16)]
+    # a row's cache: the longest position (12) + the 8-token budget, rounded up to 32 positions
+    budget = 8 * 32 * kv_bytes_per_token(tiny_model) / 2**20  # 8 rows: 4 decode rows + a pool of 4 states
     narrow = generate_branches(
         tiny_model, snaps, params, seed=3, state_keys=keys, engine=VanillaEngine(tiny_model, max_cache_mb=budget)
     )
-    assert groups[1:] == [2, 2, 2, 2, 1]
+    assert calls[1:] == [(3, 4, 4)] * 3
     for x, y in zip(wide, narrow, strict=True):
         assert x.finish_reasons == y.finish_reasons
         for a, b in zip(x.tokens, y.tokens, strict=True):

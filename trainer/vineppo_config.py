@@ -107,7 +107,7 @@ class VinePPOConfig(GRPOConfig):
     vineppo_unfinished_reward: float | None = field(
         default=0.0, metadata={"help": "return of a branch cut off by its token budget (None: score it as it is)"}
     )
-    vineppo_capture_rows: int = field(default=8, metadata={"help": "rollouts captured per forward (KV chunk)"})
+    vineppo_capture_rows: int = field(default=16, metadata={"help": "rollouts captured per forward (KV chunk)"})
     vineppo_keep_snapshots: bool = field(
         default=False, metadata={"help": "disk: keep each step's run in the store (for offline replay/inspection)"}
     )

@@ -1,10 +1,11 @@
-"""The dense engine: snapshots written into a dense cache, all rows decoded in one on-device loop.
+"""The dense engine: branches of many states decoded through a fixed set of dense-cache rows.
 
-Each snapshot is written once per branch row (K copies); states are batched (rows = states x K)
-into buckets of power-of-two rows and cache lengths rounded up to 64 tokens, so a replay of many
-states compiles a handful of programs. The snapshot at ``t`` covers ``[0, t)``; its last token is
-re-run (one token, not a prefill) to get the next-token distribution, then `replay.decode_rows`
-runs the whole sample-then-forward loop on the device (EOS, stop ids and budgets checked there).
+A call's states sit once each in a pool (a dense cache, one row per snapshot less its last
+token); `replay.decode_pool` runs the whole loop on the device: rows take the next waiting
+branch as theirs end (continuous batching), copy its state's row from the pool, re-run the
+state's last token (one token, not a prefill) and sample until an EOS / stop id or the budget.
+Rows, pool sizes and cache lengths are bucketed (powers of two; multiples of 16 positions), so
+a replay of many states compiles a handful of programs.
 """
 
 from __future__ import annotations
@@ -14,21 +15,22 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.dense_cache import cache_from_states, forward_chunk, kv_bytes_per_token
+from kvstore.dense_cache import cache_from_states, kv_bytes_per_token
 from kvstore.state import CachedState
-from replay.decode import decode_rows, step_width
+from replay.decode import decode_pool
 from replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
 
-LENGTH_BUCKET = 64
+LENGTH_BUCKET = 16
 DEFAULT_MAX_ROWS = 64
 DEFAULT_MAX_CACHE_MB = 64.0
+POOL_BUCKET = 16  # a call's pool of states is a power of two of at least this many rows
 
 
-def _cache_length(longest: int, budget: int) -> int:
-    """Positions of a dense cache for snapshots up to ``longest`` positions and branches of up to
-    ``budget`` tokens: room for the bucketed token buffer too (`step_width`), so the buffer's
-    width, a compiled shape, does not follow ``longest``; a multiple of `LENGTH_BUCKET`."""
-    return -(-(longest + step_width(budget)) // LENGTH_BUCKET) * LENGTH_BUCKET
+def _cache_length(positions: np.ndarray, budgets: np.ndarray) -> int:
+    """Positions of a dense cache for states at ``positions`` with branches of up to ``budgets``
+    tokens (per state): room for the longest ``position + budget``, a multiple of `LENGTH_BUCKET`
+    (decode costs grow with the cache length: a fine bucket, at a few more compiled shapes)."""
+    return -(-int(np.max(np.asarray(positions) + np.asarray(budgets))) // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
 def _bucket_rows(rows: int) -> int:
@@ -40,10 +42,10 @@ class VanillaEngine(BranchEngine):
 
     Args:
       model: the policy.
-      max_rows: rows (states x K) decoded together, before rounding up to a power of two.
-      max_cache_mb: ... and no more rows than a dense cache of this many MiB holds at the call's
-        longest prefix plus budget (at least one state's K rows): a call with many long states
-        is decoded in several batches rather than one cache of all of them.
+      max_rows: cache rows decoding branches at once (rounded up to a power of two).
+      max_cache_mb: the decode rows plus the pool of states fit in this many MiB of dense cache
+        (at the call's longest position plus budget; the rows at most half of it): more states
+        than the pool holds are decoded in several calls of equal size.
     """
 
     name = "vanilla"
@@ -77,44 +79,62 @@ class VanillaEngine(BranchEngine):
         budgets: np.ndarray,
         tokenizer: Any = None,
     ) -> list[Branches]:
-        longest = max(s.position for s in states)
-        row_bytes = _cache_length(longest, int(np.max(budgets))) * kv_bytes_per_token(self.model)
-        rows = min(self.max_rows, int(self.max_cache_mb * 2**20 // row_bytes))
-        per_group = max(1, rows // sampling.k)
+        k = sampling.k
+        length = _cache_length(np.array([s.position for s in states]), budgets)
+        fit = max(2, int(self.max_cache_mb * 2**20 // (length * kv_bytes_per_token(self.model))))
+        rows = min(_bucket_rows(self.max_rows), _bucket_rows(len(states) * k))
+        while rows > 1 and 2 * rows > fit:  # the decode rows take at most half the budget ...
+            rows //= 2
+        most = 1 << ((fit - rows).bit_length() - 1)  # ... the states' pool (a power of two) the rest
+        per_call = -(-len(states) // -(-len(states) // most))  # calls of equal size: one pool shape
+        pool_rows = max(min(POOL_BUCKET, most), _bucket_rows(per_call))
         out: list[Branches] = []
-        for start in range(0, len(states), per_group):
-            stop = min(start + per_group, len(states))
-            group_keys = keys[start * sampling.k : stop * sampling.k]
-            out.extend(self._run_group(list(states[start:stop]), group_keys, budgets[start:stop], sampling, tokenizer))
+        for start in range(0, len(states), per_call):
+            stop = min(start + per_call, len(states))
+            call_keys = keys[start * k : stop * k]
+            out.extend(
+                self._run_pool(
+                    list(states[start:stop]),
+                    call_keys,
+                    budgets[start:stop],
+                    rows,
+                    pool_rows,
+                    length,
+                    sampling,
+                    tokenizer,
+                )
+            )
         return out
 
-    def _run_group(
-        self, group: list[CachedState], keys: np.ndarray, budgets: np.ndarray, sampling: BranchSampling, tokenizer: Any
+    def _run_pool(
+        self,
+        group: list[CachedState],
+        keys: np.ndarray,
+        budgets: np.ndarray,
+        rows: int,
+        pool_rows: int,
+        length: int,
+        sampling: BranchSampling,
+        tokenizer: Any,
     ) -> list[Branches]:
-        model, k = self.model, sampling.k
-        rows = len(group) * k
-        padded = _bucket_rows(rows)
-        filler = [group[-1]] * ((padded - rows + k - 1) // k)
-        prefixes = [s.prefix(s.position - 1) for s in [*group, *filler]]
-        max_length = _cache_length(max(s.position for s in group), int(budgets.max()))
-        cache = cache_from_states(model, prefixes, max_length=max_length, repeats=k)
-        total = cache.views[0].key.shape[0]
-        last = np.repeat([s.token_ids[0, -1] for s in [*group, *filler]], k)[:, None].astype(np.int32)
-        split = self._model_split()
-        logits, cache = forward_chunk(model, cache, last, split=split)
-        decoded = decode_rows(
-            model,
-            cache,
-            logits[:, -1],
-            np.concatenate([np.repeat(budgets, k), np.ones(total - rows, np.int64)]),
-            np.concatenate([keys, np.repeat(keys[-1:], total - rows, axis=0)]),
+        k = sampling.k
+        filler = [group[-1]] * (pool_rows - len(group))
+        pool = cache_from_states(self.model, [s.prefix(s.position - 1) for s in [*group, *filler]], max_length=length)
+        decoded = decode_pool(
+            self.model,
+            pool,
+            np.array([s.token_ids[0, -1] for s in [*group, *filler]], np.int32),
+            np.repeat(np.arange(len(group)), k),
+            np.repeat(budgets, k),
+            keys,
+            rows,
             sampling.sampling,
             eos_ids=sampling.eos_ids,
             stop_ids=sampling.stop_ids,
-            split=split,
+            split=self._model_split(),
         )
         lengths, reasons = decoded.lengths.copy(), list(decoded.ended_by)
-        for r in range(rows):
+        for r in range(len(group) * k):
             lengths[r], reasons[r] = cut_at_stop_strings(
                 decoded.tokens[r], int(lengths[r]), reasons[r], sampling, tokenizer
             )
