@@ -128,8 +128,9 @@ def test_the_dense_engines_cache_budget_splits_batches_not_branches(tiny_model, 
     monkeypatch.setattr(
         VanillaEngine,
         "_run_pool",
-        lambda self, group, keys, budgets, rows, pool_rows, *a: calls.append((len(group), rows, pool_rows))
-        or run_pool(self, group, keys, budgets, rows, pool_rows, *a),
+        lambda self, group, keys, budgets, rows, pool_rows, *a: (
+            calls.append((len(group), rows, pool_rows)) or run_pool(self, group, keys, budgets, rows, pool_rows, *a)
+        ),
     )
     wide = generate_branches(tiny_model, snaps, params, seed=3, state_keys=keys, engine=VanillaEngine(tiny_model))
     assert calls == [(9, 64, 16)]
