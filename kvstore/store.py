@@ -20,14 +20,18 @@ a read returns the stored KV, tokens and fields or raises an `IntegrityError` na
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401 (registers its exit hook before `_close_open_writers`)
 import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import re
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ from kvstore.errors import (
 from kvstore.integrity import check_layout, check_node, check_sealed, group_attrs, json_digest, prompt_content_key, seal
 from kvstore.policy import check_policy
 from kvstore.reads import ReadPart, ReadPlan
+from kvstore.spill_checks import check_finite, check_token_ids
 from kvstore.spill_queue import SpillQueue
 from kvstore.state import CachedState, EncodedState, KVLayout
 from kvstore.tensorstore_backend import GC_GRACE_S, GarbageReport, TensorStoreBackend, group_json, open_backend
@@ -154,6 +159,7 @@ class SnapshotStore:
         self._staged_keys: set[str] = set()
         self._shared: set[str] = set()  # content-addressed prompt prefixes (another writer may commit them too)
         self._closed = False
+        self._unflushed = 0  # trajectories spilled since the last flush
         self.swept_on_open = GarbageReport()  # what opening for writing removed (`collect_garbage`)
         self._layout_on_disk = root_attrs.get("layout") is not None
         self._queue = SpillQueue(
@@ -259,6 +265,7 @@ class SnapshotStore:
         store = cls(backend, attrs, mode, max_inflight_bytes, write_concurrency, durability)
         if mode != "r":
             store.swept_on_open = backend.lock_for_writing()
+            _OPEN_WRITERS.add(store)
         return store
 
     @property
@@ -319,6 +326,8 @@ class SnapshotStore:
                 raise ValueError(f"state was encoded with codec {state.codec['name']!r}, the store uses {self.codec!r}")
             if state.prompt_len != int(prompt_len):
                 raise ValueError(f"prompt_len {prompt_len} != the {state.prompt_len} the state was encoded with")
+        check_token_ids(state.token_ids, state.layout.vocab_size)
+        check_finite(state)
         fields = _jsonable(fields)
         layout = self.layout
         if layout is None:
@@ -333,6 +342,7 @@ class SnapshotStore:
             self._queue.put(prefix, _Spill(run, tid, state, int(prompt_len), fields), state.nbytes)
         except FileExistsError:
             raise FileExistsError(f"trajectory {tid!r} of run {run!r} is already in the store") from None
+        self._unflushed += 1
 
     def flush(self) -> None:
         """Waits until every queued trajectory is committed (with ``durability="flush"``: commits
@@ -342,6 +352,7 @@ class SnapshotStore:
             self._queue.drain()
         finally:
             self._commit_staged()
+        self._unflushed = 0
 
     def close(self) -> None:
         """Flushes, stops the writers and releases the store's write lock."""
@@ -353,6 +364,23 @@ class SnapshotStore:
             self._closed = True
             self._queue.close()
             self._backend.unlock()
+
+    def _close_at_exit(self) -> None:
+        """`close` from the interpreter's exit: the spills since the last flush are committed
+        (the writer threads are still alive then) and the user is told; never raises."""
+        if self._closed:
+            return
+        if self._unflushed:
+            sys.stderr.write(
+                f"vinekv: store {self._backend.description} was not closed: committing {self._unflushed} spilled "
+                "trajectories (since its last flush) at exit; call close(), or open it in a with block\n"
+            )
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 (exit must go on; the store's atomic commits keep it consistent)
+            sys.stderr.write(
+                f"vinekv: store {self._backend.description}: spills could not be committed at exit: {err}\n"
+            )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -789,6 +817,22 @@ class SnapshotStore:
         self._verified_runs.discard(run)
         self._attrs_cache = {k: v for k, v in self._attrs_cache.items() if not k.startswith(f"runs/{run}/")}
         self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"runs/{run}/")}
+
+
+_OPEN_WRITERS: weakref.WeakSet[SnapshotStore] = weakref.WeakSet()  # stores open for writing, closed at exit
+
+
+def _close_open_writers() -> None:
+    """Commits what stores left open at exit had queued, instead of losing it with the daemon
+    writer threads (and aborting in TensorStore's threads as the interpreter goes down)."""
+    for store in list(_OPEN_WRITERS):
+        store._close_at_exit()
+
+
+# Threading's exit hooks run before `atexit`'s, last registered first; concurrent.futures' hook
+# (imported above: registered earlier) stops its executors, which a commit still needs, so it
+# must run after this one.
+getattr(threading, "_register_atexit", atexit.register)(_close_open_writers)
 
 
 def _codes(codec: KVCodec, state: CachedState | EncodedState, lo: int, hi: int | None) -> dict[str, StoredArray] | None:

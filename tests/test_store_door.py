@@ -1,0 +1,95 @@
+"""What the store refuses at spill (token ids outside the vocabulary, non-finite KV) and what it
+does when a process exits without closing it (queued spills committed, a warning, no abort)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _store_worker import LAYOUT, PROMPT_LEN, synthetic_state
+
+from kvstore import EncodedState, SnapshotStore, get_codec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _encoded(state, codec_name: str) -> EncodedState:
+    """``state`` encoded by ``codec_name`` on the host, as `capture_encoded` hands it to `spill`."""
+    codec = get_codec(codec_name)
+    parts = [
+        codec.encode(state.keys[:, 0, lo:hi], state.values[:, 0, lo:hi])
+        for lo, hi in ((0, PROMPT_LEN), (PROMPT_LEN, None))
+    ]
+    return EncodedState(*parts, codec.spec(), state.token_ids, PROMPT_LEN, state.layout, state.fingerprint)
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int8", "int4"])
+def test_spill_refuses_token_ids_outside_the_vocabulary(tmp_path, codec):
+    with SnapshotStore.open(tmp_path / "s", codec=codec, chunk_tokens=64) as store:
+        for bad, position in ((-1, 3), (LAYOUT.vocab_size, 40)):
+            state = synthetic_state(1, length=100)
+            state.token_ids[0, position] = bad
+            message = rf"token id {bad} at position {position} is outside \[0, {LAYOUT.vocab_size}\)"
+            with pytest.raises(ValueError, match=message):
+                store.spill("r", "t", state, PROMPT_LEN)
+            with pytest.raises(ValueError, match=message):
+                store.spill("r", "t", _encoded(state, codec), PROMPT_LEN)
+        store.spill("r", "ok", synthetic_state(2, length=100), PROMPT_LEN)
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        assert store.runs() == ["r"] and store.trajectories("r") == ["ok"]  # nothing refused was stored
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the host int4 encode of Inf
+@pytest.mark.parametrize("codec", ["lossless", "int8", "int4"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_spill_refuses_non_finite_kv(tmp_path, codec, bad):
+    """NaN/Inf KV is refused at spill with where it is, never stored (with int4 one NaN would
+    otherwise make its whole 32-value group non-finite)."""
+    with SnapshotStore.open(tmp_path / "s", codec=codec, chunk_tokens=64) as store:
+        state = synthetic_state(1, length=100)
+        state.values[2, 0, 57, 1, 5] = bad
+        with pytest.raises(ValueError, match=r"values hold non-finite numbers \(NaN/Inf\) at layer 2, position 57"):
+            store.spill("r", "t", state, PROMPT_LEN)
+        with pytest.raises(ValueError, match="non-finite numbers"):
+            store.spill("r", "t", _encoded(state, codec), PROMPT_LEN)
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        assert store.runs() == []
+
+
+_EXIT_WITHOUT_CLOSE = textwrap.dedent(
+    """
+    import sys
+    from _store_worker import PROMPT_LEN, synthetic_state
+    from kvstore import SnapshotStore
+
+    store = SnapshotStore.open(sys.argv[1], codec="lossless", chunk_tokens=64, durability=sys.argv[2])
+    for n in range(12):
+        store.spill("run0", f"traj{n:04d}", synthetic_state(n), PROMPT_LEN, reward=float(n))
+    print("spilled", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("durability", ["trajectory", "flush"])
+def test_exit_without_close_commits_queued_spills_and_warns(tmp_path, durability):
+    """A process that spills and exits without `close()` exits normally, every spill it made is
+    committed (with ``flush`` durability none would be otherwise), and it is told so on stderr."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    script = tmp_path / "exit_without_close.py"
+    script.write_text(_EXIT_WITHOUT_CLOSE)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "s"), durability], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "terminate called" not in out.stderr
+    assert "was not closed" in out.stderr and "committing 12 spilled trajectories" in out.stderr
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        assert store.trajectories("run0") == [f"traj{n:04d}" for n in range(12)]
+        for n in (0, 11):
+            got = store.read_prefix("run0", f"traj{n:04d}", 1500)
+            np.testing.assert_array_equal(got.keys, synthetic_state(n).keys)
