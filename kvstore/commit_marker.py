@@ -83,7 +83,7 @@ class MarkerCommit(TensorStoreBackend):
             return f"{spec['driver']}://{spec['bucket']}/{spec.get('path', '')}{key}"
         return self.kvstore.url + key
 
-    def children(self, prefix: str) -> list[str]:
+    def children(self, prefix: str, skip_incomplete: bool = False) -> list[str]:
         """Child nodes with a commit marker (``<prefix><name>/zarr.json``)."""
         names = set()
         for key in self.keys(prefix):

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kvstore.errors import CorruptMetadataError
+from kvstore.errors import CorruptMetadataError, MissingEntryError
 from kvstore.tensorstore_backend import GC_GRACE_S, GarbageReport, TensorStoreBackend, group_json
 
 STAGING = ".staging"
@@ -51,19 +51,25 @@ class RenameCommit(TensorStoreBackend):
     def location(self, key: str) -> str:
         return str(self.local_root / key) + ("/" if key.endswith("/") else "")
 
-    def children(self, prefix: str) -> list[str]:
+    def children(self, prefix: str, skip_incomplete: bool = False) -> list[str]:
         """Committed child nodes; a child folder without ``zarr.json`` cannot come from a commit
-        (nodes appear by rename, whole) and raises `CorruptMetadataError` naming it."""
-        folder = self.local_root / prefix
-        if not folder.is_dir():
-            return []
+        (nodes appear by rename, whole) and raises `CorruptMetadataError` naming it, unless
+        ``skip_incomplete`` (`incomplete_children` lists those)."""
         names = []
-        for p in folder.iterdir():
+        for p in self._child_folders(prefix):
             if (p / "zarr.json").is_file():
                 names.append(p.name)
-            elif p.is_dir():
+            elif not skip_incomplete:
                 raise CorruptMetadataError(f"{p}/zarr.json is missing: the node's metadata was deleted")
         return sorted(names)
+
+    def incomplete_children(self, prefix: str) -> list[str]:
+        """Child folders of ``prefix`` without ``zarr.json``."""
+        return sorted(p.name for p in self._child_folders(prefix) if not (p / "zarr.json").is_file())
+
+    def _child_folders(self, prefix: str) -> list[Path]:
+        folder = self.local_root / prefix
+        return [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
 
     def stored_bytes(self, prefix: str) -> int:
         return sum(f.stat().st_size for f in (self.local_root / prefix).rglob("*") if f.is_file())
@@ -141,7 +147,7 @@ class RenameCommit(TensorStoreBackend):
                 self.discard(staging)
                 if final not in shared:
                     failed.append((final, err))
-            except OSError as err:
+            except (OSError, MissingEntryError) as err:
                 self.discard(staging)
                 failed.append((final, err))
         for parent in sorted(parents):
@@ -149,13 +155,18 @@ class RenameCommit(TensorStoreBackend):
         return failed
 
     def _rename(self, staging: str, final_prefix: str) -> None:
+        """Renames the staged node into place. Its parent group must exist: creating it here would
+        resurrect, without its metadata, a run that another writer deleted meanwhile."""
         src, dst = self.local_root / staging, self.local_root / final_prefix
-        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(src, dst)
         except OSError as err:
             if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise FileExistsError(f"{final_prefix} already exists in the store") from err
+            if err.errno == errno.ENOENT and src.is_dir():
+                raise MissingEntryError(
+                    f"{dst.parent} is not in the store (deleted while {final_prefix} was written)"
+                ) from err
             raise
 
     def discard(self, staging: str) -> None:

@@ -407,6 +407,15 @@ class SnapshotStore:
             raise StoreError(f"group commit of {final} failed: {err}{tail}") from err
 
     def _write_trajectory(self, item: _Spill) -> None:
+        try:
+            self._write_trajectory_nodes(item)
+        except MissingEntryError as err:  # the run's folder went away between `_ensure_run` and a commit
+            raise MissingEntryError(
+                f"run {item.run!r} was deleted while trajectory {item.trajectory_id!r} was being written: "
+                f"not stored ({err})"
+            ) from err
+
+    def _write_trajectory_nodes(self, item: _Spill) -> None:
         state, plen = item.state, item.prompt_len
         with self._lock:  # writers create the root layout and a run's groups once
             self._ensure_root_layout()
@@ -504,8 +513,20 @@ class SnapshotStore:
 
     # -- reading ---------------------------------------------------------------------------
     def runs(self) -> list[str]:
+        """Committed runs, sorted (a run folder without its metadata is left out: `verify`
+        reports it)."""
         self._check_open()
-        return self._backend.children("runs/")
+        return self._backend.children("runs/", skip_incomplete=True)
+
+    def _run_remains(self) -> tuple[list[str], list[str]]:
+        """``(remains, damaged)``: run folders without their metadata, split into the remains of
+        a deleted run (a commit that raced the deletion under an older vinekv: no group
+        metadata left in them) and runs whose metadata was deleted."""
+        remains, damaged = [], []
+        for name in self._backend.incomplete_children("runs/"):
+            groups = [f"runs/{name}/{sub}/zarr.json" for sub in ("prompts", "trajectories")]
+            (damaged if any(self._backend.exists(key) for key in groups) else remains).append(name)
+        return remains, damaged
 
     def trajectories(self, run: str) -> list[str]:
         """Committed trajectory ids of ``run``, sorted."""
@@ -760,6 +781,15 @@ class SnapshotStore:
         Returns the problems found (empty: the runs are intact); never raises `IntegrityError`."""
         self._check_open()
         problems = []
+        if runs is None:
+            remains, damaged = self._run_remains()
+            for name in remains:
+                where = self._backend.location(f"runs/{name}/")
+                message = f"{where}: remains of a deleted run (a write raced its deletion); `vinekv gc` removes them"
+                problems.append(StoreProblem(name, None, message))
+            for name in damaged:
+                where = self._backend.location(f"runs/{name}/zarr.json")
+                problems.append(StoreProblem(name, None, f"{where} is missing: the run's metadata was deleted"))
         for run in self.runs() if runs is None else runs:
             try:
                 ids = self.trajectories(run)
@@ -804,7 +834,12 @@ class SnapshotStore:
         if isinstance(grace_s, bool) or not isinstance(grace_s, int | float) or not grace_s >= 0:
             raise ValueError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")
         self.flush()
-        return self._backend.collect_garbage(float(grace_s))
+        report = self._backend.collect_garbage(float(grace_s))
+        remains = [f"runs/{name}/" for name in self._run_remains()[0]]
+        for prefix in remains:
+            self._backend.delete_prefix(prefix)
+        removed = tuple(self._backend.location(prefix).rstrip("/") for prefix in remains)
+        return dataclasses.replace(report, removed=report.removed + removed) if removed else report
 
     def delete_run(self, run: str) -> None:
         """Removes a run and everything in it, atomically: after a crash the run is either whole

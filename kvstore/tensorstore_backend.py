@@ -193,8 +193,13 @@ class TensorStoreBackend(abc.ABC):
 
     # -- the commit protocol ---------------------------------------------------------------
     @abc.abstractmethod
-    def children(self, prefix: str) -> list[str]:
+    def children(self, prefix: str, skip_incomplete: bool = False) -> list[str]:
         """Names of the committed child nodes of ``prefix`` (those with a ``zarr.json``)."""
+
+    def incomplete_children(self, prefix: str) -> list[str]:
+        """Child folders of ``prefix`` that hold data but no ``zarr.json`` (none where a node is
+        defined by its ``zarr.json`` alone, as with commit markers)."""
+        return []
 
     @abc.abstractmethod
     def stored_bytes(self, prefix: str) -> int:

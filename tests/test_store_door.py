@@ -4,6 +4,7 @@ does when a process exits without closing it (queued spills committed, a warning
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from _store_worker import LAYOUT, PROMPT_LEN, synthetic_state
 
-from kvstore import EncodedState, SnapshotStore, get_codec
+from kvstore import EncodedState, SnapshotStore, StoreError, get_codec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,3 +94,48 @@ def test_exit_without_close_commits_queued_spills_and_warns(tmp_path, durability
         for n in (0, 11):
             got = store.read_prefix("run0", f"traj{n:04d}", 1500)
             np.testing.assert_array_equal(got.keys, synthetic_state(n).keys)
+
+
+def test_a_spill_racing_the_deletion_of_its_run_fails_clearly_and_leaves_no_remains(tmp_path, monkeypatch):
+    """Another writer deletes the run between the spill's check that its run exists and its
+    commit: the spill fails naming the deletion, and the store lists and verifies clean."""
+    writer = SnapshotStore.open(tmp_path / "s", codec="lossless", chunk_tokens=64)
+    deleter = SnapshotStore.open(tmp_path / "s", codec="lossless", chunk_tokens=64)
+    writer.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)
+    writer.spill("keep", "t0", synthetic_state(1, length=100), PROMPT_LEN)
+    writer.flush()
+    commit = type(writer._backend).commit
+
+    def deleted_meanwhile(backend, staging, final_prefix, *args, **kwargs):
+        if final_prefix.startswith("runs/r/") and "r" in deleter.runs():
+            deleter.delete_run("r")
+        return commit(backend, staging, final_prefix, *args, **kwargs)
+
+    monkeypatch.setattr(type(writer._backend), "commit", deleted_meanwhile)
+    writer.spill("r", "t1", synthetic_state(2, length=300), PROMPT_LEN)
+    with pytest.raises(StoreError, match="run 'r' was deleted while trajectory 't1' was being written"):
+        writer.flush()
+    monkeypatch.undo()
+    assert deleter.runs() == ["keep"] and deleter.verify() == []
+    writer.close()
+    deleter.close()
+
+
+def test_remains_of_a_run_deleted_under_an_older_writer_are_skipped_reported_and_collected(tmp_path):
+    """What older versions left when a commit raced a deletion (a run folder holding a committed
+    trajectory but no run metadata) does not break the listing; `verify` names it, `gc` removes it."""
+    with SnapshotStore.open(tmp_path / "s", codec="lossless", chunk_tokens=64) as store:
+        store.spill("keep", "t0", synthetic_state(1, length=100), PROMPT_LEN)
+    remains = tmp_path / "s/runs/gone/trajectories"
+    remains.mkdir(parents=True)
+    shutil.copytree(tmp_path / "s/runs/keep/trajectories/t0", remains / "t0")
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        assert store.runs() == ["keep"]
+        problems = store.verify()
+        assert [(p.run, p.trajectory_id) for p in problems] == [("gone", None)]
+        assert "remains of a deleted run" in problems[0].message and "vinekv gc" in problems[0].message
+    with SnapshotStore.open(tmp_path / "s") as store:
+        report = store.collect_garbage()
+        assert any(path.endswith("runs/gone") for path in report.removed)
+        assert store.runs() == ["keep"] and store.verify() == []
+    assert not (tmp_path / "s/runs/gone").exists()
