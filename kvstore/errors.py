@@ -28,3 +28,8 @@ class CorruptChunkError(IntegrityError):
 
 class CorruptMetadataError(IntegrityError):
     """A metadata file (``zarr.json``) is unreadable, fails its digest, or is missing."""
+
+
+class ContentMismatchError(CorruptChunkError):
+    """Stored KV bytes are intact but not the ones their node recorded a hash of (a file copied or
+    swapped in from another node, or left from a deleted generation of the run)."""

@@ -35,6 +35,16 @@ def json_digest(value: Any) -> str:
     return hashlib.blake2b(canonical_json(value), digest_size=16).hexdigest()
 
 
+def chunk_hashes(codes: np.ndarray, chunk_entries: int) -> list[str]:
+    """BLAKE2b-64 hex digest of each chunk of ``codes`` (token axis 2, ``chunk_entries`` entries per
+    chunk, the last one as long as what is left): a node seals them, reads check them."""
+    codes = np.asarray(codes)
+    return [
+        hashlib.blake2b(np.ascontiguousarray(codes[:, :, lo : lo + chunk_entries]).tobytes(), digest_size=8).hexdigest()
+        for lo in range(0, codes.shape[2], chunk_entries)
+    ]
+
+
 def seal(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """``attrs`` with its ``digest`` (re)computed over everything else."""
     body = {k: v for k, v in attrs.items() if k != DIGEST}

@@ -15,7 +15,8 @@ import numpy as np
 
 from kvstore.codecs import KVCodec
 from kvstore.codecs.base import token_entries
-from kvstore.errors import CorruptChunkError
+from kvstore.errors import ContentMismatchError, CorruptChunkError
+from kvstore.integrity import chunk_hashes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,22 +38,31 @@ class ReadPart:
     codec: KVCodec
     arrays: dict[str, Any]
     location: str
+    chunk_tokens: int
+    hashes: dict[str, list[str]] | None = None
+
+    def _entries(self, name: str) -> tuple[int, int]:
+        """(entries covering ``[0, stop)``, entries read: up to the end of their last chunk)."""
+        group = self.codec.token_groups()[name]
+        needed, per_chunk = token_entries(self.stop, group), self.chunk_tokens // group
+        return needed, min(-(-needed // per_chunk) * per_chunk, self.arrays[name].shape[2])
 
     def start(self) -> dict[str, Any]:
-        """Starts the reads of every array's entries covering ``[0, stop)``; futures by name."""
-        groups = self.codec.token_groups()
-        return {name: arr[:, :, : token_entries(self.stop, groups[name])].read() for name, arr in self.arrays.items()}
+        """Starts the reads of every array's whole chunks covering ``[0, stop)``; futures by name."""
+        return {name: arr[:, :, : self._entries(name)[1]].read() for name, arr in self.arrays.items()}
 
-    def result(self, futures: dict[str, Any], what: str, chunk_tokens: int) -> dict[str, np.ndarray]:
-        """The codes, or `CorruptChunkError` naming ``what``, the array and the bad positions."""
+    def result(self, futures: dict[str, Any], what: str) -> dict[str, np.ndarray]:
+        """The codes of ``[0, stop)``, or `CorruptChunkError` naming ``what``, the array and the bad
+        positions: a chunk that fails its checksum or is missing, or (`ContentMismatchError`) one
+        whose bytes are not those the node recorded a hash of."""
         codes = {}
         for name, future in futures.items():
             try:
-                codes[name] = future.result()
+                whole = future.result()
             except ValueError as err:
                 lo, hi = self.offset, self.offset + self.stop
                 group = self.codec.token_groups()[name]
-                bad = locate_corruption(self.arrays[name], token_entries(self.stop, group), chunk_tokens // group)
+                bad = locate_corruption(self.arrays[name], token_entries(self.stop, group), self.chunk_tokens // group)
                 where = ", ".join(f"[{lo + a * group}, {lo + min(b * group, self.stop)})" for a, b in bad)
                 array = f"{self.location}{name}"
                 problem = (
@@ -62,7 +72,22 @@ class ReadPart:
                     f"{what}: stored array {array} {problem} at positions {where or f'[{lo}, {hi})'} "
                     f"(read of [{lo}, {hi})): {err}"
                 ) from err
+            if self.hashes is not None:
+                self._check_hashes(name, whole, what)
+            codes[name] = whole[:, :, : self._entries(name)[0]]
         return codes
+
+    def _check_hashes(self, name: str, whole: np.ndarray, what: str) -> None:
+        group = self.codec.token_groups()[name]
+        per_chunk = self.chunk_tokens // group
+        recorded = self.hashes.get(name, [])
+        for i, digest in enumerate(chunk_hashes(whole, per_chunk)):
+            if i >= len(recorded) or digest != recorded[i]:
+                lo, hi = self.offset + i * per_chunk * group, self.offset + (i + 1) * per_chunk * group
+                raise ContentMismatchError(
+                    f"{what}: stored array {self.location}{name}, chunk of positions [{lo}, {hi}), does not match "
+                    "the content hash its node recorded (a file of another node, or of a deleted generation)"
+                )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,7 +49,16 @@ from kvstore.errors import (
     StoreError,
     StoreFormatError,
 )
-from kvstore.integrity import check_layout, check_node, check_sealed, group_attrs, json_digest, prompt_content_key, seal
+from kvstore.integrity import (
+    check_layout,
+    check_node,
+    check_sealed,
+    chunk_hashes,
+    group_attrs,
+    json_digest,
+    prompt_content_key,
+    seal,
+)
 from kvstore.policy import check_policy
 from kvstore.reads import ReadPart, ReadPlan
 from kvstore.spill_checks import check_finite, check_token_ids
@@ -153,6 +163,7 @@ class SnapshotStore:
         self._attrs_cache: dict[str, dict[str, Any]] = {}
         self._arrays: dict[str, Any] = {}
         self._verified_runs: set[str] = set()
+        self._generations: dict[str, str | None] = {}  # each verified run's generation (None: made before them)
         self._lock = threading.Lock()
         self._prompt_locks: dict[str, threading.Lock] = {}
         self._staged: list[tuple[str, str, str | None]] = []  # (staging, final, requires) for the group commit
@@ -419,7 +430,7 @@ class SnapshotStore:
         state, plen = item.state, item.prompt_len
         with self._lock:  # writers create the root layout and a run's groups once
             self._ensure_root_layout()
-            self._ensure_run(item.run)
+            generation = self._ensure_run(item.run)
         tokens = state.token_ids[0]
         common = {"fingerprint": state.fingerprint, "layout": state.layout.to_dict(), "codec": self.codec.spec()}
         prompt_codes = _codes(self.codec, state, 0, plen)
@@ -430,7 +441,8 @@ class SnapshotStore:
             self._shared.add(prompt_prefix)
         with prompt_lock:  # trajectories of one prompt in flight together write it once
             if prompt_prefix not in self._staged_keys and not self._backend.exists(prompt_prefix + "zarr.json"):
-                attrs = {"kind": "prompt", "length": plen, "token_ids": tokens[:plen].tolist(), **common}
+                identity = {"node": {"at": prompt_prefix, "generation": generation}}
+                attrs = {"kind": "prompt", "length": plen, "token_ids": tokens[:plen].tolist(), **common, **identity}
                 with contextlib.suppress(FileExistsError):  # another writer committed the same content first
                     self._write_node(prompt_prefix, prompt_codes, attrs)
         attrs = {
@@ -442,6 +454,7 @@ class SnapshotStore:
             "response_token_ids": tokens[plen:].tolist(),
             "fields": item.fields,
             **common,
+            "node": {"at": _traj_prefix(item.run, item.trajectory_id), "generation": generation},
         }
         codes = _codes(self.codec, state, plen, None)
         self._write_node(_traj_prefix(item.run, item.trajectory_id), codes, attrs, requires=prompt_prefix)
@@ -469,8 +482,13 @@ class SnapshotStore:
             for future in futures:
                 future.result()
             arrays = {name: json_digest(self._backend.read_json(f"{staging}{name}/zarr.json")) for name in codes or {}}
+            hashes = {
+                name: chunk_hashes(stored.data, self.chunk_tokens // stored.token_group)
+                for name, stored in (codes or {}).items()
+            }
             data = self._backend.data_path(staging, final_prefix)
-            sealed = {"vinekv": seal({**attrs, "arrays": arrays, **({"data": data} if data else {})})}
+            body = {**attrs, "arrays": arrays, "chunk_hashes": hashes, **({"data": data} if data else {})}
+            sealed = {"vinekv": seal(body)}
             if self.durability == "flush":
                 self._backend.stage(staging, sealed)
                 with self._lock:
@@ -485,15 +503,21 @@ class SnapshotStore:
             self._backend.discard(staging)
             raise
 
-    def _ensure_run(self, run: str) -> None:
-        """Creates the run's groups, atomically (a crash leaves no half-made run)."""
+    def _ensure_run(self, run: str) -> str | None:
+        """Creates the run's groups, atomically (a crash leaves no half-made run), with a fresh
+        generation; returns the run's generation (None: a run made before generations)."""
         prefix = f"runs/{run}/"
-        if self._backend.exists(prefix + "zarr.json"):
-            return
-        subgroups = {
-            f"{sub}/zarr.json": group_json({"vinekv": seal({"kind": sub})}) for sub in ("prompts", "trajectories")
-        }
-        self._backend.create_group(prefix, {"vinekv": seal({"kind": "run", "created": time.time()})}, subgroups)
+        attrs = self._read_node(prefix)
+        if attrs is None:
+            generation = uuid.uuid4().hex
+            subgroups = {
+                f"{sub}/zarr.json": group_json({"vinekv": seal({"kind": sub})}) for sub in ("prompts", "trajectories")
+            }
+            run_attrs = {"kind": "run", "created": time.time(), "generation": generation}
+            if self._backend.create_group(prefix, {"vinekv": seal(run_attrs)}, subgroups):
+                return generation
+            attrs = self._read_node(prefix) or {}  # a racing writer created it first
+        return attrs.get("generation")
 
     def _ensure_root_layout(self) -> None:
         """Records the layout of the first spill in the root metadata (checked against a layout
@@ -544,16 +568,66 @@ class SnapshotStore:
         return self._trajectory_attrs(run, tid)
 
     def _trajectory_attrs(self, run: str, tid: str) -> dict[str, Any]:
-        """`trajectory_info` as first read by this handle (what reads need never changes)."""
+        """`trajectory_info` as first read by this handle (what reads need never changes while the
+        run's generation does not)."""
         key = _traj_prefix(run, tid)
         if key not in self._attrs_cache:
             info = self._read_node(key)
             if info is None:
                 self._require_run(run)
                 raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
-            self._check_node(info, "trajectory", self._backend.location(key + "zarr.json"))
-            self._attrs_cache[key] = info
+            self._cache_node(run, key, info, "trajectory")
         return self._attrs_cache[key]
+
+    def _cache_node(self, run: str, prefix: str, attrs: dict[str, Any], kind: str) -> None:
+        """Checks a node's attributes (`check_node`, the store's layout, that they are the ones
+        written at ``prefix`` of the run's current generation) and caches them. A node of a newer
+        generation than this handle knows means the run was deleted and written again: what the
+        handle cached of it is dropped first."""
+        where = self._backend.location(prefix + "zarr.json")
+        self._check_node(attrs, kind, where)
+        identity = attrs.get("node")  # absent in nodes written before identities were sealed
+        if identity is not None:
+            if identity.get("at") != prefix:
+                raise CorruptMetadataError(
+                    f"{where}: this metadata belongs to {identity.get('at')} (a node's files copied over another's)"
+                )
+            if identity.get("generation") != self._run_generation(run):
+                self._forget_run(run)
+                if identity.get("generation") != self._run_generation(run):
+                    raise CorruptMetadataError(
+                        f"{where}: written into generation {identity.get('generation')} of run {run!r}, which was "
+                        f"deleted (the run is now generation {self._run_generation(run)})"
+                    )
+        self._attrs_cache[prefix] = attrs
+
+    def _run_generation(self, run: str) -> str | None:
+        """The run's generation as this handle first read it."""
+        self._require_run(run)
+        return self._generations.get(run)
+
+    def _forget_run(self, run: str) -> None:
+        """Drops what this handle cached of ``run`` (metadata, opened arrays)."""
+        self._verified_runs.discard(run)
+        self._generations.pop(run, None)
+        self._attrs_cache = {k: v for k, v in self._attrs_cache.items() if not k.startswith(f"runs/{run}/")}
+        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"runs/{run}/")}
+
+    def _forget_changed_runs(self, runs: Iterable[str]) -> bool:
+        """Forgets each of ``runs`` whose generation in the store is not the one cached; whether
+        any was. Raises `MissingEntryError` for a run deleted since it was cached."""
+        changed = False
+        for run in runs:
+            if run not in self._verified_runs:
+                continue
+            attrs = self._read_node(f"runs/{run}/")
+            if attrs is None:
+                self._forget_run(run)
+                raise MissingEntryError(f"run {run!r} was deleted after this handle read it")
+            if attrs.get("generation") != self._generations.get(run):
+                self._forget_run(run)
+                changed = True
+        return changed
 
     def token_ids(self, run: str, trajectory_id: str | int) -> list[int]:
         """All of a stored trajectory's token ids, prompt then response."""
@@ -635,9 +709,23 @@ class SnapshotStore:
         so the decode compiles once per chunk count, but cutting the result to ``t`` still
         compiles a small program per new length (~0.1 s on a CPU): `replay_run` decodes on the
         host for that reason.
+
+        Each call reads each run's metadata once: a run another process deleted since this handle
+        cached it raises `MissingEntryError`; one deleted and written again is read anew, whole
+        (a chunk that changes during the read fails its node's content hash and the read is redone).
         """
         requests = [(r, str(tid), t) for r, tid, t in requests]
         out_dtype, fingerprint = self._consumer(model, fingerprint)
+        runs = {run for run, _, _ in requests}
+        self._forget_changed_runs(runs)  # one metadata read per run: deleted, or deleted and written again?
+        try:
+            return self._read_states(requests, out_dtype, fingerprint, allow_stale, on_device)
+        except CorruptChunkError:  # missing or other bytes: deleted (and written again) while being read?
+            if not self._forget_changed_runs(runs):
+                raise
+        return self._read_states(requests, out_dtype, fingerprint, allow_stale, on_device)
+
+    def _read_states(self, requests, out_dtype, fingerprint, allow_stale, on_device) -> list[CachedState]:
         plans = [self.plan_read(run, tid, t) for run, tid, t in requests]
         started = [[part.start() for part in plan.parts] for plan in plans]
         states = []
@@ -649,7 +737,7 @@ class SnapshotStore:
             dtype = out_dtype or np.dtype(layout.dtype)
             blocks = []
             for part, part_futures in zip(plan.parts, futures, strict=True):
-                codes = part.result(part_futures, plan.what, self.chunk_tokens)
+                codes = part.result(part_futures, plan.what)
                 if on_device:  # padded to whole chunks: one compiled decode per chunk count
                     padded = _pad_to_chunks(codes, part.codec.token_groups(), self.chunk_tokens)
                     blocks.append(part.codec.device_decode(padded, layout.dtype, dtype)[:, :, : part.stop])
@@ -699,7 +787,10 @@ class SnapshotStore:
             attrs = self._node_attrs(prefix)
             codec = _node_codec(attrs, self._backend.location(prefix + "zarr.json"))
             arrays = {name: self._array(prefix, name, attrs, codec) for name in codec.array_names}
-            parts.append(ReadPart(prefix, offset, stop, codec, arrays, self._backend.location(prefix)))
+            location = self._backend.location(prefix)
+            parts.append(
+                ReadPart(prefix, offset, stop, codec, arrays, location, self.chunk_tokens, attrs.get("chunk_hashes"))
+            )
         tokens = np.asarray(self.token_ids(run, tid)[:t], dtype=np.int32)
         return ReadPlan(run, tid, int(t), info, tuple(parts), tokens)
 
@@ -712,8 +803,8 @@ class SnapshotStore:
             attrs, where = self._read_node(prefix), self._backend.location(prefix + "zarr.json")
             if attrs is None:
                 raise CorruptMetadataError(f"{where} is missing (a node a trajectory references)")
-            self._check_node(attrs, "prompt" if "/prompts/" in prefix else "trajectory", where)
-            self._attrs_cache[prefix] = attrs
+            run = prefix.split("/")[1]  # runs/<run>/...
+            self._cache_node(run, prefix, attrs, "prompt" if "/prompts/" in prefix else "trajectory")
         return self._attrs_cache[prefix]
 
     def _array(self, prefix: str, name: str, node: dict[str, Any], codec: KVCodec) -> Any:
@@ -768,8 +859,10 @@ class SnapshotStore:
     def _require_run(self, run: str) -> None:
         if run in self._verified_runs:
             return
-        if self._read_node(f"runs/{run}/") is None:
+        attrs = self._read_node(f"runs/{run}/")
+        if attrs is None:
             raise MissingEntryError(f"no run {run!r} in the store (runs: {self.runs()})")
+        self._generations[run] = attrs.get("generation")
         for sub in ("prompts", "trajectories"):
             if self._read_node(f"runs/{run}/{sub}/") is None:
                 raise CorruptMetadataError(f"{self._backend.location(f'runs/{run}/{sub}/zarr.json')} is missing")
@@ -800,7 +893,7 @@ class SnapshotStore:
                 try:
                     plan = self.plan_read(run, tid, self.trajectory_info(run, tid)["length"])
                     for part in plan.parts:
-                        part.result(part.start(), plan.what, self.chunk_tokens)
+                        part.result(part.start(), plan.what)
                 except IntegrityError as err:
                     problems.append(StoreProblem(run, tid, str(err)))
         return problems
@@ -849,9 +942,7 @@ class SnapshotStore:
         self._require_run(run)
         self.flush()
         self._backend.retire(f"runs/{run}/")
-        self._verified_runs.discard(run)
-        self._attrs_cache = {k: v for k, v in self._attrs_cache.items() if not k.startswith(f"runs/{run}/")}
-        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"runs/{run}/")}
+        self._forget_run(run)
 
 
 _OPEN_WRITERS: weakref.WeakSet[SnapshotStore] = weakref.WeakSet()  # stores open for writing, closed at exit

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from _store_worker import LAYOUT, PROMPT_LEN, synthetic_state
 
-from kvstore import EncodedState, SnapshotStore, StoreError, get_codec
+from kvstore import (
+    CorruptChunkError,
+    CorruptMetadataError,
+    EncodedState,
+    MissingEntryError,
+    SnapshotStore,
+    StoreError,
+    get_codec,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,3 +147,61 @@ def test_remains_of_a_run_deleted_under_an_older_writer_are_skipped_reported_and
         assert any(path.endswith("runs/gone") for path in report.removed)
         assert store.runs() == ["keep"] and store.verify() == []
     assert not (tmp_path / "s/runs/gone").exists()
+
+
+def test_a_read_handle_reads_a_deleted_and_respilled_run_whole_or_raises(tmp_path):
+    """A long-lived read handle never mixes generations: after another writer deletes a run and
+    spills other data under the same ids, it reads the new data whole; after a deletion alone it
+    says the trajectory is gone."""
+    with SnapshotStore.open(tmp_path / "s", codec="lossless", chunk_tokens=64) as writer:
+        writer.spill("r", "t0", synthetic_state(1, length=200), PROMPT_LEN)
+    reader = SnapshotStore.open(tmp_path / "s", mode="r")
+    old = reader.read_prefix("r", "t0", 200)
+    np.testing.assert_array_equal(old.keys, synthetic_state(1, length=200).keys)
+    for look_first in (False, True):
+        with SnapshotStore.open(tmp_path / "s") as writer:
+            writer.delete_run("r")
+            writer.spill("r", "t0", synthetic_state(7 + look_first, length=200), PROMPT_LEN)
+        if look_first:  # fresh metadata, arrays cached from the old generation
+            assert reader.trajectory_info("r", "t0")["length"] == 200
+        new, expected = reader.read_prefix("r", "t0", 200), synthetic_state(7 + look_first, length=200)
+        np.testing.assert_array_equal(new.token_ids, expected.token_ids)
+        np.testing.assert_array_equal(new.keys, expected.keys)
+    with SnapshotStore.open(tmp_path / "s") as writer:
+        writer.delete_run("r")
+    with pytest.raises(MissingEntryError, match="no run 'r' in the store|was deleted"):
+        reader.read_prefix("r", "t0", 200)
+    reader.close()
+
+
+def _two_trajectories(path: Path) -> None:
+    with SnapshotStore.open(path, codec="lossless", chunk_tokens=64) as store:
+        for n in (0, 1):
+            store.spill("r", f"t{n}", synthetic_state(n, length=200), PROMPT_LEN)
+
+
+def test_a_node_folder_copied_over_another_is_detected(tmp_path):
+    _two_trajectories(tmp_path / "s")
+    nodes = tmp_path / "s/runs/r/trajectories"
+    shutil.rmtree(nodes / "t1")
+    shutil.copytree(nodes / "t0", nodes / "t1")
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        with pytest.raises(CorruptMetadataError, match="belongs to runs/r/trajectories/t0/"):
+            store.read_prefix("r", "t1", 200)
+        assert [(p.trajectory_id, "belongs to" in p.message) for p in store.verify()] == [("t1", True)]
+        np.testing.assert_array_equal(store.read_prefix("r", "t0", 200).keys, synthetic_state(0, length=200).keys)
+
+
+def test_data_files_swapped_between_nodes_are_detected(tmp_path):
+    _two_trajectories(tmp_path / "s")
+    nodes = tmp_path / "s/runs/r/trajectories"
+    swapped = sorted(p.relative_to(nodes / "t0") for p in (nodes / "t0").rglob("*") if p.is_file() and "/c" in f"/{p}")
+    assert swapped, "no chunk files found"
+    name = swapped[0]
+    a, b = (nodes / "t0" / name).read_bytes(), (nodes / "t1" / name).read_bytes()
+    (nodes / "t0" / name).write_bytes(b)
+    (nodes / "t1" / name).write_bytes(a)
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        with pytest.raises(CorruptChunkError, match="does not match the content hash its node recorded"):
+            store.read_prefix("r", "t1", 200)
+        assert sorted(p.trajectory_id for p in store.verify()) == ["t0", "t1"]
