@@ -537,9 +537,14 @@ class SnapshotStore:
 
     # -- reading ---------------------------------------------------------------------------
     def runs(self) -> list[str]:
-        """Committed runs, sorted (a run folder without its metadata is left out: `verify`
-        reports it)."""
+        """Committed runs, sorted. The remains of a deleted run (left by a write that raced the
+        deletion under an older vinekv) are left out, `verify` reports them and `collect_garbage`
+        removes them; a run whose own metadata is missing raises `CorruptMetadataError`."""
         self._check_open()
+        damaged = self._run_remains()[1]
+        if damaged:
+            where = self._backend.location(f"runs/{damaged[0]}/zarr.json")
+            raise CorruptMetadataError(f"{where} is missing: the run's metadata was deleted")
         return self._backend.children("runs/", skip_incomplete=True)
 
     def _run_remains(self) -> tuple[list[str], list[str]]:
@@ -883,7 +888,7 @@ class SnapshotStore:
             for name in damaged:
                 where = self._backend.location(f"runs/{name}/zarr.json")
                 problems.append(StoreProblem(name, None, f"{where} is missing: the run's metadata was deleted"))
-        for run in self.runs() if runs is None else runs:
+        for run in self._backend.children("runs/", skip_incomplete=True) if runs is None else runs:
             try:
                 ids = self.trajectories(run)
             except IntegrityError as err:
