@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,13 +37,18 @@ def json_digest(value: Any) -> str:
 
 
 def chunk_hashes(codes: np.ndarray, chunk_entries: int) -> list[str]:
-    """BLAKE2b-64 hex digest of each chunk of ``codes`` (token axis 2, ``chunk_entries`` entries per
-    chunk, the last one as long as what is left): a node seals them, reads check them."""
-    codes = np.asarray(codes)
-    return [
-        hashlib.blake2b(np.ascontiguousarray(codes[:, :, lo : lo + chunk_entries]).tobytes(), digest_size=8).hexdigest()
-        for lo in range(0, codes.shape[2], chunk_entries)
-    ]
+    """The content hash of each chunk of ``codes`` (token axis 2, ``chunk_entries`` entries per
+    chunk, the last one as long as what is left): CRC-32 of its bytes, taken block by block over
+    the leading two axes (each block contiguous: no copy), as 8 hex digits. A node seals them and
+    reads check them: they tell a node's own bytes from another node's, not forgeries."""
+    codes = np.ascontiguousarray(codes)
+    hashes = []
+    for lo in range(0, codes.shape[2], chunk_entries):
+        crc = 0
+        for index in np.ndindex(codes.shape[:2]):
+            crc = zlib.crc32(codes[index][lo : lo + chunk_entries].view(np.uint8), crc)
+        hashes.append(f"{crc:08x}")
+    return hashes
 
 
 def seal(attrs: Mapping[str, Any]) -> dict[str, Any]:
