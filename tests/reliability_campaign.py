@@ -40,7 +40,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -876,6 +876,162 @@ def corruption_sweep(
     return result
 
 
+# -- files exchanged between nodes ---------------------------------------------------------
+def _node_folders(store: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(store))
+        for p in store.glob("runs/*/*/*")
+        if p.is_dir() and classify(str(p.relative_to(store)) + "/zarr.json") in ("prompt_node", "trajectory_node")
+    )
+
+
+def _exchanges(store: Path, rng: random.Random, max_pairs: int | None) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """``(name, [(source, target), ...])``: file copies that move valid data between two nodes of a
+    kind: a node folder's every file over another's ("copy_node"), one data file swapped with the
+    same file of another node ("swap_shard"), the node metadata swapped ("swap_meta")."""
+    folders = _node_folders(store)
+    pairs = [(a, b) for a in folders for b in folders if a != b and a.split("/")[2] == b.split("/")[2]]
+    if max_pairs is not None:
+        pairs = rng.sample(pairs, min(max_pairs, len(pairs)))
+    for a, b in pairs:
+        files = [str(p.relative_to(store / a)) for p in (store / a).rglob("*") if p.is_file()]
+        shared = [f for f in files if (store / b / f).is_file()]
+        yield "copy_node", [(f"{a}/{f}", f"{b}/{f}") for f in files]
+        shards = [f for f in shared if f.split("/")[1:2] == ["c"]]
+        if shards:
+            f = rng.choice(shards)
+            yield "swap_shard", [(f"{a}/{f}", f"{b}/{f}"), (f"{b}/{f}", f"{a}/{f}")]
+        yield "swap_meta", [(f"{a}/zarr.json", f"{b}/zarr.json"), (f"{b}/zarr.json", f"{a}/zarr.json")]
+
+
+def exchange_sweep(
+    workdir: str | Path, codecs: Iterable[str], seed: int = 0, max_pairs: int | None = None, log: Log = _quiet
+) -> dict[str, Any]:
+    """Moves whole valid files between nodes of the corruption stores (`_exchanges`), one exchange
+    at a time, and reads everything back with a fresh reader, judged as `corruption_sweep` judges.
+    Every file stays intact (crc32c and all): only a node's sealed identity and content hashes
+    can tell. Counts per ``kind/exchange``: ``injected``, ``detected``, ``harmless`` (the two
+    files were equal), ``silent_wrong``, ``crash``."""
+    workdir = Path(workdir) / "exchange"
+    rng = random.Random(f"{seed}-exchange")
+    start = time.monotonic()
+    table: dict[str, Counter[str]] = {}
+    cases: dict[str, list[dict[str, Any]]] = {"silent_wrong": [], "crash": []}
+    for codec in codecs:
+        store = workdir / codec
+        shutil.rmtree(store, ignore_errors=True)
+        _build_store(store, codec, dict(CORRUPT_RUNS))
+        with SnapshotStore.open(store, mode="r+") as s:
+            s.annotate(ANNOTATED[0], ANNOTATED[1], **ANNOTATED[2])
+        truth = _truth(codec)
+        for name, moves in _exchanges(store, rng, max_pairs):
+            kind = "prompt" if "/prompts/" in moves[0][0] else "trajectory"
+            row = table.setdefault(f"{kind}/{name}", Counter())
+            originals = {target: (store / target).read_bytes() for _, target in moves}
+            contents = {source: (store / source).read_bytes() for source, _ in moves}
+            if all(contents[source] == originals[target] for source, target in moves):
+                row["noop"] += 1
+                continue
+            row["injected"] += 1
+            try:
+                for source, target in moves:
+                    (store / target).write_bytes(contents[source])
+                verdict = _judge(_observe(store), truth)
+            finally:
+                for target, data in originals.items():
+                    (store / target).write_bytes(data)
+            case = {"codec": codec, "moves": moves[:2]}
+            if verdict["wrong"]:
+                row["silent_wrong"] += 1
+                cases["silent_wrong"].append({**case, "reads": verdict["wrong"][:5]})
+            elif verdict["crash"]:
+                row["crash"] += 1
+                cases["crash"].append({**case, "reads": verdict["crash"][:3]})
+            elif verdict["detected"]:
+                row["detected"] += 1
+            else:
+                row["harmless"] += 1
+        log(f"[exchange {codec}] {sum(r['injected'] for r in table.values())} injected so far")
+    totals = Counter()
+    for row in table.values():
+        totals.update(row)
+    result = {
+        "table": {k: dict(v) for k, v in sorted(table.items())},
+        **{k: totals[k] for k in ("injected", "detected", "harmless", "silent_wrong", "crash", "noop")},
+        "cases": {k: v[:40] for k, v in cases.items()},
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    log(f"[exchange] {result['injected']} injected, {result['detected']} detected, {result['silent_wrong']} wrong")
+    return result
+
+
+# -- deletions racing writers and readers --------------------------------------------------
+def delete_race_sweep(rounds: int, workdir: str | Path, seed: int = 0, log: Log = _quiet) -> dict[str, Any]:
+    """Each round: a worker spills 40 trajectories into run ``r`` (one flush each) while this
+    process deletes ``r`` at a random moment, and a long-lived read handle opened before reads
+    ``r`` before and after, while a second round of data (other KV under the same ids) is
+    spilled. Invariants: the worker ends normally or with the error naming the deletion; the
+    listing and `verify` stay clean (no run folder without metadata); every trajectory visible
+    reads exactly as spilled; the old handle reads each id as the data now stored or raises a
+    `StoreError`, never anything else."""
+    workdir = Path(workdir) / "delete-race"
+    rng = random.Random(f"{seed}-delete-race")
+    stats: Counter[str] = Counter()
+    violations: list[str] = []
+    for i in range(rounds):
+        path = workdir / f"s{i}"
+        shutil.rmtree(path, ignore_errors=True)
+        _build_store(path, "lossless", {"r": (0,)})
+        reader = SnapshotStore.open(path, mode="r")
+        reader.read_prefix("r", tid_of(0), length(0))  # caches run r's first generation
+        worker = _Worker("spill", {"path": str(path), "codec": "lossless", "durability": "trajectory", "run": "r",
+                                   "count": SPILL_COUNT, "group": 1})  # fmt: skip
+        worker.wait_for("ready")
+        time.sleep(rng.uniform(0.0, 0.6))
+        with SnapshotStore.open(path, mode="r+") as deleter:
+            deleted = "r" in deleter.runs()
+            if deleted:
+                deleter.delete_run("r")
+        worker._collect()
+        stats["rounds"] += 1
+        stats["deleted_mid_spill"] += deleted and worker.proc.returncode != 0
+        if worker.proc.returncode not in (0,) and "was deleted while trajectory" not in worker.stderr:
+            violations.append(f"round {i}: the spill failed without naming the deletion: {worker.stderr[-500:]}")
+        with SnapshotStore.open(path, mode="r+") as store:
+            try:
+                runs, problems = store.runs(), store.verify()
+            except StoreError as err:
+                violations.append(f"round {i}: the listing broke: {err}")
+                continue
+            if problems:
+                violations.append(f"round {i}: verify found {[p.message for p in problems][:3]}")
+            for tid in store.trajectories("r") if "r" in runs else []:
+                violations += _split(
+                    _check_trajectory(store, "r", tid, "lossless", campaign_fields(n_of(tid))), f"round {i}"
+                )
+            for n in range(3):  # the run written again: the same ids, other data (n + 100)
+                if "r" in store.runs() and tid_of(n) in store.trajectories("r"):
+                    continue
+                store.spill("r", tid_of(n), campaign_state(n + 100), prompt_len(n + 100), **campaign_fields(n + 100))
+        with SnapshotStore.open(path, mode="r") as fresh:
+            for tid in fresh.trajectories("r"):
+                want = fresh.read_prefix("r", tid, fresh.trajectory_info("r", tid)["length"])
+                try:
+                    got = reader.read_prefix("r", tid, len(want.token_ids[0]))
+                except StoreError:
+                    stats["reader_raised"] += 1
+                    continue
+                same = all(np.array_equal(a, b) for a, b in ((got.keys, want.keys), (got.values, want.values),
+                                                               (got.token_ids, want.token_ids)))  # fmt: skip
+                stats["reader_new_whole"] += same
+                if not same:
+                    violations.append(f"round {i}: the old handle read {tid} as something else than what is stored")
+        reader.close()
+        shutil.rmtree(path, ignore_errors=True)
+    log(f"[delete race] {dict(stats)}, {len(violations)} violations")
+    return {**stats, "violations": violations}
+
+
 # -- fuzzing -------------------------------------------------------------------------------
 FUZZ_GROUPS = ("root", "node", "array", "ids", "open")
 FUZZ_MEMORY_LIMIT = 4 * 2**30  # RLIMIT_AS of the fuzzing process (TensorStore's threads reserve ~1 GiB)
@@ -1507,7 +1663,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="scratch folder (default: a new temporary one, removed at the end)")
     parser.add_argument("--out", help="JSON summary to write")
-    parser.add_argument("--skip", default="", help="parts to skip: kill,corruption,fuzz")
+    parser.add_argument("--race-rounds", type=int, default=20, help="rounds of the deletion race sweep")
+    parser.add_argument("--skip", default="", help="parts to skip: kill,corruption,exchange,race,fuzz")
     parser.add_argument("--fuzz-child", help=argparse.SUPPRESS)
     parser.add_argument("--bounded", default="", help=argparse.SUPPRESS)
     parser.add_argument("--memory-limit", type=int, help=argparse.SUPPRESS)
@@ -1541,14 +1698,20 @@ def main(argv: list[str] | None = None) -> int:
     if "corruption" not in skip:
         codecs = tuple(args.codecs.split(","))
         summary["corruption"] = corruption_sweep(workdir, codecs, args.mutations, args.seed, log=log)
+    if "exchange" not in skip:
+        summary["exchange"] = exchange_sweep(workdir, tuple(args.codecs.split(",")), args.seed, log=log)
+    if "race" not in skip:
+        summary["race"] = delete_race_sweep(args.race_rounds, workdir, args.seed, log=log)
     if "fuzz" not in skip:
         summary["fuzz"] = fuzz(workdir, args.fuzz_examples, args.seed, log=log)
     summary["seconds"] = round(time.monotonic() - start, 1)
     violations = sum(len(r["violations"]) for r in summary.get("kill", {}).values())
+    violations += len(summary.get("race", {}).get("violations", []))
     corruption = summary.get("corruption", {})
     log(
-        f"done in {summary['seconds']} s: {violations} kill violations, "
-        f"{corruption.get('silent_wrong', 0)} silent wrong, {len(summary.get('fuzz', {}).get('findings', []))} "
+        f"done in {summary['seconds']} s: {violations} kill/race violations, "
+        f"{corruption.get('silent_wrong', 0) + summary.get('exchange', {}).get('silent_wrong', 0)} silent wrong, "
+        f"{len(summary.get('fuzz', {}).get('findings', []))} "
         f"fuzz findings, {len(summary.get('fuzz', {}).get('crashes', []))} fuzz crashes"
     )
     if args.out:
