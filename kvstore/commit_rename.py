@@ -312,6 +312,10 @@ class RenameCommit(TensorStoreBackend):
             elif leftover.name.endswith(".tmp"):
                 leftover.unlink(missing_ok=True)
                 removed.append(str(leftover))
+        for folder in (self.local_root, self.local_root / "runs"):  # a creation killed after its link
+            for leftover in folder.glob("zarr.json.*.tmp"):
+                leftover.unlink(missing_ok=True)
+                removed.append(str(leftover))
         lock = staging / "zarr.json"
         if lock.read_bytes() != _LOCK_CONTENT:  # a writer killed while creating it: rewrite the same inode
             with open(lock, "r+b") as fh:

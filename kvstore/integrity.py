@@ -150,6 +150,19 @@ def check_node(attrs: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
     data = attrs.get("data", "")
     if not isinstance(data, str) or (data and not (data.endswith("/") and ATTEMPT.fullmatch(data[:-1]))):
         raise fail(f"data must name an attempt folder ('attempt-<ms>-<hex>/'), got {data!r}")
+    identity = attrs.get("node")  # absent in nodes written before identities were sealed
+    if identity is not None and not (
+        isinstance(identity, dict)
+        and isinstance(identity.get("at"), str)
+        and (identity.get("generation") is None or isinstance(identity.get("generation"), str))
+    ):
+        raise fail(f"node must be an object {{at: str, generation: str or null}}, got {identity!r}")
+    hashes = attrs.get("chunk_hashes")
+    if hashes is not None and not (
+        isinstance(hashes, dict)
+        and all(isinstance(v, list) and all(isinstance(h, str) for h in v) for v in hashes.values())
+    ):
+        raise fail("chunk_hashes must map array names to lists of hex digests")
     length = count("length", 1)
     if kind == "prompt":
         token_list("token_ids", length)

@@ -3,6 +3,7 @@ does when a process exits without closing it (queued spills committed, a warning
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -205,3 +206,31 @@ def test_data_files_swapped_between_nodes_are_detected(tmp_path):
         with pytest.raises(CorruptChunkError, match="does not match the content hash its node recorded"):
             store.read_prefix("r", "t1", 200)
         assert sorted(p.trajectory_id for p in store.verify()) == ["t0", "t1"]
+
+
+def test_malformed_identity_fields_are_named_not_crashed_on(tmp_path):
+    """Found by the long campaign's fuzz: a re-sealed node whose ``node`` or ``chunk_hashes`` has
+    the wrong type raises `CorruptMetadataError` naming the field (was an AttributeError)."""
+    from kvstore.integrity import seal
+
+    _two_trajectories(tmp_path / "s")
+    path = tmp_path / "s/runs/r/trajectories/t1/zarr.json"
+    original = json.loads(path.read_text())
+    for field, bad in (("node", 7), ("node", {"at": 3}), ("chunk_hashes", "x"), ("chunk_hashes", {"kv": [1]})):
+        doc = json.loads(json.dumps(original))
+        doc["attributes"]["vinekv"] = seal({**doc["attributes"]["vinekv"], field: bad})
+        path.write_text(json.dumps(doc))
+        with SnapshotStore.open(tmp_path / "s", mode="r") as store, pytest.raises(CorruptMetadataError, match=field):
+            store.read_prefix("r", "t1", 200)
+
+
+def test_a_creation_killed_after_its_link_leaves_nothing_after_the_next_open(tmp_path):
+    """Found by the long campaign's kill sweep (1 in 60 creation kills): a kill between linking
+    the root and removing its temporary file left ``zarr.json.<hex>.tmp``; the next writer sweeps it."""
+    _two_trajectories(tmp_path / "s")
+    leftovers = [tmp_path / "s/zarr.json.9a17d7172fb6439abd898952bdb6512d.tmp", tmp_path / "s/runs/zarr.json.ab12.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"{}")
+    with SnapshotStore.open(tmp_path / "s") as store:
+        assert store.trajectories("r") == ["t0", "t1"]
+    assert not any(p.exists() for p in leftovers)
