@@ -29,8 +29,8 @@ from kvstore.codecs import KVCodec, get_codec
 from kvstore.dense_cache import cache_from_states, empty_cache, extract_rows, extract_state, forward_chunk, kv_layout
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import StalePolicyError, check_policy  # noqa: F401 (StalePolicyError: re-export)
+from kvstore.process import release_free_memory
 from kvstore.state import CachedState, EncodedState
-from vinekv.runtime import release_free_memory
 
 CAPTURE_BUCKET = 64  # capture widths are rounded up to this many tokens (fewer compiled shapes)
 
