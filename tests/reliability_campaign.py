@@ -769,6 +769,22 @@ def _json_changes(old: bytes, new: bytes | None) -> list[list[Any]] | None:
     return diff(a, b, [])
 
 
+def _tally(verdict: dict[str, list[str]], row: Counter[str], cases: dict[str, list], case: dict[str, Any]) -> None:
+    """Counts one injected change in ``row`` by its `_judge` verdict (wrong reads first, then
+    crashes, then detections; else harmless) and keeps the case of each kind but detected."""
+    if verdict["wrong"]:
+        row["silent_wrong"] += 1
+        cases["silent_wrong"].append({**case, "reads": verdict["wrong"][:5]})
+    elif verdict["crash"]:
+        row["crash"] += 1
+        cases["crash"].append({**case, "reads": verdict["crash"][:3]})
+    elif verdict["detected"]:
+        row["detected"] += 1
+    else:
+        row["harmless"] += 1
+        cases["harmless"].append(case)
+
+
 def corruption_sweep(
     workdir: str | Path,
     codecs: Iterable[str] = ("lossless", "int8", "int4"),
@@ -827,17 +843,7 @@ def corruption_sweep(
                     finally:
                         target.write_bytes(original)
                     case = {"codec": codec, "file": rel, "mutation": name, "changed": changes}
-                    if verdict["wrong"]:
-                        row["silent_wrong"] += 1
-                        cases["silent_wrong"].append({**case, "reads": verdict["wrong"][:5]})
-                    elif verdict["crash"]:
-                        row["crash"] += 1
-                        cases["crash"].append({**case, "reads": verdict["crash"][:3]})
-                    elif verdict["detected"]:
-                        row["detected"] += 1
-                    else:
-                        row["harmless"] += 1
-                        cases["harmless"].append(case)
+                    _tally(verdict, row, cases, case)
         for node in sorted({str(Path(f).parent) for f in files if classify(f) in ("prompt_node", "trajectory_node")}):
             # informational: a whole node folder removed (no manifest lists a run's trajectories)
             aside = store.parent / f"{codec}-aside"
@@ -916,7 +922,7 @@ def exchange_sweep(
     rng = random.Random(f"{seed}-exchange")
     start = time.monotonic()
     table: dict[str, Counter[str]] = {}
-    cases: dict[str, list[dict[str, Any]]] = {"silent_wrong": [], "crash": []}
+    cases: dict[str, list[dict[str, Any]]] = {"silent_wrong": [], "crash": [], "harmless": []}
     for codec in codecs:
         store = workdir / codec
         shutil.rmtree(store, ignore_errors=True)
@@ -940,17 +946,7 @@ def exchange_sweep(
             finally:
                 for target, data in originals.items():
                     (store / target).write_bytes(data)
-            case = {"codec": codec, "moves": moves[:2]}
-            if verdict["wrong"]:
-                row["silent_wrong"] += 1
-                cases["silent_wrong"].append({**case, "reads": verdict["wrong"][:5]})
-            elif verdict["crash"]:
-                row["crash"] += 1
-                cases["crash"].append({**case, "reads": verdict["crash"][:3]})
-            elif verdict["detected"]:
-                row["detected"] += 1
-            else:
-                row["harmless"] += 1
+            _tally(verdict, row, cases, {"codec": codec, "moves": moves[:2]})
         log(f"[exchange {codec}] {sum(r['injected'] for r in table.values())} injected so far")
     totals = Counter()
     for row in table.values():
