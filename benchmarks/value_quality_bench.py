@@ -60,7 +60,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from kvstore import SnapshotStore, capture_sequences  # noqa: E402
 from replay import MCRecord, ReplayConfig, generate_branches, mc_values, replay_run, select_states  # noqa: E402
-from replay.branch_replay import TrajectoryPlan, ValueRequest, stored_record, value_trajectories  # noqa: E402
+from replay.branch_replay import TrajectoryPlan, ValueRequest, value_trajectories  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "heldout"
@@ -166,7 +166,7 @@ def spill(path: Path, codec: str, trajectories: list[Trajectory], model: Any) ->
 def replay(store: SnapshotStore, model: Any, tokenizer: Any, reward: Any, config: ReplayConfig) -> dict[str, MCRecord]:
     """`replay_run` of the stored run (only the branches each state lacks); returns its records."""
     replay_run(store, RUN, model, tokenizer, reward, config)
-    return {tid: stored_record(store.trajectory_info(RUN, tid)["fields"]) for tid in store.trajectories(RUN)}
+    return {tid: MCRecord.of(store.trajectory(RUN, tid)) for tid in store.trajectories(RUN)}
 
 
 def record_returns(records: dict[str, MCRecord], n: int) -> tuple[np.ndarray, list[tuple[str, int]]]:

@@ -12,6 +12,7 @@ Public API:
   StalePolicyError                   a snapshot from another policy
   SnapshotStore                      the TensorStore/Zarr v3 snapshot store
   StoreError, IntegrityError, ...    its errors (IntegrityError: damaged or missing data, naming the file)
+  TrajectoryNode, PromptNode, RootMeta   what the store's metadata says, typed (`kvstore.schema`)
   get_codec                          KV codecs ("int8", "int4", "lossless")
 
 Names load lazily: the store and codecs work without importing EasyDeL or JAX.
@@ -43,15 +44,18 @@ _EXPORTS = {
     "kv_layout": "kvstore.dense_cache",
     "policy_fingerprint": "kvstore.fingerprint",
     "SnapshotStore": "kvstore.store",
-    "StoreError": "kvstore.store",
-    "StoreFormatError": "kvstore.store",
-    "MissingEntryError": "kvstore.store",
-    "CorruptChunkError": "kvstore.store",
-    "CorruptMetadataError": "kvstore.store",
-    "IntegrityError": "kvstore.store",
+    "StoreError": "kvstore.errors",
+    "StoreFormatError": "kvstore.errors",
+    "MissingEntryError": "kvstore.errors",
+    "CorruptChunkError": "kvstore.errors",
+    "CorruptMetadataError": "kvstore.errors",
+    "IntegrityError": "kvstore.errors",
     "StoreProblem": "kvstore.store",
     "StoreSize": "kvstore.store",
     "get_codec": "kvstore.codecs",
+    "TrajectoryNode": "kvstore.schema",
+    "PromptNode": "kvstore.schema",
+    "RootMeta": "kvstore.schema",
 }
 
 __all__ = sorted(_EXPORTS)

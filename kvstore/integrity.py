@@ -117,65 +117,6 @@ def prompt_content_key(
     return h.hexdigest()
 
 
-def check_node(attrs: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
-    """``attrs`` if they describe a consistent node of ``kind`` (``"trajectory"`` or
-    ``"prompt"``): the right types, token ids as many as the lengths say. Else
-    `CorruptMetadataError` naming ``where`` and the field (sealed metadata a writer got wrong, or
-    re-sealed by hand)."""
-
-    def fail(problem: str) -> CorruptMetadataError:
-        return CorruptMetadataError(f"{where}: {problem}")
-
-    def count(name: str, low: int) -> int:
-        value = attrs.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise fail(f"{name} must be an int >= {low}, got {value!r}")
-        return value
-
-    def token_list(name: str, n: int) -> None:
-        ids = attrs.get(name)
-        if not isinstance(ids, list) or len(ids) != n:
-            got = f"{len(ids)}" if isinstance(ids, list) else type(ids).__name__
-            raise fail(f"{name} must list {n} token ids, got {got}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in ids):
-            raise fail(f"{name} holds a value that is not a token id")
-
-    if attrs.get("kind") != kind:
-        raise fail(f"kind {attrs.get('kind')!r}, expected {kind!r}")
-    check_layout(attrs.get("layout"), where)
-    for name in ("fingerprint", "layout", "codec", "arrays"):
-        expected = str if name == "fingerprint" else dict
-        if not isinstance(attrs.get(name), expected):
-            raise fail(f"{name} must be a {expected.__name__}, got {type(attrs.get(name)).__name__}")
-    data = attrs.get("data", "")
-    if not isinstance(data, str) or (data and not (data.endswith("/") and ATTEMPT.fullmatch(data[:-1]))):
-        raise fail(f"data must name an attempt folder ('attempt-<ms>-<hex>/'), got {data!r}")
-    identity = attrs.get("node")  # absent in nodes written before identities were sealed
-    if identity is not None and not (
-        isinstance(identity, dict)
-        and isinstance(identity.get("at"), str)
-        and (identity.get("generation") is None or isinstance(identity.get("generation"), str))
-    ):
-        raise fail(f"node must be an object {{at: str, generation: str or null}}, got {identity!r}")
-    hashes = attrs.get("chunk_hashes")
-    if hashes is not None and not (
-        isinstance(hashes, dict)
-        and all(isinstance(v, list) and all(isinstance(h, str) for h in v) for v in hashes.values())
-    ):
-        raise fail("chunk_hashes must map array names to lists of hex digests")
-    length = count("length", 1)
-    if kind == "prompt":
-        token_list("token_ids", length)
-        return attrs
-    prompt_len = count("prompt_len", 1)
-    if prompt_len > length:
-        raise fail(f"prompt_len {prompt_len} exceeds length {length}")
-    token_list("response_token_ids", length - prompt_len)
-    if not isinstance(attrs.get("prompt"), str) or not isinstance(attrs.get("fields"), dict):
-        raise fail("prompt must be a str and fields an object")
-    return attrs
-
-
 def check_layout(layout: Any, where: str) -> KVLayout:
     """The `KVLayout` a node or the root records, or `CorruptMetadataError` naming ``where``."""
     fields = {f.name: f.type for f in dataclasses.fields(KVLayout)}

@@ -1,12 +1,17 @@
 """Process-level helpers the store needs and the rest of vinekv shares (`vinekv.runtime`
-re-exports them): quiet XLA logs, and returning freed C-heap memory to the OS."""
+re-exports them): quiet XLA and library logs, JAX's persistent compilation cache, and
+returning freed C-heap memory to the OS."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
+from pathlib import Path
+
+DEFAULT_CACHE_DIR = ".jax_cache"
 
 
 def silence_xla_logs() -> None:
@@ -41,3 +46,25 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def enable_compilation_cache(path: str | Path | None = None) -> Path:
+    """Turns on JAX's persistent compilation cache in a project-local folder.
+
+    The folder is ``path``, else ``$VINEKV_JAX_CACHE``, else ``./.jax_cache``. Every compiled
+    program is kept, so a second run of the same shapes skips compilation.
+    """
+    import jax
+
+    folder = Path(path or os.environ.get("VINEKV_JAX_CACHE") or DEFAULT_CACHE_DIR).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
+
+
+def quiet_logs() -> None:
+    """Silences EasyDeL/absl chatter below WARNING so progress output stays readable."""
+    for name in ("easydel", "eformer", "ejkernel", "absl", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)

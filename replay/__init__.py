@@ -11,7 +11,7 @@ Public API:
                                    reproducible decoding (one on-device loop per batch of rows)
 """
 
-from vinekv.runtime import silence_xla_logs
+from kvstore.process import silence_xla_logs
 
 silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unless the user set the level)
 

@@ -1,7 +1,8 @@
 """Branch replay of a stored run on Ray actors: `replay_run` over a work queue of trajectory ids.
 
 Each worker (a Ray actor) builds the policy and the reward function from their spec strings
-(`vinekv.specs`: models cannot be shipped to actors), opens the store itself and values the
+(models cannot be shipped to actors) with the loaders the job names (default: the CLI's,
+`vinekv.specs.load_model` / `load_reward`), opens the store itself and values the
 trajectory ids the driver hands it with `replay_run`, which writes each trajectory's values back
 with one atomic commit as soon as they are sampled. The driver keeps the queue: an idle worker
 gets the next ids, so a slow worker holds nobody back. A worker that dies (process killed, node
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import importlib
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from kvstore.process import enable_compilation_cache, quiet_logs
 from kvstore.store import SnapshotStore
 from replay.branch_replay import ReplayConfig, ReplayReport, replay_run
 from replay.engines import ESurgeOptions, open_engine
@@ -41,6 +44,9 @@ FORWARDED_ENV = ("TF_CPP_MIN_LOG_LEVEL", "LOGGING_LEVEL_ED", "JAX_PLATFORMS", "V
 FORWARDED_PREFIXES = ("AWS_", "GOOGLE_")
 # Seconds to reach an explicit cluster address before Ray is asked (Ray retries for minutes).
 CONNECT_TIMEOUT_S = 5.0
+# What builds a worker's policy and reward from their specs (imported by name in the worker).
+DEFAULT_MODEL_LOADER = "vinekv.specs:load_model"
+DEFAULT_REWARD_LOADER = "vinekv.specs:load_reward"
 
 
 class ReplayWorkerError(RuntimeError):
@@ -50,7 +56,8 @@ class ReplayWorkerError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class WorkerJob:
     """What every worker of one distributed replay gets: where the run is, the policy and reward
-    specs (`vinekv.specs.load_model`, `load_reward`) and the `replay_run` settings."""
+    specs, the ``module:function`` loaders that build them from their specs, and the
+    `replay_run` settings."""
 
     store: str | dict[str, Any]
     run: str
@@ -60,6 +67,16 @@ class WorkerJob:
     allow_stale: bool = False
     keep_stale_values: bool = False
     esurge_options: ESurgeOptions | None = None
+    model_loader: str = DEFAULT_MODEL_LOADER
+    reward_loader: str = DEFAULT_REWARD_LOADER
+
+
+def load_object(spec: str) -> Any:
+    """``package.module:attribute`` -> the attribute."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"expected 'package.module:attribute', got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
 
 
 @dataclasses.dataclass
@@ -78,17 +95,14 @@ class ReplayWorker:
     once; `value` runs `replay_run` on the ids it is given."""
 
     def __init__(self, job: WorkerJob) -> None:
-        from vinekv.runtime import enable_compilation_cache, quiet_logs
-        from vinekv.specs import load_model, load_reward
-
         enable_compilation_cache()
         quiet_logs()
         logging.getLogger("replay").setLevel(logging.WARNING)  # no INFO line per worker (engine choice)
         # per-call warnings (stale values, truncated branches) are logged once by the driver
         logging.getLogger("replay.branch_replay").setLevel(logging.ERROR)
         self.job = job
-        self.reward = load_reward(job.reward_spec)
-        self.model, self.tokenizer = load_model(job.model_spec)
+        self.reward = load_object(job.reward_loader)(job.reward_spec)
+        self.model, self.tokenizer = load_object(job.model_loader)(job.model_spec)
         self.store = SnapshotStore.open(job.store, mode="r+")
         config = job.config
         self.engine = open_engine(
@@ -148,6 +162,8 @@ def replay_run_ray(
     allow_stale: bool = False,
     keep_stale_values: bool = False,
     esurge_options: ESurgeOptions | None = None,
+    model_loader: str = DEFAULT_MODEL_LOADER,
+    reward_loader: str = DEFAULT_REWARD_LOADER,
 ) -> RayReplayReport:
     """`replay_run` of ``run``'s trajectories (default: all) on ``num_workers`` Ray actors.
 
@@ -155,7 +171,8 @@ def replay_run_ray(
       store: the store every worker opens: a path (made absolute here; on a cluster it must be
         the same path on every node, e.g. a shared file system) or a TensorStore URL/spec.
       model_spec, reward_spec: the policy and reward function as `vinekv replay --model/--reward`
-        take them (`vinekv.specs`); each worker loads them once.
+        take them; each worker loads them once, with ``model_loader`` / ``reward_loader``
+        (``module:function`` names, default `vinekv.specs.load_model` / `load_reward`).
       address: a running cluster (``host:port``, ``auto``, ``ray://host:port``); None or
         ``"local"``: a new local Ray instance with CPUs for the workers, shut down after. An
         already initialised Ray (``ray.init`` in this process) is used as it is.
@@ -184,7 +201,10 @@ def replay_run_ray(
     store = _shared_location(store)
     with SnapshotStore.open(store, mode="r") as reader:
         ids = list(trajectories) if trajectories is not None else reader.trajectories(run)
-    job = WorkerJob(store, run, model_spec, reward_spec, config, allow_stale, keep_stale_values, esurge_options)
+    job = WorkerJob(
+        store, run, model_spec, reward_spec, config, allow_stale, keep_stale_values, esurge_options, model_loader,
+        reward_loader,
+    )  # fmt: skip
     options = {"num_cpus": 1, **(worker_options or {})}
     env = {**forwarded_env(), **(worker_env or {})}
     report = RayReplayReport()

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.schema import MC_FIELD, TrajectoryNode
+
 Z_95 = 1.959963984540054
 
 
@@ -97,7 +99,7 @@ def branches_wanted(
 
 @dataclasses.dataclass(frozen=True)
 class MCRecord:
-    """The MC values of one trajectory as stored in its ``fields["mc"]``.
+    """The MC values of one trajectory as stored in its field ``mc`` (`MCRecord.of`).
 
     Attributes:
       config: digest of the replay settings that produced the returns (`ReplayConfig.digest`).
@@ -153,6 +155,13 @@ class MCRecord:
             "count": stats.count.tolist(),
             **{name: _nullable(getattr(stats, name)) for name in ("mean", "var", "stderr")},
         }
+
+    @classmethod
+    def of(cls, node: TrajectoryNode) -> MCRecord | None:
+        """The record stored with a trajectory (its field ``mc``), None when it has none;
+        ValueError for a record in an older format."""
+        mc = node.fields.get(MC_FIELD)
+        return None if mc is None else cls.from_fields(mc)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> MCRecord:

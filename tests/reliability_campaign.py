@@ -14,6 +14,14 @@ runs the long one whose figures are in docs/reliability.md.
 - `corruption_sweep`: every file of small stores (lossless, int8, int4) gets byte flips, digit
   edits (JSON), truncations and is deleted, one mutation at a time; a fresh reader then reads
   everything. Each read must raise a `StoreError` or return exactly the truth.
+- `door_sweep`: bad input spilled (token ids outside the vocabulary, NaN/Inf KV; host states and
+  host-encoded codes, three codecs, both durabilities) among good spills: each is refused with
+  a ValueError naming it, nothing of it is stored, the good spills read back exactly.
+- `exit_sweep`: worker processes spill and exit without `close()` (end of script, `sys.exit`,
+  an uncaught exception, the store dropped): exit code as expected, the warning names the
+  spills since the last flush, every spill committed; a thread still spilling while the exit
+  closes the store: each spill that returned committed, the next refused; a thread opening a
+  store after the exit hook: refused, nothing created; `os._exit` is reported apart (not promised).
 - `fuzz`: hypothesis drives malformed and re-sealed metadata, absurd shapes, hostile ids and
   open arguments through the store, in a child process under an address-space limit; allowed
   are clear errors only, nothing may be written outside the store.
@@ -31,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -39,6 +48,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -64,7 +74,7 @@ from _campaign_worker import (  # noqa: E402
     prompt_len,
 )
 
-from kvstore import SnapshotStore  # noqa: E402
+from kvstore import CachedState, EncodedState, SnapshotStore  # noqa: E402
 from kvstore.codecs import get_codec  # noqa: E402
 from kvstore.errors import IntegrityError, MissingEntryError, StoreError, StoreFormatError  # noqa: E402
 from kvstore.integrity import json_digest, seal  # noqa: E402
@@ -244,6 +254,9 @@ def _check_trajectory(store: SnapshotStore, run: str, tid: str, codec: str, fiel
         if state.token_ids[0].tobytes() != ids[:t].tobytes():
             problems.append(f"{run}/{tid}: token ids of prefix {t} differ")
     return problems
+
+
+_checked_trajectory = _reported(_problems)(_check_trajectory)  # an error reading it is a problem too
 
 
 def _reopen_for_writing(path: Path) -> list[str]:
@@ -1028,6 +1041,560 @@ def delete_race_sweep(rounds: int, workdir: str | Path, seed: int = 0, log: Log 
     return {**stats, "violations": violations}
 
 
+# -- bad input at the door -----------------------------------------------------------------
+DOOR_KINDS = ("token_negative", "token_too_large", "nan", "+inf", "-inf")
+DOOR_FORMS = ("host", "encoded")  # a CachedState, or its codes as `capture_encoded` hands them over
+DOOR_CODECS = ("lossless", "int8", "int4")
+DURABILITIES = ("trajectory", "flush")
+DOOR_CASES_PER_STORE = 10
+_TOKEN_MESSAGE = re.compile(r"token id (-?\d+) at position (\d+) is outside \[0, (\d+)\)")
+_HOST_KV_MESSAGE = re.compile(r"(keys|values) hold non-finite numbers \(NaN/Inf\) at layer (\d+), position (\d+)")
+_ENCODED_KV_MESSAGE = re.compile(r"the encoded (prompt|response) array '\w+' holds non-finite numbers")
+
+
+def _encoded_state(state: CachedState, codec: str, plen: int) -> EncodedState:
+    """``state`` encoded by ``codec`` on the host, prompt and response apart, as
+    `kvstore.capture.capture_encoded` hands it to `spill` (tests/test_store_door.py does the same)."""
+    c = get_codec(codec)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):  # int4's host encode of Inf warns
+        warnings.simplefilter("ignore", RuntimeWarning)
+        parts = [c.encode(state.keys[:, 0, lo:hi], state.values[:, 0, lo:hi]) for lo, hi in ((0, plen), (plen, None))]
+    return EncodedState(*parts, c.spec(), state.token_ids, plen, state.layout, state.fingerprint)
+
+
+def _bad_input(kind: str, n: int, rng: random.Random) -> tuple[CachedState, dict[str, Any]]:
+    """Trajectory ``n`` with 1 (70%) to 5 bad cells of ``kind`` in its prompt or its response:
+    the state and what a refusal must name (``ids``: (id, position) pairs; ``cells``: (array,
+    layer, position) triples; ``parts``)."""
+    state = campaign_state(n)  # fresh arrays
+    plen, size = prompt_len(n), length(n)
+    part = rng.choice(("prompt", "response"))
+    lo, hi = (0, plen) if part == "prompt" else (plen, size)
+    positions = rng.sample(range(lo, hi), 1 if rng.random() < 0.7 else rng.randint(2, 5))
+    vocab = LAYOUT.vocab_size
+    what: dict[str, Any] = {"part": part, "count": len(positions), "ids": set(), "cells": set()}
+    for p in positions:
+        if kind == "token_negative":
+            bad = rng.choice((-1, -(2**31), rng.randint(-(2**31), -1)))
+        elif kind == "token_too_large":
+            bad = rng.choice((vocab, 2**31 - 1, rng.randint(vocab, 2**31 - 1)))
+        if kind.startswith("token"):
+            state.token_ids[0, p] = bad
+            what["ids"].add((bad, p))
+            continue
+        name = what.setdefault("array", rng.choice(("keys", "values")))
+        layer = rng.randrange(LAYOUT.num_layers)
+        head, dim = rng.randrange(LAYOUT.num_kv_heads), rng.randrange(LAYOUT.head_dim)
+        getattr(state, name)[layer, 0, p, head, dim] = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}[kind]
+        what["cells"].add((name, layer, p))
+    return state, what
+
+
+def _names_the_problem(message: str, kind: str, form: str, what: dict[str, Any]) -> bool:
+    """Whether a refusal's message names one of the bad cells injected (the encoded form: the
+    part that holds them; the codes carry no position)."""
+    if kind.startswith("token"):
+        found = _TOKEN_MESSAGE.search(message)
+        if found is None or int(found[3]) != LAYOUT.vocab_size:
+            return False
+        return (int(found[1]), int(found[2])) in what["ids"]
+    if form == "host":
+        found = _HOST_KV_MESSAGE.search(message)
+        return found is not None and (found[1], int(found[2]), int(found[3])) in what["cells"]
+    found = _ENCODED_KV_MESSAGE.search(message)
+    return found is not None and found[1] == what["part"]
+
+
+def door_sweep(cases: int, workdir: str | Path, seed: int = 0, log: Log = _quiet) -> dict[str, Any]:
+    """Spills ``cases`` bad inputs (`DOOR_KINDS`: token ids below 0 or at least the vocabulary,
+    NaN, +Inf, -Inf in the keys or the values; 1 to 5 bad cells at random positions of the
+    prompt or the response) as host `CachedState`s or host-encoded `EncodedState`s, into stores
+    of each codec and durability (`DOOR_CASES_PER_STORE` per store), good spills of both forms
+    interleaved, flushes at random. A bad spill's id is a fresh one, the next good spill's, or
+    one in a run that only bad spills name. Each bad spill must raise a ValueError that names
+    the problem (the id and its position; the array, layer and position; for codes the part);
+    nothing of it may be stored (the run lists exactly the good spills; a run only bad spills
+    named does not exist); every good spill reads back exactly; `verify` is clean; the closed
+    store has no leftovers. Counts per ``kind/codec`` as `_tally` counts them: ``detected``
+    (refused, problem named), ``silent_wrong`` (accepted), ``crash`` (another error, or a message
+    that does not name the problem)."""
+    workdir = Path(workdir) / "door"
+    rng = random.Random(f"{seed}-door")
+    start = time.monotonic()
+    configs = [(c, d) for c in DOOR_CODECS for d in DURABILITIES]
+    table: dict[str, Counter[str]] = {}
+    cases_kept: dict[str, list[dict[str, Any]]] = {"silent_wrong": [], "crash": [], "harmless": []}
+    stats: Counter[str] = Counter()
+    violations: list[str] = []
+    done, episode = 0, 0
+    while done < cases:
+        codec, durability = configs[episode % len(configs)]
+        count = min(DOOR_CASES_PER_STORE, cases - done)
+        path = workdir / f"e{episode}-{codec}-{durability}"
+        shutil.rmtree(path, ignore_errors=True)
+        where = f"door store {episode} ({codec}, {durability})"
+        problems = _door_store(path, codec, durability, range(done, done + count), rng, table, cases_kept, stats)
+        violations += _split(problems, where)
+        stats[f"cases_{durability}"] += count
+        shutil.rmtree(path, ignore_errors=True)
+        done += count
+        episode += 1
+    totals: Counter[str] = Counter()
+    for row in table.values():
+        totals.update(row)
+    result = {
+        "stores": episode,
+        "table": {k: dict(v) for k, v in sorted(table.items())},
+        **{k: totals[k] for k in ("injected", "detected", "harmless", "silent_wrong", "crash")},
+        **dict(sorted(stats.items())),
+        "cases": {k: v[:40] for k, v in cases_kept.items()},
+        "violations": violations,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    log(
+        f"[door] {result['injected']} bad spills, {result['detected']} refused naming the problem, "
+        f"{result['silent_wrong']} accepted, {result['crash']} other errors; {stats['good_checked']} good spills "
+        f"read back; {len(violations)} violations, {result['seconds']} s"
+    )
+    return result
+
+
+@_reported(_problems)
+def _door_store(
+    path: Path,
+    codec: str,
+    durability: str,
+    case_numbers: range,
+    rng: random.Random,
+    table: dict[str, Counter[str]],
+    cases_kept: dict[str, list[dict[str, Any]]],
+    stats: Counter[str],
+) -> list[str]:
+    """One store of `door_sweep`: the bad spills of ``case_numbers`` among good ones."""
+    problems: list[str] = []
+    good: list[int] = []  # trajectories spilled good, in run "r"
+    next_good = 100 * case_numbers.start  # distinct ids (and KV) per store
+    store = SnapshotStore.open(path, codec=codec, chunk_tokens=CHUNK_TOKENS, durability=durability)
+    try:
+
+        def spill_good() -> None:
+            nonlocal next_good
+            n, form = next_good, rng.choice(DOOR_FORMS)
+            state = campaign_state(n) if form == "host" else _encoded_state(campaign_state(n), codec, prompt_len(n))
+            try:
+                store.spill("r", tid_of(n), state, prompt_len(n), **campaign_fields(n))
+            except Exception as err:  # the refusals before it must leave the door open
+                problems.append(f"good spill of {tid_of(n)} ({form}) raised {type(err).__name__}: {err}")
+            else:
+                good.append(n)
+                stats[f"good_{form}"] += 1
+            next_good += 1
+
+        for c in case_numbers:
+            kind, form = DOOR_KINDS[c % len(DOOR_KINDS)], DOOR_FORMS[(c // len(DOOR_KINDS)) % len(DOOR_FORMS)]
+            if rng.random() < 0.5:
+                spill_good()
+            n = next_good + 50  # the bad trajectory's data
+            run, tid = "r", f"b{c:05d}"
+            target = rng.random()
+            if target < 0.4:
+                tid = tid_of(next_good)  # the id the next good spill takes
+            elif target < 0.6:
+                run = "x"  # a run that only bad spills name
+            stats[f"target_{'next_good_id' if target < 0.4 else 'bad_only_run' if target < 0.6 else 'fresh_id'}"] += 1
+            state, what = _bad_input(kind, n, rng)
+            spilled = state if form == "host" else _encoded_state(state, codec, prompt_len(n))
+            verdict: dict[str, list[str]] = {"wrong": [], "crash": [], "detected": []}
+            try:
+                store.spill(run, tid, spilled, prompt_len(n), **campaign_fields(n))
+                verdict["wrong"].append(f"{run}/{tid}: accepted")
+            except ValueError as err:
+                named = _names_the_problem(str(err), kind, form, what)
+                verdict["detected" if named else "crash"].append(f"{run}/{tid}: ValueError: {str(err)[:200]}")
+            except Exception as err:  # anything else at the door is a crash
+                verdict["crash"].append(f"{run}/{tid}: {type(err).__name__}: {str(err)[:200]}")
+            row = table.setdefault(f"{kind}/{codec}", Counter())
+            row["injected"] += 1
+            row[form] += 1
+            row[what["part"]] += 1
+            row["several_cells"] += what["count"] > 1
+            case = {"kind": kind, "form": form, "codec": codec, "durability": durability, "part": what["part"]}
+            _tally(verdict, row, cases_kept, {**case, "cells": sorted(map(str, what["ids"] | what["cells"]))[:5]})
+            if rng.random() < 0.5:
+                spill_good()
+            if rng.random() < 0.3:
+                store.flush()
+        spill_good()
+        store.flush()
+        runs = store.runs()
+        if runs != (["r"] if good else []):
+            problems.append(f"runs {runs} (a run only bad spills named must not exist)")
+        ids = store.trajectories("r") if "r" in runs else []
+        if ids != sorted(tid_of(n) for n in good):
+            problems.append(f"run r holds {ids}, the good spills were {sorted(tid_of(n) for n in good)}")
+        for tid in ids:
+            problems += _checked_trajectory(store, "r", tid, codec, campaign_fields(n_of(tid)))
+        stats["good_checked"] += len(ids)
+        problems += [f"verify: {p.message}" for p in store.verify()]
+    finally:
+        store.close()
+    problems += _leftover_problems(path)
+    with SnapshotStore.open(path, mode="r") as reader:  # what the writer listed is committed
+        listed = reader.trajectories("r") if "r" in reader.runs() else []
+        if listed != ids or reader.runs() != runs:
+            problems.append(f"a fresh reader lists runs {reader.runs()}, trajectories {listed}")
+    return problems
+
+
+# -- exit without close() ------------------------------------------------------------------
+# The promise: what was spilled is committed (a thread racing the exit's close: what returned; one
+# opening a store after the exit hook is refused, nothing created).
+EXIT_MODES = ("end", "sys_exit", "exception", "dropped", "late_thread", "racing_thread")
+THREAD_EXITS = ("late_thread", "racing_thread")
+NOT_PROMISED_EXITS = ("os_exit",)  # a kill: reported apart (docs/reliability.md)
+EXIT_TOTALS = ("rounds", "spilled", "committed", "warned", "busy_at_exit", "refused", "open_refused", "aborted")
+EXIT_RC = {"exception": 1}
+EXIT_WARNING = re.compile(r"was not closed: committing (\d+) spilled trajectories")
+EXIT_SCRIPT = r"""
+import gc, json, os, sys, threading, time
+from _campaign_worker import CHUNK_TOKENS, campaign_fields, campaign_state, prompt_len
+from kvstore import SnapshotStore
+
+a = json.loads(sys.argv[1])
+
+
+def open_store():
+    store = SnapshotStore.open(a["path"], codec=a["codec"], chunk_tokens=CHUNK_TOKENS, durability=a["durability"],
+                               max_inflight_bytes=a["budget"], write_concurrency=a["writers"])
+    print("open", flush=True)
+    return store
+
+
+def spill(store=None):
+    if a["late"]:
+        time.sleep(0.2)  # the main thread has returned: its exit hooks have run
+        try:
+            store = open_store()
+        except Exception as err:  # refused: nothing would close the store
+            print("open-refused", type(err).__name__, json.dumps(str(err)), flush=True)
+            return None
+    store = store or open_store()
+    for i, n in enumerate(a["ns"]):
+        try:
+            store.spill("r", "t%03d" % n, campaign_state(n), prompt_len(n), **campaign_fields(n))
+        except Exception as err:  # the store is closed at exit under a thread still spilling
+            print("refused", n, type(err).__name__, json.dumps(str(err)), flush=True)
+            return store
+        print("spilled", n, flush=True)
+        if i + 1 == a["flush_after"]:
+            try:
+                store.flush()
+            except Exception as err:  # the same, when the close began after the spill returned
+                print("refused flush", type(err).__name__, json.dumps(str(err)), flush=True)
+                return store
+            print("flushed", flush=True)
+        time.sleep(a["throttle"])
+    print("written", store.stats["spilled"], flush=True)  # the rest is still queued at exit
+    return store
+
+
+mode = a["exit"]
+if mode == "dropped":
+    spill()  # the store is dropped unclosed
+    gc.collect()
+elif mode in ("late_thread", "racing_thread"):
+    store = None if a["late"] else open_store()
+    threading.Thread(target=spill, args=(store,)).start()  # not a daemon: the interpreter waits for it
+    time.sleep(a["delay"])
+    del store
+else:
+    store = spill()
+if mode == "sys_exit":
+    sys.exit(0)
+if mode == "exception":
+    raise RuntimeError("planned failure after spilling")
+if mode == "os_exit":
+    sys.stdout.flush()
+    os._exit(0)
+"""
+
+
+def _exit_round(i: int, mode: str, rng: random.Random, workdir: Path, max_spills: int) -> dict[str, Any]:
+    """The arguments of an `exit_sweep` worker (``i``: its round plus its mode's index; even:
+    ``durability="trajectory"``) with a random codec, count, flush and byte budget ("tight": each
+    spill waits for the one before; "large": all are queued at once)."""
+    durability = DURABILITIES[i % 2]
+    count = 0 if rng.random() < 0.08 else rng.randint(1, max_spills)
+    if mode == "racing_thread":
+        count = rng.randint(30, 50)  # 0.9-1.5 s of spills (throttled): the exit (0.05-0.6 s) lands among them
+    tight = rng.random() < 0.4
+    args = {
+        "path": str(workdir / f"x{i}-{mode}-{durability}-{rng.randrange(10**6)}"),
+        "codec": rng.choice(DOOR_CODECS),
+        "durability": durability,
+        "ns": list(range(count)),
+        "flush_after": rng.randint(1, count) if count and rng.random() < 0.4 else None,
+        "budget": 1 if tight else 512 * 2**20,
+        "writers": rng.randint(1, 4),
+        "exit": mode,
+        "late": mode == "late_thread",
+        "throttle": 0.03 if mode == "racing_thread" else 0.0,
+        "delay": rng.uniform(0.05, 0.6) if mode == "racing_thread" else 0.0,
+        "existing": mode == "late_thread" and rng.random() < 0.5,  # the late open finds a store there
+    }
+    shutil.rmtree(args["path"], ignore_errors=True)
+    if args["existing"]:
+        _build_store(Path(args["path"]), args["codec"], {"old": (0, 1)}, durability)
+    return args
+
+
+def _run_exit_workers(rounds: list[dict[str, Any]], parallel: int) -> list[subprocess.CompletedProcess]:
+    """Runs the `EXIT_SCRIPT` of each round, ``parallel`` at a time."""
+    out: list[Any] = [None] * len(rounds)
+    pending = list(enumerate(rounds))
+    running: list[tuple[int, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            i, args = pending.pop(0)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", EXIT_SCRIPT, json.dumps(args)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=_env(),
+                cwd=REPO,
+            )
+            running.append((i, proc, time.monotonic()))
+        i, proc, started = running.pop(0)
+        try:
+            stdout, stderr = proc.communicate(timeout=max(1.0, WORKER_TIMEOUT - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:  # a hung exit is a violation
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            stderr += "\n[campaign] killed: the worker did not exit"
+        out[i] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out
+
+
+def exit_sweep(
+    rounds: int,
+    workdir: str | Path,
+    seed: int = 0,
+    modes: Iterable[str] = EXIT_MODES + NOT_PROMISED_EXITS,
+    parallel: int = 2,
+    max_spills: int = 40,
+    log: Log = _quiet,
+) -> dict[str, Any]:
+    """Worker processes open a store (random codec, either durability), spill 0-``max_spills``
+    trajectories (a flush after a random one in 40% of rounds; a byte budget of one trajectory
+    in 40%, so that the last spill is still being written at exit, else all are queued at once)
+    and exit without `close()`: at the end of the script, by ``sys.exit(0)``, by an uncaught
+    exception, or after dropping the store (``rounds`` of each, ``parallel`` at a time).
+    Invariants: the exit code is 0 (1 for the exception), never an abort; stderr says
+    "was not closed: committing N spilled trajectories" with N the spills since the last flush,
+    and nothing when N is 0; every spill is committed and reads back exactly; `verify` is clean;
+    nothing is left over.
+
+    Two exits where a non-daemon thread still works when the main thread returns (the store's
+    exit hook runs before such threads are joined), promised too (`THREAD_EXITS`):
+    ``racing_thread`` spills 30-50 trajectories, one per 30 ms, while the hook closes the store
+    (the main thread returns 0.05-0.6 s in): every spill that returned is committed and exact,
+    nothing else is, the first refused spill (or flush) raised a RuntimeError naming "closed" (else
+    every spill returned), the warning's N is at most the spills returned since the last flush, exit
+    code 0, no abort, `verify` clean, no leftovers. ``late_thread`` opens the store for writing
+    after the hook ran (a fresh path, or in half the rounds a store built beforehand): the open
+    raises RuntimeError ("the interpreter is exiting"), the path is not created (the existing
+    store's files are unchanged, sizes and mtimes), exit code 0, no abort.
+
+    Not promised, counted apart (``not_promised``: spills returned, committed, lost, aborts):
+    ``os._exit`` (a kill: what is visible must still read exactly, the next writer sweeps the
+    rest)."""
+    workdir = Path(workdir) / "exit"
+    workdir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"{seed}-exit")
+    start = time.monotonic()
+    modes = tuple(modes)
+    plan = [_exit_round(i + j, mode, rng, workdir, max_spills) for i in range(rounds) for j, mode in enumerate(modes)]
+    before = {i: _tree(Path(args["path"]), []) for i, args in enumerate(plan) if args["existing"]}
+    procs = _run_exit_workers(plan, parallel)
+    table: dict[str, Counter[str]] = {}
+    not_promised: dict[str, Counter[str]] = {}
+    violations: list[str] = []
+    samples: dict[str, str] = {}
+    for i, (args, proc) in enumerate(zip(plan, procs, strict=True)):
+        mode, promised = args["exit"], args["exit"] in EXIT_MODES
+        key = f"{mode}/{args['durability']}"
+        row = (table if promised else not_promised).setdefault(key, Counter())
+        where = f"exit round {i} ({mode}, {args['codec']}, {args['durability']}, {len(args['ns'])} spills)"
+        problems, outcome = _check_exit(args, proc, promised, before.get(i))
+        row["rounds"] += 1
+        row.update(outcome)
+        violations += _split(problems, where)
+        for name, prefix in (("refused", "refused "), ("open_refused", "open-refused ")):
+            line = next((x for x in proc.stdout.split("\n") if x.startswith(prefix)), None)
+            if line and f"{key}:{name}" not in samples:
+                samples[f"{key}:{name}"] = f"{where}: {line}"
+        for name in ("lost", "aborted"):
+            if outcome.get(name) and f"{key}:{name}" not in samples:
+                samples[f"{key}:{name}"] = f"{where}: rc {proc.returncode}; {proc.stderr.strip()[-400:]}"
+        shutil.rmtree(args["path"], ignore_errors=True)
+    totals: Counter[str] = Counter()
+    for row in table.values():
+        totals.update(row)
+    result = {
+        "rounds_per_mode": rounds,
+        "modes": list(modes),
+        "table": {k: dict(v) for k, v in sorted(table.items())},
+        **{k: totals[k] for k in EXIT_TOTALS},
+        "not_promised": {k: dict(v) for k, v in sorted(not_promised.items())},
+        "samples": samples,
+        "violations": violations,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    lost = {k: v.get("lost", 0) for k, v in result["not_promised"].items()}
+    log(
+        f"[exit] {totals['rounds']} exits without close, {totals['spilled']} spills, {totals['committed']} "
+        f"committed, {totals['busy_at_exit']} with the queue busy at exit, {totals['refused']} racing spills "
+        f"refused after the close began, {totals['open_refused']} late opens refused; not promised, lost: {lost}; "
+        f"{len(violations)} violations, {result['seconds']} s"
+    )
+    return result
+
+
+def _check_exit(
+    args: dict[str, Any], proc: subprocess.CompletedProcess, promised: bool, before: dict[str, Any] | None
+) -> tuple[list[str], dict]:
+    """Problems and counts of one `exit_sweep` round (``before``: the files of the store the
+    late thread found, if one was built beforehand)."""
+    problems: list[str] = []
+    lines = proc.stdout.split("\n")
+    spilled = {int(x.split()[1]) for x in lines if x.startswith("spilled ")}
+    refused = [x.split(" ", 3) for x in lines if x.startswith("refused ")]
+    open_refused = [x.split(" ", 2) for x in lines if x.startswith("open-refused ")]
+    written = next((int(x.split()[1]) for x in lines if x.startswith("written ")), None)
+    flushed = "flushed" in lines
+    unflushed = len(spilled) - (args["flush_after"] if flushed else 0)
+    warnings_ = [int(m[1]) for m in EXIT_WARNING.finditer(proc.stderr)]
+    aborted = proc.returncode in (-signal.SIGABRT, 128 + signal.SIGABRT) or "terminate called" in proc.stderr
+    outcome = Counter(
+        spilled=len(spilled),
+        warned=bool(warnings_),
+        aborted=aborted,
+        refused=len(refused),
+        open_refused=len(open_refused),
+        existing=args["existing"],
+    )
+    outcome["busy_at_exit"] += written is not None and written < len(spilled)
+    mode = args["exit"]
+    expected_rc = EXIT_RC.get(mode, 0)
+    if promised:
+        if proc.returncode != expected_rc or aborted or "Fatal Python error" in proc.stderr:
+            problems.append(f"exit code {proc.returncode} (expected {expected_rc}): {proc.stderr.strip()[-600:]}")
+        if "Exception in thread" in proc.stderr:
+            problems.append(f"a thread died: {proc.stderr.strip()[-600:]}")
+        if "could not be committed at exit" in proc.stderr:
+            problems.append(f"the commit at exit failed: {proc.stderr.strip()[-400:]}")
+        if mode == "late_thread":
+            problems += _check_late_exit(args, spilled, open_refused, before)
+        elif mode == "racing_thread":
+            problems += _check_racing_exit(args, spilled, refused, written, warnings_, unflushed)
+        else:
+            if spilled != set(args["ns"]) or refused:
+                problems.append(f"the worker spilled {len(spilled)} of {len(args['ns'])} ({refused[:2]})")
+            if warnings_ != ([unflushed] if unflushed else []):
+                problems.append(f"stderr said committing {warnings_}, expected {[unflushed] if unflushed else []}")
+            if mode == "exception" and "RuntimeError: planned failure after spilling" not in proc.stderr:
+                problems.append("the uncaught exception's traceback is missing")
+        problems += [f"left over after the exit: {rel}" for rel in _leftovers(Path(args["path"]))]
+    committed, checks = _check_exit_store(Path(args["path"]), args["codec"], spilled if promised else None)
+    problems += checks
+    outcome["committed"] = len(committed)
+    outcome["lost"] = len(spilled - committed)
+    outcome["rounds_with_loss"] = bool(spilled - committed)
+    if promised and spilled - committed:
+        problems.append(f"spilled but not committed: {sorted(spilled - committed)[:10]}")
+    if promised and committed - spilled:
+        problems.append(f"committed, but the spill never returned: {sorted(committed - spilled)[:10]}")
+    return problems, outcome
+
+
+def _check_racing_exit(
+    args: dict[str, Any],
+    spilled: set[int],
+    refused: list[list[str]],
+    written: int | None,
+    warned: list[int],
+    unflushed: int,
+) -> list[str]:
+    """A thread spilling while the exit hook closed the store: the spills that returned are the
+    first ones, the next (or the flush after the last) was refused naming the close (or all
+    returned), the warning's N counts no more than what returned since the last flush."""
+    problems = []
+    if spilled != set(args["ns"][: len(spilled)]):
+        problems.append(f"the spills that returned are not the first {len(spilled)}: {sorted(spilled)[:10]}")
+    if refused:
+        _, n, kind, message = (refused[0] + ["", "", ""])[:4]
+        with contextlib.suppress(ValueError):
+            message = json.loads(message)
+        # the spill after the last that returned, or the flush after it (``n`` "flush")
+        next_one = n == str(len(spilled)) or (n == "flush" and len(spilled) == args["flush_after"])
+        if len(refused) > 1 or not next_one or kind != "RuntimeError" or "closed" not in message:
+            problems.append(f"the first refused call: {' '.join(refused[0])} (after {len(spilled)} spills returned)")
+    elif written is None or spilled != set(args["ns"]):
+        problems.append(f"the thread stopped after {len(spilled)} of {len(args['ns'])} spills, none refused")
+    if len(warned) > 1 or any(w > unflushed for w in warned):
+        problems.append(f"stderr said committing {warned}; {unflushed} spills returned since the last flush")
+    return problems
+
+
+def _check_late_exit(
+    args: dict[str, Any], spilled: set[int], open_refused: list[list[str]], before: dict[str, Any] | None
+) -> list[str]:
+    """A thread opening the store for writing after the exit hook ran: refused, nothing created
+    or changed."""
+    problems = []
+    path = Path(args["path"])
+    if open_refused:
+        _, kind, message = (open_refused[0] + ["", ""])[:3]
+        with contextlib.suppress(ValueError):
+            message = json.loads(message)
+        if len(open_refused) > 1 or kind != "RuntimeError" or "the interpreter is exiting" not in message:
+            problems.append(f"the late open raised: {' '.join(open_refused[0])}")
+    else:
+        problems.append("the late open was not refused")
+    if spilled:
+        problems.append(f"the late thread spilled {len(spilled)} trajectories")
+    if before is None and os.path.lexists(path):
+        problems.append(f"the late open created {path.name}: {sorted(_tree(path, []))[:5]}")
+    elif before is not None and (after := _tree(path, [])) != before:
+        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+        problems.append(f"the late open changed the existing store: {changed[:5]}")
+    return problems
+
+
+def _check_exit_store(path: Path, codec: str, spilled: set[int] | None) -> tuple[set[int], list[str]]:
+    """The trajectories committed at ``path`` and the problems a fresh reader finds: each reads
+    exactly, `verify` is clean; where the exit was not promised (``spilled`` None) a writer's
+    open and close must then sweep whatever it left."""
+    problems: list[str] = []
+    committed: set[int] = set()
+    if not (path / "zarr.json").exists():
+        return committed, ([] if spilled is None or not spilled else ["no store after the exit"])
+    try:
+        with SnapshotStore.open(path, mode="r") as store:
+            ids = store.trajectories("r") if "r" in store.runs() else []
+            committed = {n_of(tid) for tid in ids}
+            for tid in ids:
+                problems += _checked_trajectory(store, "r", tid, codec, campaign_fields(n_of(tid)))
+            problems += [f"verify: {p.message}" for p in store.verify()]
+        if spilled is None:
+            problems += _reopen_for_writing(path)
+    except StoreError as err:
+        problems.append(f"the store after the exit raised {type(err).__name__}: {err}")
+    return committed, problems
+
+
 # -- fuzzing -------------------------------------------------------------------------------
 FUZZ_GROUPS = ("root", "node", "array", "ids", "open")
 FUZZ_MEMORY_LIMIT = 4 * 2**30  # RLIMIT_AS of the fuzzing process (TensorStore's threads reserve ~1 GiB)
@@ -1383,10 +1950,13 @@ def _fuzz_array(fz: _FuzzRun, s: dict[str, Any]) -> tuple[Any, Callable[[Any], N
 
 
 def _valid_name(name: Any) -> bool:
-    from kvstore.store import _check_name
+    try:  # the store's own id check: kvstore.schema since the backends refactor, kvstore.store before
+        from kvstore.schema import check_name
+    except ImportError:
+        from kvstore.store import _check_name as check_name
 
     try:
-        _check_name("id", name)
+        check_name("id", name)
     except (TypeError, ValueError):
         return False
     return True
@@ -1660,7 +2230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="scratch folder (default: a new temporary one, removed at the end)")
     parser.add_argument("--out", help="JSON summary to write")
     parser.add_argument("--race-rounds", type=int, default=20, help="rounds of the deletion race sweep")
-    parser.add_argument("--skip", default="", help="parts to skip: kill,corruption,exchange,race,fuzz")
+    parser.add_argument("--door-cases", type=int, default=600, help="bad inputs spilled by the door sweep")
+    parser.add_argument("--exit-rounds", type=int, default=10, help="exits without close() per exit way")
+    parser.add_argument("--skip", default="", help="parts to skip: kill,corruption,exchange,race,door,exit,fuzz")
     parser.add_argument("--fuzz-child", help=argparse.SUPPRESS)
     parser.add_argument("--bounded", default="", help=argparse.SUPPRESS)
     parser.add_argument("--memory-limit", type=int, help=argparse.SUPPRESS)
@@ -1698,15 +2270,18 @@ def main(argv: list[str] | None = None) -> int:
         summary["exchange"] = exchange_sweep(workdir, tuple(args.codecs.split(",")), args.seed, log=log)
     if "race" not in skip:
         summary["race"] = delete_race_sweep(args.race_rounds, workdir, args.seed, log=log)
+    if "door" not in skip:
+        summary["door"] = door_sweep(args.door_cases, workdir, args.seed, log=log)
+    if "exit" not in skip:
+        summary["exit"] = exit_sweep(args.exit_rounds, workdir, args.seed, log=log)
     if "fuzz" not in skip:
         summary["fuzz"] = fuzz(workdir, args.fuzz_examples, args.seed, log=log)
     summary["seconds"] = round(time.monotonic() - start, 1)
     violations = sum(len(r["violations"]) for r in summary.get("kill", {}).values())
-    violations += len(summary.get("race", {}).get("violations", []))
-    corruption = summary.get("corruption", {})
+    violations += sum(len(summary.get(part, {}).get("violations", [])) for part in ("race", "door", "exit"))
     log(
-        f"done in {summary['seconds']} s: {violations} kill/race violations, "
-        f"{corruption.get('silent_wrong', 0) + summary.get('exchange', {}).get('silent_wrong', 0)} silent wrong, "
+        f"done in {summary['seconds']} s: {violations} kill/race/door/exit violations, "
+        f"{sum(summary.get(p, {}).get('silent_wrong', 0) for p in ('corruption', 'exchange', 'door'))} silent wrong, "
         f"{len(summary.get('fuzz', {}).get('findings', []))} "
         f"fuzz findings, {len(summary.get('fuzz', {}).get('crashes', []))} fuzz crashes"
     )

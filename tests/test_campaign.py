@@ -1,6 +1,7 @@
 """The reliability campaign, short version (tests/reliability_campaign.py; the long run and its
 figures: docs/reliability.md): SIGKILLs of every writing operation, a corruption oracle over
-every kind of store file, a fuzz of the metadata parser, the opener and ids; and, for each
+every kind of store file, files exchanged between nodes, deletions racing writers, bad input at
+the door, exits without close(), a fuzz of the metadata parser, the opener and ids; and, for each
 finding of the campaign (F1-F11, all fixed), a minimal regression test."""
 
 from __future__ import annotations
@@ -13,15 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from reliability_campaign import (
+    DOOR_CODECS,
+    DOOR_KINDS,
+    EXIT_MODES,
     FILE_KINDS,
     FUZZ_GROUPS,
+    THREAD_EXITS,
     _build_store,
     _leftovers,
     campaign_fields,
     campaign_state,
     corruption_sweep,
     delete_race_sweep,
+    door_sweep,
     exchange_sweep,
+    exit_sweep,
     expected_kv,
     fuzz,
     kill_sweep,
@@ -83,6 +90,47 @@ def test_deletions_racing_writers_and_readers_keep_every_invariant(tmp_path):
     result = delete_race_sweep(4, tmp_path, seed=15)
     assert result["rounds"] == 4
     assert result["violations"] == []
+
+
+def test_bad_input_at_the_door_is_refused_and_leaves_nothing(tmp_path):
+    """Token ids below 0 or beyond the vocabulary and NaN/+Inf/-Inf KV, as host states and as
+    host-encoded codes, three codecs, both durabilities, among good spills: every bad spill is
+    refused naming the problem, nothing of it is stored, every good spill reads back exactly."""
+    result = door_sweep(60, tmp_path, seed=16)
+    assert result["violations"] == []
+    assert set(result["table"]) == {f"{kind}/{codec}" for kind in DOOR_KINDS for codec in DOOR_CODECS}
+    assert all(row["host"] == row["encoded"] == 2 for row in result["table"].values())
+    assert result["cases_trajectory"] == result["cases_flush"] == 30
+    assert result["silent_wrong"] == 0, result["cases"]["silent_wrong"]
+    assert result["crash"] == 0, result["cases"]["crash"]
+    assert result["detected"] == result["injected"] == 60
+    assert result["good_checked"] == result["good_host"] + result["good_encoded"] > 6
+
+
+def test_exit_without_close_commits_every_spill(tmp_path):
+    """Processes that spill and exit without `close()` (end of script, sys.exit, an uncaught
+    exception, the store dropped), both durabilities: the expected exit code, never an abort, the
+    warning names the spills since the last flush, every spill is committed and reads back exactly.
+    A thread spilling while the exit closes the store (F13): what returned is committed, the next
+    spill refused; a thread opening a store after the exit hook (F14): refused, nothing created."""
+    result = exit_sweep(1, tmp_path, seed=18, modes=EXIT_MODES, max_spills=12)
+    assert result["violations"] == []
+    table = result["table"]
+    assert set(table) == {
+        "end/trajectory",
+        "sys_exit/flush",
+        "exception/trajectory",
+        "dropped/flush",
+        "late_thread/trajectory",
+        "racing_thread/flush",
+    }
+    assert result["rounds"] == 6 and result["aborted"] == 0
+    assert result["committed"] == result["spilled"] > 0
+    main_thread = [row for key, row in table.items() if key.split("/")[0] not in THREAD_EXITS]
+    # seed 18: spills since the last flush, still queued at exit, in each of the four
+    assert sum(row["warned"] for row in main_thread) == sum(row["busy_at_exit"] for row in main_thread) == 4
+    assert table["racing_thread/flush"]["committed"] == table["racing_thread/flush"]["spilled"] > 0
+    assert table["late_thread/trajectory"]["open_refused"] == 1 and table["late_thread/trajectory"]["spilled"] == 0
 
 
 def test_fuzz_of_metadata_opener_and_ids(tmp_path):

@@ -11,10 +11,11 @@ import pytest
 from _store_worker import PROMPT_LEN, synthetic_state
 
 from kvstore import CorruptMetadataError, SnapshotStore
-from kvstore.commit_marker import MarkerCommit, attempt_age_s, attempt_name
-from kvstore.commit_rename import RenameCommit
+from kvstore.backends.factory import open_backend
+from kvstore.backends.marker import MarkerCommit, attempt_age_s, attempt_name
+from kvstore.backends.rename import RenameCommit
 from kvstore.integrity import seal
-from kvstore.tensorstore_backend import group_json, open_backend
+from kvstore.tensorstore_backend import group_json
 
 LENGTH = 100
 
@@ -75,7 +76,7 @@ def test_a_marker_naming_a_path_outside_its_node_is_refused():
     node = json.loads(store._backend.kvstore.read(key).result().value)
     attrs = seal({**node["attributes"]["vinekv"], "data": "../t9/"})
     store._backend.kvstore.write(key, group_json({"vinekv": attrs})).result()
-    store._attrs_cache.clear()
+    store._reader.forget_run("r")
     with pytest.raises(CorruptMetadataError, match=r"data must name an attempt folder .* got '../t9/'"):
         store.read_prefix("r", "t0", LENGTH)
     store.close()

@@ -19,6 +19,7 @@ from replay.engines import ESurgeEngine, ESurgeOptions, ESurgeUnavailable, Vanil
 from replay.engines import esurge_internals as internals
 from replay.engines.base import BranchSampling
 from replay.sampler import branch_keys, generate_branches
+from vinekv.models import build_tokenizer
 
 PAGE = 16
 
@@ -31,7 +32,8 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
     no_cache_logits(model, np.arange(4)[None])  # a model that has run holds its RoPE table as state
-    with ESurgeEngine(model, options=ESurgeOptions(page_size=PAGE, max_model_len=128, max_num_seqs=64)) as opened:
+    options = ESurgeOptions(page_size=PAGE, max_model_len=128, max_num_seqs=64)
+    with ESurgeEngine(model, build_tokenizer(), options=options) as opened:
         yield opened
     assert opened._engine is None
 
@@ -151,7 +153,9 @@ def test_auto_picks_esurge_when_it_can_and_logs_why_not(model, caplog):
     reason logged on a CPU by default, or for a model eSurge cannot serve from pages."""
     caplog.set_level(logging.INFO, logger="replay.engines")
     assert isinstance(open_engine("auto", model), VanillaEngine) and "CPU backend" in caplog.text
-    chosen = open_engine("auto", model, auto_on_cpu=True, esurge_options=ESurgeOptions(max_model_len=64))
+    chosen = open_engine(
+        "auto", model, tokenizer=build_tokenizer(), auto_on_cpu=True, esurge_options=ESurgeOptions(max_model_len=64)
+    )
     try:
         assert isinstance(chosen, ESurgeEngine)
         workers = internals.worker_processes(chosen.esurge)

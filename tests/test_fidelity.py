@@ -145,7 +145,7 @@ def trajectory(tiny_model):
 
 
 def test_branch_budget_is_the_rollouts_remaining_horizon(tiny_model, byte_tok, trajectory, monkeypatch):
-    import replay.branch_replay as branch_replay
+    import replay.valuation as valuation
 
     seq, full = trajectory
     config = ReplayConfig(branches=6, max_tokens=100, horizon=14, seed=1, unfinished_reward=None)
@@ -159,7 +159,7 @@ def test_branch_budget_is_the_rollouts_remaining_horizon(tiny_model, byte_tok, t
         sampled.extend(generate_branches(*args, **kwargs))
         return sampled[-len(args[1]) :]
 
-    monkeypatch.setattr(branch_replay, "generate_branches", keep)
+    monkeypatch.setattr(valuation, "generate_branches", keep)
     states = {int(b): full.prefix(len(PROMPT) + int(b)) for b in plan.positions}
     request = ValueRequest(list(RESPONSE), plan, states)
     (values,) = value_trajectories(tiny_model, byte_tok, even_fraction, config, [request])

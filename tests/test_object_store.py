@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from _store_worker import PROMPT_LEN, synthetic_state
 
-from kvstore import SnapshotStore, StoreError, commit_marker
-from kvstore.commit_marker import MarkerCommit
+from kvstore import SnapshotStore, StoreError
+from kvstore.backends import marker as commit_marker
+from kvstore.backends.marker import MarkerCommit
 from vinekv.cli import main
 
 pytest.importorskip("moto", reason="the S3 tests need moto's server (pip install -e '.[s3]')")
@@ -195,7 +196,7 @@ _CRASH_BEFORE_MARKER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from _store_worker import PROMPT_LEN, synthetic_state
     from kvstore import SnapshotStore
-    from kvstore.commit_marker import MarkerCommit
+    from kvstore.backends.marker import MarkerCommit
 
     real_create = MarkerCommit._create
 

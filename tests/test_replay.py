@@ -347,6 +347,37 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
     assert [mc["mean"] for mc in by_b.values()] != [mc["mean"] for mc in by_a.values()]
 
 
+def test_replay_returns_the_records_it_writes(tiny_model, tokenizer_dir, stored_run, tmp_path):
+    """``keep_records``: the report holds every record `replay_run` writes, equal to the stored one
+    (a caller in the same process need not read them back), fresh or extended; reports merge them."""
+    from transformers import AutoTokenizer
+
+    from replay.branch_replay import ReplayReport
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = ReplayConfig(branches=2, max_tokens=5, seed=5, unfinished_reward=None)
+    (path,) = copies(stored_run[0], tmp_path, "kept")
+
+    def replay(store, config, **kwargs):
+        return replay_run(store, "r0", tiny_model, tok, answer_reward, config, progress=False, **kwargs)
+
+    def as_stored(report):
+        return {tid: record.to_fields() for tid, record in report.records.items()}
+
+    with SnapshotStore.open(path) as store:
+        first = replay(store, config, keep_records=True)
+        assert as_stored(first) == mc_records(store) and len(first.records) == 3
+        more = replay(store, dataclasses.replace(config, branches=3), keep_records=True, trajectories=["t0", "t2"])
+        stored = mc_records(store)
+        assert as_stored(more) == {tid: stored[tid] for tid in ("t0", "t2")}
+        assert {c for mc in as_stored(more).values() for c in mc["count"]} == {3}  # extended, not redone
+        assert replay(store, dataclasses.replace(config, branches=4)).records == {}  # kept only when asked
+    merged = ReplayReport()
+    for report in (first, more):
+        merged.merge(report)
+    assert as_stored(merged) == stored
+
+
 def test_sampling_params_branch_count():
     config = ReplayConfig(branches=4)
     assert config.sampling_params().n == 4 and config.sampling_params(2).n == 2

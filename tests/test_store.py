@@ -369,7 +369,7 @@ def test_group_commit_makes_trajectories_visible_only_at_flush(tmp_path):
     with SnapshotStore.open(tmp_path / "s", codec="int8", durability="flush") as store:
         for n in range(3):
             store.spill("run0", f"t{n}", synthetic_state(n, length=100), PROMPT_LEN)
-        store._queue.drain()  # written and staged, not committed
+        store._writer.queue.drain()  # written and staged, not committed
         with SnapshotStore.open(tmp_path / "s", mode="r") as reader:
             assert reader.trajectories("run0") == []
         store.flush()
@@ -443,7 +443,7 @@ def test_a_run_deleted_and_written_again_reads_the_new_data(tmp_path):
 def test_failed_group_commit_leaves_a_consistent_store(tmp_path, monkeypatch):
     """An fsync error commits nothing of the batch and the ids can be spilled again; a prompt
     that fails to commit takes the trajectories that use it with it (no dangling reference)."""
-    from kvstore import commit_rename as tensorstore_backend
+    from kvstore.backends import rename as tensorstore_backend
 
     store = SnapshotStore.open(tmp_path / "s", codec="int8", durability="flush")
     real_fsync = tensorstore_backend._fsync_path

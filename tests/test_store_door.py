@@ -105,6 +105,73 @@ def test_exit_without_close_commits_queued_spills_and_warns(tmp_path, durability
             np.testing.assert_array_equal(got.keys, synthetic_state(n).keys)
 
 
+_RACING_CLOSE = textwrap.dedent(
+    """
+    import sys, threading, time
+    from _store_worker import PROMPT_LEN, synthetic_state
+    from kvstore import SnapshotStore
+
+    store = SnapshotStore.open(sys.argv[1], codec="int8", chunk_tokens=64, durability="flush")
+
+    def producer():
+        for n in range(40):
+            try:
+                store.spill("r", f"t{n:03d}", synthetic_state(n, length=200), PROMPT_LEN)
+            except RuntimeError as err:
+                print("refused", n, err, flush=True)
+                return
+            print("spilled", n, flush=True)
+            time.sleep(0.03)
+
+    threading.Thread(target=producer).start()  # not a daemon: still spilling when the main thread ends
+    time.sleep(0.3)
+    """
+)
+
+_OPEN_AFTER_EXIT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from _store_worker import PROMPT_LEN, synthetic_state
+    from kvstore import SnapshotStore
+
+    def late():
+        time.sleep(0.2)  # the main thread has ended: the exit hook has run
+        try:
+            SnapshotStore.open(sys.argv[1], codec="int8", chunk_tokens=64)
+        except RuntimeError as err:
+            print("refused:", err, flush=True)
+
+    threading.Thread(target=late).start()
+    """
+)
+
+
+def test_a_spill_racing_the_close_at_exit_is_committed_or_refused(tmp_path):
+    """F13: a thread still spilling while the exit hook closes a ``flush`` store: each spill that
+    returned is committed; the first after the close began raises (it was lost silently before)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    script = tmp_path / "racing_close.py"
+    script.write_text(_RACING_CLOSE)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-2000:]
+    returned = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("spilled ")]
+    assert returned == list(range(len(returned))) and 0 < len(returned) < 40
+    assert f"refused {len(returned)} " in out.stdout and "is closed" in out.stdout
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        assert store.trajectories("r") == [f"t{n:03d}" for n in returned] and store.verify() == []
+
+
+def test_a_store_opened_for_writing_after_the_exit_hook_is_refused(tmp_path):
+    """F14: a thread that opens a store after the main thread ended (exit hook already run) gets
+    a clear error instead of a store nobody closes (lost spills, an abort at exit)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    script = tmp_path / "open_after_exit.py"
+    script.write_text(_OPEN_AFTER_EXIT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-2000:]
+    assert "refused: the interpreter is exiting" in out.stdout and not (tmp_path / "s").exists()
+
+
 def test_a_spill_racing_the_deletion_of_its_run_fails_clearly_and_leaves_no_remains(tmp_path, monkeypatch):
     """Another writer deletes the run between the spill's check that its run exists and its
     commit: the spill fails naming the deletion, and the store lists and verifies clean."""

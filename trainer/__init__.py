@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from vinekv.runtime import silence_xla_logs
+from kvstore.process import silence_xla_logs
 
 silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unless the user set the level)
 

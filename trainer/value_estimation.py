@@ -7,10 +7,11 @@ chunk plus the store's bounded write queue, whatever the batch size. ``recompute
 tokens are kept; each chunk is re-prefilled right before its branches.
 
 All three capture in the same fixed row chunks and key branches by ``(seed, the state's tokens,
-branch index)`` (`replay.branch_replay.state_key`), so with the lossless codec they give
-identical values. ``memory`` values all rollouts' states in one `value_trajectories` call,
-``recompute`` a capture chunk's, ``disk`` a batch within ``trajectories_per_call`` and
-``batch_kv_mb`` at a time (`replay_run`); equal states within a call are sampled once.
+branch index)`` (`replay.valuation.state_key`), so with the lossless codec they give
+identical values. All three value through `replay.valuation.value_batches`, from snapshots in
+memory or, for ``disk``, the store: ``memory`` all rollouts' states in one batch, ``recompute`` a
+capture chunk's, ``disk`` a batch within ``trajectories_per_call`` and ``batch_kv_mb`` at a time
+(`replay_run`); equal states within a batch are sampled once.
 """
 
 from __future__ import annotations
@@ -25,20 +26,14 @@ import numpy as np
 from kvstore.capture import capture_encoded, capture_with_entropy
 from kvstore.dense_cache import kv_layout
 from kvstore.fingerprint import policy_fingerprint
+from kvstore.schema import ENTROPY_FIELD, GROUP_FIELD, REWARD_FIELD
 from kvstore.state import CachedState
 from kvstore.store import SnapshotStore
-from replay.branch_replay import (
-    ReplayConfig,
-    ReplayReport,
-    ValueRequest,
-    plan_trajectory,
-    replay_run,
-    trajectory_record,
-    value_trajectories,
-)
+from replay.branch_replay import ReplayConfig, ReplayReport, replay_run
 from replay.engines import BranchEngine, open_engine
 from replay.rewards import RewardFn
 from replay.steps import Splitter
+from replay.valuation import MemorySource, Trajectory, value_batches
 from replay.values import MCRecord
 from trainer.rollouts import Rollout
 
@@ -145,7 +140,7 @@ def estimate_values(
     results: list[MCRecord] = []
     for chunk in chunks:
         done = slice(len(results), len(results) + len(chunk))
-        results += _value_rollouts(
+        results += _value_captured(
             model, tokenizer, reward_fns, config, rollouts[done], chunk, fields[done], splitter, stats, engine
         )
     stats.replay.warn_if_mostly_truncated(config)
@@ -190,25 +185,28 @@ def _generated_state(rollout: Rollout, generated_kv, layout, fingerprint: str) -
     return CachedState(keys, values, sequence[None, :-1], layout, fingerprint)
 
 
-def _value_rollouts(model, tokenizer, reward_fns, config, rollouts, captured, fields, splitter, stats, engine):
-    """`MCRecord` of each rollout, all valued in one `value_trajectories` call; ``captured``:
+def _value_captured(model, tokenizer, reward_fns, config, rollouts, captured, fields, splitter, stats, engine):
+    """`MCRecord` of each rollout, all valued in one batch (`value_batches`); ``captured``:
     ``(full snapshot, entropy or None)`` per rollout."""
-    requests = []
-    for rollout, (full, entropy), row_fields in zip(rollouts, captured, fields, strict=True):
-        prompt_len, response = len(rollout.prompt_ids), rollout.response_ids
-        plan = plan_trajectory(
-            response, tokenizer, config, splitter=splitter, entropy=response_entropy(entropy, prompt_len, len(response))
+    trajectories = [
+        Trajectory(
+            trajectory_id(rollout.row),
+            len(rollout.prompt_ids),
+            rollout.response_ids,
+            row_fields,
+            response_entropy(entropy, len(rollout.prompt_ids), len(rollout.response_ids)),
         )
-        states = {int(b): full.prefix(prompt_len + int(b)) for b in plan.positions[plan.needed(config)]}
-        requests.append(ValueRequest(response, plan, states, row_fields))
+        for rollout, (_, entropy), row_fields in zip(rollouts, captured, fields, strict=True)
+    ]
+    source = MemorySource({t.id: state for t, (state, _) in zip(trajectories, captured, strict=True)})
     start = time.perf_counter()
-    values = value_trajectories(model, tokenizer, reward_fns, config, requests, engine)
+    (valued,) = value_batches(
+        model, tokenizer, reward_fns, config, [trajectories], source, splitter=splitter, engine=engine
+    )
     stats.seconds["replay"] += time.perf_counter() - start
-    records = []
-    for rollout, request, value in zip(rollouts, requests, values, strict=True):
-        stats.replay.add(value, len(rollout.response_ids))
-        records.append(trajectory_record(config, len(rollout.prompt_ids), request.plan, value))
-    return records
+    for item in valued:
+        stats.replay.add(item)
+    return [item.record for item in valued]
 
 
 def spill_rollouts(
@@ -239,12 +237,12 @@ def spill_rollouts(
         tick = time.perf_counter()
         state, ent = next(captured)
         capture_seconds += time.perf_counter() - tick
-        extra = {**fields[index], "vinekv_group": rollout.group}
+        extra = {**fields[index], GROUP_FIELD: rollout.group}
         if rewards is not None:
-            extra["vinekv_reward"] = float(rewards[index])
+            extra[REWARD_FIELD] = float(rewards[index])
         if entropy:
             prompt_len = len(rollout.prompt_ids)
-            extra["vinekv_entropy"] = response_entropy(ent, prompt_len, len(rollout.response_ids)).tolist()
+            extra[ENTROPY_FIELD] = response_entropy(ent, prompt_len, len(rollout.response_ids)).tolist()
         store.spill(run, trajectory_id(rollout.row), state, len(rollout.prompt_ids), **extra)
         chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
@@ -258,24 +256,33 @@ def spill_rollouts(
 
 def stored_values(store: SnapshotStore, run: str, rollouts: Sequence[Rollout]) -> list[MCRecord]:
     """The MC values `replay_run` wrote for each rollout spilled to ``run`` (`spill_rollouts`)."""
-    return [MCRecord.from_fields(store.trajectory_info(run, trajectory_id(r.row))["fields"]["mc"]) for r in rollouts]
+    return [MCRecord.of(store.trajectory(run, trajectory_id(r.row))) for r in rollouts]
 
 
 def _estimate_from_store(
     model, tokenizer, reward_fns, rollouts, config, stats, store, run, keep_run, rewards, fields, splitter, batch_rows,
     engine,
 ):  # fmt: skip
-    """Spill, `replay_run` (which picks the states from the stored responses), read values back."""
+    """Spill, then `replay_run` (which picks the states from the stored responses), keeping its records."""
     if store is None or not run:
         raise ValueError("strategy 'disk' needs a store and a run name")
     try:
         spill_rollouts(store, run, model, rollouts, fields, rewards, needs_entropy(config), stats, batch_rows)
         start = time.perf_counter()
         stats.replay = replay_run(
-            store, run, model, tokenizer, reward_fns, config, splitter=splitter, progress=False, engine=engine
+            store,
+            run,
+            model,
+            tokenizer,
+            reward_fns,
+            config,
+            splitter=splitter,
+            progress=False,
+            engine=engine,
+            keep_records=True,
         )
         stats.seconds["replay"] += time.perf_counter() - start
-        results = stored_values(store, run, rollouts)
+        results = [stats.replay.records[trajectory_id(r.row)] for r in rollouts]
     finally:
         if not keep_run and run in store.runs():
             store.delete_run(run)

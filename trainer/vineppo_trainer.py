@@ -41,11 +41,11 @@ from easydel.utils.compiling_utils import ejit
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from kvstore.backends.factory import is_local
 from kvstore.fingerprint import policy_fingerprint
 from kvstore.policy import check_policy
 from kvstore.store import SnapshotStore
-from kvstore.tensorstore_backend import is_local
-from replay.branch_replay import ReplayConfig, reward_fields, score_completions
+from replay.branch_replay import ReplayConfig, score_completions
 from replay.engines import BranchEngine, esurge_internals, open_engine
 from replay.rewards import weighted_sum
 from replay.steps import Splitter
@@ -488,21 +488,21 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         store, args = self.snapshot_store, self.arguments
         index: dict[tuple[int, ...], list[str]] = {}
         for tid in store.trajectories(run):
-            info = store.trajectory_info(run, tid)
+            node = store.trajectory(run, tid)
             if not args.vineppo_allow_stale:
                 check_policy(
-                    info["fingerprint"],
+                    node.fingerprint,
                     self.initial_fingerprint,
                     f"trajectory {tid!r} of run {run!r}",
                     "set vineppo_allow_stale=True to train on it anyway",
                 )
-            if "mc" not in info["fields"]:
+            record = MCRecord.of(node)
+            if record is None:
                 raise ValueError(f"trajectory {tid!r} of run {run!r} has no MC values: run `vinekv replay` on it first")
-            record = MCRecord.from_fields(info["fields"]["mc"])
             if not args.vineppo_allow_stale:  # the values must come from the policy that sampled the rollout
                 check_policy(
-                    record.made_by(info["fingerprint"]),
-                    info["fingerprint"],
+                    record.made_by(node.fingerprint),
+                    node.fingerprint,
                     f"the MC values of trajectory {tid!r} of run {run!r}",
                     "run `vinekv replay` with the rollout policy, or set vineppo_allow_stale=True",
                 )
@@ -511,7 +511,7 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
                     f"trajectory {tid!r} of run {run!r} has {record.mode!r} MC values, the config asks for "
                     f"vineppo_mode={args.vineppo_mode!r}"
                 )
-            prompt = tuple(store.token_ids(run, tid)[: info["prompt_len"]])
+            prompt = tuple(store.token_ids(run, tid)[: node.prompt_len])
             index.setdefault(prompt, []).append(tid)
         if not index:
             raise ValueError(f"run {run!r} of {args.vineppo_store} holds no trajectories")
@@ -534,18 +534,17 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
                     "dataset, tokenizer and chat template"
                 )
             for tid in tids[:per_prompt]:
-                info = store.trajectory_info(run, tid)
-                response = np.asarray(info["response_token_ids"], np.int32)
+                node = store.trajectory(run, tid)
+                response = np.asarray(node.response_token_ids, np.int32)
                 if len(response) > width:
                     raise ValueError(
                         f"trajectory {tid!r} of run {run!r} has {len(response)} response tokens, "
                         f"more than max_completion_length={width}"
                     )
                 rollouts.append(Rollout(ids[mask].astype(np.int32), response, group, len(rollouts)))
-                values.append(MCRecord.from_fields(info["fields"]["mc"]))  # present: checked by _index_offline_run
-                reward = info["fields"].get("vinekv_reward")
-                rewards.append(np.nan if reward is None else float(reward))
-                fields.append(reward_fields(info["fields"]))
+                values.append(MCRecord.of(node))  # present: checked by _index_offline_run
+                rewards.append(np.nan if node.reward is None else float(node.reward))
+                fields.append(node.task_fields)
         rewards = np.asarray(rewards)
         missing = np.flatnonzero(np.isnan(rewards))
         if missing.size:

@@ -32,8 +32,8 @@ import argparse
 import dataclasses
 import sys
 
+from kvstore.backends.interface import GC_GRACE_S
 from kvstore.codecs import CODECS
-from kvstore.tensorstore_backend import GC_GRACE_S
 from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
 
 silence_xla_logs()

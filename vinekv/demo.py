@@ -22,6 +22,7 @@ import numpy as np
 
 from configs import DemoConfig
 from kvstore import SnapshotStore, StoreSize, extract_state, policy_fingerprint, resume_from_state
+from kvstore.schema import MC_FIELD
 from replay import ReplayConfig, ReplayReport, decode, prefill, replay_run, row_keys_for
 from vinekv.models import build_model, build_tokenizer
 
@@ -143,7 +144,7 @@ def _run(config: DemoConfig, store: SnapshotStore, location: str) -> DemoReport:
     )
     replay = replay_run(store, RUN, model, tokenizer, letter_fraction, replay_config, progress=False)
     seconds["replay"] = time.perf_counter() - clock
-    mc = {tid: store.trajectory_info(RUN, tid)["fields"]["mc"] for tid in store.trajectories(RUN)}
+    mc = {tid: store.trajectory(RUN, tid).fields[MC_FIELD] for tid in store.trajectories(RUN)}
     where = location if config.store else "a temporary folder"
     return DemoReport(config, fingerprint, prompt_lens.tolist(), where, store.size(RUN), checks, seconds, replay, mc)
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.schema import ENTROPY_FIELD, MC_FIELD, REWARD_FIELD, TrajectoryNode
 from replay.values import MCRecord
 
 LAMBDA = 0.95  # mc_gae's lambda for Lite advantages (trajectory_advantages' default)
-HIDDEN_FIELDS = ("mc", "vinekv_reward", "vinekv_entropy")  # shown as columns, or too long to show
+HIDDEN_FIELDS = (MC_FIELD, REWARD_FIELD, ENTROPY_FIELD)  # shown as columns, or too long to show
 STEP_TEXT_WIDTH = 40
 FIELDS_WIDTH = 60
 MISSING = "-"
@@ -232,22 +233,20 @@ def k_cell(counts: np.ndarray) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def record_of(fields: Mapping[str, Any]) -> tuple[MCRecord | None, str | None]:
+def record_of(node: TrajectoryNode) -> tuple[MCRecord | None, str | None]:
     """The trajectory's MC record, or None and why not (no values / unreadable ones)."""
-    if "mc" not in fields:
-        return None, None
     try:
-        return MCRecord.from_fields(fields["mc"]), None
+        return MCRecord.of(node), None
     except (ValueError, TypeError, KeyError) as err:
         return None, str(err)
 
 
 # -- level 1: runs -------------------------------------------------------------------------------
-def summarize_run(name: str, raw: int, stored: int, infos: Sequence[Mapping[str, Any]]) -> RunSummary:
-    """`RunSummary` from a run's sizes and its trajectories' attributes."""
-    fingerprints = list(dict.fromkeys(i["fingerprint"] for i in infos))
-    codecs = tuple(dict.fromkeys(codec_name(i.get("codec", {})) for i in infos))
-    records = [r for r in (record_of(i["fields"])[0] for i in infos) if r is not None]
+def summarize_run(name: str, raw: int, stored: int, nodes: Sequence[TrajectoryNode]) -> RunSummary:
+    """`RunSummary` from a run's sizes and its trajectories."""
+    fingerprints = list(dict.fromkeys(n.fingerprint for n in nodes))
+    codecs = tuple(dict.fromkeys(codec_name(n.codec) for n in nodes))
+    records = [r for r in (record_of(n)[0] for n in nodes) if r is not None]
     means, counts = [], []
     for record in records:
         stats = record.stats
@@ -256,7 +255,7 @@ def summarize_run(name: str, raw: int, stored: int, infos: Sequence[Mapping[str,
         counts.extend(stats.count[valued].tolist())
     return RunSummary(
         name=name,
-        trajectories=len(infos),
+        trajectories=len(nodes),
         raw_bytes=raw,
         stored_bytes=stored,
         codecs=codecs,
@@ -273,8 +272,8 @@ def load_runs(store: Any) -> list[RunSummary]:
     out = []
     for run in store.runs():
         size = store.size(run)
-        infos = [store.trajectory_info(run, tid) for tid in store.trajectories(run)]
-        out.append(summarize_run(run, size.raw, size.stored, infos))
+        nodes = [store.trajectory(run, tid) for tid in store.trajectories(run)]
+        out.append(summarize_run(run, size.raw, size.stored, nodes))
     return out
 
 
@@ -319,23 +318,21 @@ def format_runs(location: str, codec: str, layout: Any, runs: Sequence[RunSummar
 
 
 # -- level 2: one run's trajectories ---------------------------------------------------------------
-def trajectory_row(tid: str, info: Mapping[str, Any]) -> TrajectoryRow:
-    fields = info["fields"]
-    record, problem = record_of(fields)
-    reward = fields.get("vinekv_reward")
+def trajectory_row(tid: str, node: TrajectoryNode) -> TrajectoryRow:
+    record, problem = record_of(node)
     return TrajectoryRow(
         tid=tid,
-        prompt_tokens=int(info["prompt_len"]),
-        response_tokens=int(info["length"]) - int(info["prompt_len"]),
-        reward=None if reward is None else float(reward),
+        prompt_tokens=node.prompt_len,
+        response_tokens=node.stored_tokens,
+        reward=None if node.reward is None else float(node.reward),
         record=record,
-        fields=fields,
+        fields=node.fields,
         problem=problem,
     )
 
 
 def load_trajectories(store: Any, run: str) -> list[TrajectoryRow]:
-    return [trajectory_row(tid, store.trajectory_info(run, tid)) for tid in store.trajectories(run)]
+    return [trajectory_row(tid, store.trajectory(run, tid)) for tid in store.trajectories(run)]
 
 
 def format_trajectories(run: str, size: Any, rows: Sequence[TrajectoryRow]) -> str:
@@ -444,16 +441,12 @@ def build_steps(
 
 
 def load_steps(store: Any, run: str, tid: str, tokenizer_path: str | None = None) -> TrajectorySteps:
-    info = store.trajectory_info(run, tid)
-    fields = info["fields"]
-    layout = info.get("layout") or {}
-    vocab = layout.get("vocab_size") or (store.layout.vocab_size if store.layout else None)
-    tokenizer, described = choose_tokenizer(tokenizer_path, vocab)
+    node = store.trajectory(run, tid)
+    tokenizer, described = choose_tokenizer(tokenizer_path, node.layout.vocab_size)
     ids = store.token_ids(run, tid)
-    plen = int(info["prompt_len"])
-    record, problem = record_of(fields)
-    reward = fields.get("vinekv_reward")
-    reward = None if reward is None else float(reward)
+    plen = node.prompt_len
+    record, problem = record_of(node)
+    reward = None if node.reward is None else float(node.reward)
 
     def decode(part: list[int]) -> str:
         return tokenizer.decode(part, skip_special_tokens=False) if part else ""
@@ -470,7 +463,7 @@ def load_steps(store: Any, run: str, tid: str, tokenizer_path: str | None = None
     elif record is None:
         notes.append("no MC values: value the run with `vinekv replay`")
     if record is not None and reward is None:
-        notes.append("reward unknown (no field vinekv_reward): advantages skipped")
+        notes.append(f"reward unknown (no field {REWARD_FIELD}): advantages skipped")
     return TrajectorySteps(
         run=run,
         tid=tid,
@@ -481,7 +474,7 @@ def load_steps(store: Any, run: str, tid: str, tokenizer_path: str | None = None
         mode=record.mode if record is not None else None,
         steps=tuple(steps),
         token_advantages=token_adv,
-        fields=fields,
+        fields=node.fields,
         tokenizer=described,
         notes=tuple(notes),
     )

@@ -6,16 +6,9 @@ host) builds the same policy or reward function from it.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-
-def load_object(spec: str) -> Any:
-    """``package.module:attribute`` -> the attribute."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"expected 'package.module:attribute', got {spec!r}")
-    return getattr(importlib.import_module(module), attr)
+from replay.ray_replay import load_object
 
 
 def load_model(spec: str) -> tuple[Any, Any]:

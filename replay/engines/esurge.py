@@ -95,8 +95,8 @@ class ESurgeEngine(BranchEngine):
     Args:
       model: the policy (an EasyDeL causal LM with full attention in every layer).
       tokenizer: a tokenizer or a folder holding one; eSurge starts tokenizer workers from a
-        folder (vinekv passes token ids, so only the tokens' vocabulary matters). None: the
-        byte-level tokenizer.
+        folder (vinekv passes token ids, so only the tokens' vocabulary matters); required
+        when the engine starts.
       options: page size, page budget, lengths.
     """
 
@@ -134,13 +134,10 @@ class ESurgeEngine(BranchEngine):
     def _tokenizer_folder(self) -> str:
         if isinstance(self.tokenizer, (str, Path)):
             return str(self.tokenizer)
-        self._folder = tempfile.TemporaryDirectory(prefix="vinekv-esurge-tok-")
         if self.tokenizer is None:
-            from vinekv.models import build_tokenizer
-
-            build_tokenizer(self._folder.name)
-        else:
-            self.tokenizer.save_pretrained(self._folder.name)
+            raise ValueError("the eSurge engine needs the policy's tokenizer (a tokenizer object or its folder)")
+        self._folder = tempfile.TemporaryDirectory(prefix="vinekv-esurge-tok-")
+        self.tokenizer.save_pretrained(self._folder.name)
         return self._folder.name
 
     def close(self) -> None:

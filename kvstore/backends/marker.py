@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 import uuid
@@ -28,9 +29,10 @@ from typing import Any
 
 import tensorstore as ts
 
+from kvstore.backends.interface import GC_GRACE_S, GarbageReport, GarbageScope
 from kvstore.errors import CorruptMetadataError, StoreError
 from kvstore.integrity import ATTEMPT, check_sealed
-from kvstore.tensorstore_backend import GC_GRACE_S, GarbageReport, TensorStoreBackend, group_json
+from kvstore.tensorstore_backend import TensorStoreBackend, group_json
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +181,9 @@ class MarkerCommit(TensorStoreBackend):
         raise StoreError(f"{self.location(key)}: {MAX_UPDATE_TRIES} updates in a row lost to other writers")
 
     # -- writers -----------------------------------------------------------------------------
-    def lock_for_writing(self) -> GarbageReport:
+    def lock_for_writing(self, scope: GarbageScope) -> GarbageReport:
         """No lock (commits are conditional writes); removes what crashed writers left."""
-        report = self.collect_garbage()
+        report = self.collect_garbage(scope)
         if report.removed:
             logger.info("removed %d leftovers of crashed writes or deletions", len(report.removed))
         return report
@@ -189,25 +191,35 @@ class MarkerCommit(TensorStoreBackend):
     def unlock(self) -> None:
         pass
 
-    def collect_garbage(self, grace_s: float = GC_GRACE_S) -> GarbageReport:
-        """Removes, under ``runs/``: attempts no marker names that are older than ``grace_s``,
-        and the nodes of runs without a marker (an interrupted deletion's remains). One listing,
-        and one read per node marker that has attempts beside it."""
+    def collect_garbage(self, scope: GarbageScope, grace_s: float = GC_GRACE_S) -> GarbageReport:
+        """Removes, in the node groups of ``scope``: attempts no marker names that are older than
+        ``grace_s``, and the nodes of groups whose owner's marker is gone (an interrupted
+        deletion's remains). One listing, and one read per node marker that has attempts beside it."""
         now = time.time()
-        runs: set[str] = set()
+        groups = dict(scope.node_groups())
+        if not groups:
+            return GarbageReport()
+        common = os.path.commonprefix(list(groups))
+        listed = self.keys(common[: common.rfind("/") + 1])
+        listed_set = set(listed)
+        alive = {group: owner in listed_set or self.exists(owner) for group, owner in groups.items()}
+        owned: dict[str, bool] = {}  # node prefix -> whether its group's owner is alive
         nodes: dict[str, set[str]] = {}  # node prefix -> its attempt names
         marked: set[str] = set()
-        for key in self.keys("runs/"):
-            parts = key.split("/")
-            if len(parts) == 3 and parts[2] == "zarr.json":
-                runs.add(parts[1])
-            elif len(parts) >= 5:
-                node = "/".join(parts[:4]) + "/"
-                attempts = nodes.setdefault(node, set())
-                if len(parts) == 5 and parts[4] == "zarr.json":
-                    marked.add(node)
-                elif attempt_age_s(parts[4], now) is not None:
-                    attempts.add(parts[4])
+        for key in listed:
+            group = _group_of(key, groups)
+            if group is None:
+                continue
+            name, _, rest = key[len(group) :].partition("/")
+            if not rest:  # the group's own metadata
+                continue
+            node = f"{group}{name}/"
+            owned[node] = alive[group]
+            attempts = nodes.setdefault(node, set())
+            if rest == "zarr.json":
+                marked.add(node)
+            elif attempt_age_s(rest.split("/")[0], now) is not None:
+                attempts.add(rest.split("/")[0])
         # a marked node's one attempt is its data (a node without arrays names an attempt it never wrote:
         # a crashed attempt beside it stays, harmless); beside others, the marker says which is live
         reads = {node: self.kvstore.read(node + "zarr.json") for node in marked if len(nodes[node]) > 1}
@@ -217,7 +229,7 @@ class MarkerCommit(TensorStoreBackend):
             return attempt_age_s(name, now) < grace_s
 
         for node, attempts in sorted(nodes.items()):
-            if node.split("/")[1] not in runs:  # its run was deleted
+            if not owned[node]:  # its group's owner was deleted
                 if node in marked or not any(young(a) for a in attempts):
                     self.delete_prefix(node)
                     removed.append(self.location(node))
@@ -237,6 +249,14 @@ class MarkerCommit(TensorStoreBackend):
                     self.delete_prefix(f"{node}{name}/")
                     removed.append(where)
         return GarbageReport(removed=tuple(removed), kept=tuple(kept))
+
+
+def _group_of(key: str, groups: dict[str, str]) -> str | None:
+    """The group of ``groups`` that ``key`` lies in (None: none)."""
+    for i, char in enumerate(key):
+        if char == "/" and key[: i + 1] in groups:
+            return key[: i + 1]
+    return None
 
 
 def _named_attempt(marker: bytes) -> str | None:

@@ -27,16 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kvstore.backends.interface import GC_GRACE_S, GarbageReport, GarbageScope, GroupCommit
 from kvstore.errors import CorruptMetadataError, MissingEntryError
-from kvstore.tensorstore_backend import GC_GRACE_S, GarbageReport, TensorStoreBackend, group_json
+from kvstore.tensorstore_backend import TensorStoreBackend, group_json
 
 STAGING = ".staging"
 
 
-class RenameCommit(TensorStoreBackend):
-    """A store in a local directory: staged writes, fsync, one rename per commit."""
-
-    group_commit = True
+class RenameCommit(TensorStoreBackend, GroupCommit):
+    """A store in a local directory: staged writes, fsync, one rename per commit, group commit."""
 
     def __init__(self, spec: dict[str, Any], **options: Any):
         super().__init__(spec, **options)
@@ -47,6 +46,10 @@ class RenameCommit(TensorStoreBackend):
     @property
     def description(self) -> str:
         return str(self.local_root)
+
+    @property
+    def local(self) -> bool:
+        return True
 
     def location(self, key: str) -> str:
         return str(self.local_root / key) + ("/" if key.endswith("/") else "")
@@ -66,6 +69,9 @@ class RenameCommit(TensorStoreBackend):
     def incomplete_children(self, prefix: str) -> list[str]:
         """Child folders of ``prefix`` without ``zarr.json``."""
         return sorted(p.name for p in self._child_folders(prefix) if not (p / "zarr.json").is_file())
+
+    def folders(self, prefix: str) -> list[str]:
+        return sorted(p.name for p in self._child_folders(prefix))
 
     def _child_folders(self, prefix: str) -> list[Path]:
         folder = self.local_root / prefix
@@ -197,7 +203,7 @@ class RenameCommit(TensorStoreBackend):
         try:
             for key, value in files.items():
                 self._write_durable(key, value)
-            return self._link_root(root)
+            return self._link_root(root, {str(Path(key).parent) for key in files})
         except FileNotFoundError:  # a racing creator that won swept this one's temporary files
             if self.exists("zarr.json"):
                 return False
@@ -213,7 +219,7 @@ class RenameCommit(TensorStoreBackend):
             if folder == self.local_root:
                 break
 
-    def _link_root(self, root: bytes) -> bool:
+    def _link_root(self, root: bytes, folders: set[str]) -> bool:
         path = self.local_root / "zarr.json"
         tmp = path.with_name(f"zarr.json.{uuid.uuid4().hex}.tmp")
         _write_new_file(tmp, root)
@@ -224,8 +230,8 @@ class RenameCommit(TensorStoreBackend):
         finally:
             tmp.unlink()
         _fsync_path(self.local_root)
-        for folder in (self.local_root, self.local_root / "runs"):
-            for leftover in folder.glob("zarr.json.*.tmp"):  # an interrupted creation's temporary files
+        for folder in folders | {"."}:
+            for leftover in (self.local_root / folder).glob("zarr.json.*.tmp"):  # an interrupted creation's
                 leftover.unlink(missing_ok=True)
         return True
 
@@ -257,11 +263,11 @@ class RenameCommit(TensorStoreBackend):
             os.close(fd)
 
     # -- writers -----------------------------------------------------------------------------
-    def lock_for_writing(self) -> GarbageReport:
+    def lock_for_writing(self, scope: GarbageScope) -> GarbageReport:
         """Takes a shared lock on ``.staging/zarr.json`` (other writers take it too) after
         sweeping the staging area if no other writer holds it."""
         fd = self._open_lock()
-        report = self._sweep_if_alone(fd)
+        report = self._sweep_if_alone(fd, scope)
         fcntl.flock(fd, fcntl.LOCK_SH)
         self._lock_fd = fd
         return report
@@ -273,7 +279,7 @@ class RenameCommit(TensorStoreBackend):
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def collect_garbage(self, grace_s: float = GC_GRACE_S) -> GarbageReport:
+    def collect_garbage(self, scope: GarbageScope, grace_s: float = GC_GRACE_S) -> GarbageReport:
         """Sweeps the staging area when no other writer holds the lock (``busy`` otherwise); the
         lock, not an age, tells a crashed writer's data from a live one's, so ``grace_s`` is
         not used. A writer of this store (which swept when it took its lock) sweeps nothing
@@ -283,7 +289,7 @@ class RenameCommit(TensorStoreBackend):
             return GarbageReport()
         fd = self._open_lock()
         try:
-            return self._sweep_if_alone(fd)
+            return self._sweep_if_alone(fd, scope)
         finally:
             os.close(fd)
 
@@ -295,7 +301,7 @@ class RenameCommit(TensorStoreBackend):
             _write_new_file(lock, _LOCK_CONTENT)
         return os.open(lock, os.O_RDONLY)
 
-    def _sweep_if_alone(self, fd: int) -> GarbageReport:
+    def _sweep_if_alone(self, fd: int, scope: GarbageScope) -> GarbageReport:
         """Clears crashed writers' staging data and deletions when the exclusive lock is free."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -312,8 +318,8 @@ class RenameCommit(TensorStoreBackend):
             elif leftover.name.endswith(".tmp"):
                 leftover.unlink(missing_ok=True)
                 removed.append(str(leftover))
-        for folder in (self.local_root, self.local_root / "runs"):  # a creation killed after its link
-            for leftover in folder.glob("zarr.json.*.tmp"):
+        for folder in scope.metadata_folders:  # a creation killed after its link
+            for leftover in (self.local_root / folder).glob("zarr.json.*.tmp"):
                 leftover.unlink(missing_ok=True)
                 removed.append(str(leftover))
         lock = staging / "zarr.json"

@@ -1,0 +1,111 @@
+"""The store's metadata as typed nodes (`kvstore.schema`), the one reader of MC values
+(`MCRecord.of`), and the layering of the packages (`tools/import_graph.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _store_worker import LAYOUT, PROMPT_LEN, synthetic_state
+
+from kvstore import CorruptMetadataError, SnapshotStore
+from kvstore.integrity import seal
+from kvstore.schema import MC_FIELD, REWARD_FIELD, PromptNode, RootMeta, TrajectoryNode
+from replay.values import MCRecord
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import import_graph  # noqa: E402
+
+
+def _stored_attrs(path: Path, key: str) -> dict:
+    return json.loads((path / key / "zarr.json").read_text())["attributes"]["vinekv"]
+
+
+def test_nodes_read_and_write_exactly_the_stored_attributes(tmp_path):
+    with SnapshotStore.open(tmp_path / "s", codec="int8") as store:
+        store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN, answer="5", **{REWARD_FIELD: 1.0})
+    t_attrs = _stored_attrs(tmp_path / "s", "runs/r/trajectories/t0")
+    node = TrajectoryNode.from_attrs(t_attrs, "t0")
+    assert seal(node.to_attrs()) == t_attrs  # nothing lost or added: the digest matches the stored one
+    assert (node.prompt_len, node.length, node.stored_tokens) == (PROMPT_LEN, 100, 100 - PROMPT_LEN)
+    assert node.identity.at == "runs/r/trajectories/t0/" and node.layout == LAYOUT
+    assert node.reward == 1.0 and node.task_fields == {"answer": "5"}
+    prompt_key = f"runs/r/prompts/{node.prompt}"
+    prompt = PromptNode.from_attrs(_stored_attrs(tmp_path / "s", prompt_key), prompt_key)
+    assert seal(prompt.to_attrs()) == _stored_attrs(tmp_path / "s", prompt_key)
+    assert len(prompt.token_ids) == PROMPT_LEN and set(prompt.chunk_hashes) == set(prompt.arrays)
+    root = json.loads((tmp_path / "s/zarr.json").read_text())["attributes"]["vinekv"]
+    assert seal(RootMeta.from_attrs(root, "root").to_attrs()) == root
+    with SnapshotStore.open(tmp_path / "s", mode="r") as store:
+        assert store.trajectory("r", "t0") == node and store.trajectory_info("r", "t0") == node.to_attrs()
+
+
+def test_a_node_written_before_identities_and_hashes_still_reads(tmp_path):
+    with SnapshotStore.open(tmp_path / "s", codec="lossless") as store:
+        state = synthetic_state(1, length=90)
+        store.spill("r", "t0", state, PROMPT_LEN)
+    attrs = _stored_attrs(tmp_path / "s", "runs/r/trajectories/t0")
+    old = {k: v for k, v in attrs.items() if k not in ("node", "chunk_hashes", "digest")}
+    node = TrajectoryNode.from_attrs(seal(old), "old")
+    assert node.identity is None and node.chunk_hashes is None
+    assert seal(node.to_attrs()) == seal(old)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("prompt_len", 0, "prompt_len must be an int >= 1"),
+        ("response_token_ids", [1, 2], "response_token_ids must list"),
+        ("node", {"at": 3}, "node must be an object"),
+        ("data", "../t9/", "data must name an attempt folder"),
+        ("layout", {"num_layers": 2}, "layout must be an object with keys"),
+        ("kind", "prompt", "kind 'prompt', expected 'trajectory'"),
+    ],
+)
+def test_a_malformed_field_is_corrupt_metadata_naming_it(tmp_path, field, value, message):
+    with SnapshotStore.open(tmp_path / "s", codec="int8") as store:
+        store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)
+    attrs = _stored_attrs(tmp_path / "s", "runs/r/trajectories/t0")
+    with pytest.raises(CorruptMetadataError, match=f"^where: {message}"):
+        TrajectoryNode.from_attrs({**attrs, field: value}, "where")
+
+
+def test_mc_record_of_a_node(tmp_path):
+    with SnapshotStore.open(tmp_path / "s", codec="int8") as store:
+        store.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)
+        store.flush()
+        assert MCRecord.of(store.trajectory("r", "t0")) is None
+        record = MCRecord("cfg", "full", PROMPT_LEN, np.array([0, 5]), ((1.0, 0.0), (1.0,)), 12, "policy")
+        store.annotate("r", "t0", **{MC_FIELD: record.to_fields()})
+        got = MCRecord.of(store.trajectory("r", "t0"))
+        assert got.returns == record.returns and got.policy == "policy" and got.branch_tokens == 12
+        np.testing.assert_array_equal(got.stats.mean, [0.5, 1.0])
+        node = store.trajectory("r", "t0")
+        older = dataclasses.replace(node, fields={MC_FIELD: {"mean": [0.5]}})
+        with pytest.raises(ValueError, match="written by an older vinekv"):
+            MCRecord.of(older)
+
+
+def test_the_layers_import_only_downward_and_without_cycles():
+    edges = import_graph.graph()
+    assert "kvstore.store" in edges and "kvstore.schema" in edges["kvstore.reads"]
+    assert import_graph.upward_imports(edges) == []
+    assert import_graph.cycles(edges) == []
+
+
+def test_the_import_checks_find_a_cycle_and_an_upward_import(tmp_path):
+    for layer, body in (("kvstore", "from replay import b\n"), ("replay", "from replay.c import x\n")):
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "__init__.py").write_text("")
+        (tmp_path / layer / ("a.py" if layer == "kvstore" else "b.py")).write_text(body)
+    (tmp_path / "replay" / "c.py").write_text("import replay.b\nx = 1\n")
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "vinekv").mkdir()
+    edges = import_graph.graph(tmp_path)
+    assert import_graph.upward_imports(edges) == [("kvstore.a", "replay.b")]
+    assert import_graph.cycles(edges) == [["replay.b", "replay.c"]]
