@@ -1,13 +1,13 @@
 """What `SnapshotStore.spill` refuses before anything is queued: token ids outside the model's
 vocabulary and KV holding NaN/Inf. Stored, either would only surface later as damage (a
-decoding error, or with int4 a whole 32-value group turned non-finite by one NaN)."""
+decoding error, or with int4 a whole 32-value group turned non-finite by one NaN). JAX is
+imported only for device arrays: a process that writes host arrays never loads it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from kvstore.codecs.base import StoredArray
@@ -27,9 +27,20 @@ def check_token_ids(token_ids: np.ndarray, vocab_size: int) -> None:
 
 
 def _all_finite(array: Any) -> bool:
-    if isinstance(array, jax.Array):  # on the device: one scalar crosses, not the array
-        return bool(jnp.isfinite(array).all())
-    return bool(np.isfinite(array).all())
+    if isinstance(array, np.ndarray):
+        return bool(np.isfinite(array).all())
+    import jax.numpy as jnp  # a device array (its caller imported JAX): one scalar crosses, not the array
+
+    return bool(jnp.isfinite(array).all())
+
+
+def _floating(dtype: Any) -> bool:
+    """Whether ``dtype`` is a float type, ml_dtypes' (bfloat16, float8) included."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype.type in _ML_FLOATS
+
+
+_ML_FLOATS = {ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2}
 
 
 def check_finite(state: CachedState | EncodedState) -> None:
@@ -49,7 +60,7 @@ def check_finite(state: CachedState | EncodedState) -> None:
     for part, arrays in (("prompt", state.prompt), ("response", state.response)):
         for name, stored in arrays.items():
             data = stored.data if isinstance(stored, StoredArray) else stored
-            if jnp.issubdtype(data.dtype, jnp.floating) and not _all_finite(data):
+            if _floating(data.dtype) and not _all_finite(data):
                 raise ValueError(
                     f"the encoded {part} array {name!r} holds non-finite numbers (the KV had NaN/Inf): "
                     "refusing to store the trajectory"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,3 +111,22 @@ def test_the_import_checks_find_a_cycle_and_an_upward_import(tmp_path):
     edges = import_graph.graph(tmp_path)
     assert import_graph.upward_imports(edges) == [("kvstore.a", "replay.b")]
     assert import_graph.cycles(edges) == [["replay.b", "replay.c"]]
+
+
+def test_writing_and_reading_host_arrays_never_imports_jax(tmp_path):
+    """The store's own processes (writers, `vinekv verify`, campaign workers) start without JAX:
+    spill, read and verify of host arrays load neither JAX nor EasyDeL."""
+    script = (
+        "import sys\n"
+        "from _store_worker import PROMPT_LEN, synthetic_state\n"
+        "from kvstore import SnapshotStore\n"
+        f"with SnapshotStore.open({str(tmp_path / 's')!r}, codec='int4') as store:\n"
+        "    store.spill('r', 't', synthetic_state(0, length=100), PROMPT_LEN)\n"
+        f"with SnapshotStore.open({str(tmp_path / 's')!r}, mode='r') as store:\n"
+        "    assert store.read_prefix('r', 't', 50).keys.shape[2] == 50 and store.verify() == []\n"
+        "print(sorted(m for m in ('jax', 'easydel') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
