@@ -184,8 +184,8 @@ class SnapshotStore:
             raise ValueError(f"write_concurrency must be a positive int, got {write_concurrency!r}")
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {DURABILITY}, got {durability!r}")
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise ValueError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or not 0 <= cache_bytes < 2**63:
+            raise ValueError(f"cache_bytes must be an int in [0, 2**63), got {cache_bytes!r}")
         codec = get_codec(codec)
         check_chunking(codec, chunk_tokens)
         if mode != "r" and exit_started():

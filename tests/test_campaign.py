@@ -189,6 +189,13 @@ def test_f3_an_absurd_chunk_tokens_is_refused_at_open(tmp_path):
         SnapshotStore.open(tmp_path / "s", chunk_tokens=2**40).close()  # never spill into it
 
 
+def test_f15_an_absurd_cache_bytes_is_a_bad_argument_and_creates_nothing(tmp_path):
+    """F15: cache_bytes 2^64 raised TensorStore's OverflowError, after creating the store's folder."""
+    with pytest.raises(ValueError, match=r"cache_bytes must be an int in \[0, 2\*\*63\)"):
+        SnapshotStore.open(tmp_path / "s", cache_bytes=2**64)
+    assert not (tmp_path / "s").exists()
+
+
 def test_f4_deeply_nested_json_is_corrupt_metadata(tmp_path):
     """F4: a zarr.json damaged into deeply nested JSON raised RecursionError."""
     path = _store(tmp_path)
