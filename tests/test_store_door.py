@@ -197,6 +197,33 @@ def test_a_spill_racing_the_deletion_of_its_run_fails_clearly_and_leaves_no_rema
     deleter.close()
 
 
+@pytest.mark.parametrize("durability", ["trajectory", "flush"])
+def test_a_run_deleted_just_after_a_commit_fails_the_spill_naming_the_deletion(tmp_path, monkeypatch, durability):
+    """Another writer deletes the run between a node's rename into place and the fsync of its
+    folder: the spill fails naming the deletion (it raised a bare FileNotFoundError before)."""
+    writer = SnapshotStore.open(tmp_path / "s", codec="lossless", chunk_tokens=64, durability=durability)
+    deleter = SnapshotStore.open(tmp_path / "s", codec="lossless", chunk_tokens=64)
+    writer.spill("r", "t0", synthetic_state(0, length=100), PROMPT_LEN)
+    writer.spill("keep", "t0", synthetic_state(1, length=100), PROMPT_LEN)
+    writer.flush()
+    rename = type(writer._backend)._rename
+
+    def deleted_after(backend, staging, final_prefix):
+        rename(backend, staging, final_prefix)
+        if final_prefix.startswith("runs/r/trajectories/") and "r" in deleter.runs():
+            deleter.delete_run("r")
+
+    monkeypatch.setattr(type(writer._backend), "_rename", deleted_after)
+    writer.spill("r", "t1", synthetic_state(2, length=300), PROMPT_LEN)
+    expected = "run 'r' was deleted while trajectory 't1'" if durability == "trajectory" else "group commit .*deleted"
+    with pytest.raises(StoreError, match=expected):
+        writer.flush()
+    monkeypatch.undo()
+    assert deleter.runs() == ["keep"] and deleter.verify() == []
+    writer.close()
+    deleter.close()
+
+
 def test_remains_of_a_run_deleted_under_an_older_writer_are_skipped_reported_and_collected(tmp_path):
     """What older versions left when a commit raced a deletion (a run folder holding a committed
     trajectory but no run metadata) does not break the listing; `verify` names it, `gc` removes it."""

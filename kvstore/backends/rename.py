@@ -104,7 +104,7 @@ class RenameCommit(TensorStoreBackend, GroupCommit):
             self.discard(staging)
             raise
         if durable:
-            _fsync_path((self.local_root / final_prefix).parent)
+            self._fsync_parent(final_prefix)
 
     def stage(self, staging: str, attributes: dict[str, Any], durable: bool | None = None) -> None:
         """Writes a staged node's group ``zarr.json``, fsynced when ``durable`` (default:
@@ -141,14 +141,14 @@ class RenameCommit(TensorStoreBackend, GroupCommit):
                 self.discard(staging)
             raise
         failed: list[tuple[str, BaseException]] = []
-        parents = set()
+        parents: dict[str, list[str]] = {}  # parent folder -> the nodes renamed into it
         for staging, final, requires in nodes:
             missing = requires is not None and not (root / requires / "zarr.json").is_file()
             try:
                 if missing:
                     raise FileNotFoundError(f"{requires} (which {final} references) was not committed")
                 self._rename(staging, final)
-                parents.add((root / final).parent)
+                parents.setdefault(str(Path(final).parent), []).append(final)
             except FileExistsError as err:
                 self.discard(staging)
                 if final not in shared:
@@ -156,9 +156,23 @@ class RenameCommit(TensorStoreBackend, GroupCommit):
             except (OSError, MissingEntryError) as err:
                 self.discard(staging)
                 failed.append((final, err))
-        for parent in sorted(parents):
-            _fsync_path(parent)
+        for finals in parents.values():
+            try:
+                self._fsync_parent(finals[0])
+            except MissingEntryError as err:
+                failed += [(final, err) for final in finals]
         return failed
+
+    def _fsync_parent(self, final_prefix: str) -> None:
+        """fsync of the folder a node was renamed into; `MissingEntryError` if another writer
+        deleted it (the node's run) since the rename: the node went with it."""
+        parent = (self.local_root / final_prefix).parent
+        try:
+            _fsync_path(parent)
+        except FileNotFoundError as err:
+            raise MissingEntryError(
+                f"{parent} is not in the store (deleted just after {final_prefix} was committed)"
+            ) from err
 
     def _rename(self, staging: str, final_prefix: str) -> None:
         """Renames the staged node into place. Its parent group must exist: creating it here would
