@@ -36,8 +36,8 @@ def child(asynchronous: bool, batches: int, output: str) -> dict:
     silence_xla_logs()
     enable_compilation_cache(REPO / ".jax_cache")
     quiet_logs()
-    from configs import TrainConfig
-    from configs.train import DEFAULT_TRAINER
+    from vinekv.configs import TrainConfig
+    from vinekv.configs.train import DEFAULT_TRAINER
     from vinekv.train import run_training
 
     trainer = {

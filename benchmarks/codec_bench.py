@@ -41,7 +41,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from value_quality_bench import RUN, codec_agreement, replay, replay_config, sample_responses  # noqa: E402
 
-from kvstore import SnapshotStore, capture_sequences, resume_from_state  # noqa: E402
+from vinekv.kvstore import SnapshotStore, capture_sequences, resume_from_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CODECS = {

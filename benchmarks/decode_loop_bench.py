@@ -4,7 +4,7 @@
 
 Both decode the same rows from the same prefilled cache with the same keys (the arithmetic
 task's warmed-up policy, branches sampled at T = 1 until EOS or the budget):
-- ``device``: `replay.decode.decode_rows`, one jitted ``lax.while_loop`` (sample, forward, stop
+- ``device``: `vinekv.replay.decode.decode_rows`, one jitted ``lax.while_loop`` (sample, forward, stop
   checks on the device; one transfer at the end);
 - ``host``: the loop vinekv ran before: a jitted sample-then-forward step per token, the
   sampled tokens copied to the host after every step and each row's end checked in Python.
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def host_loop(model, cache, logits, budgets, keys, sampling, eos_ids) -> tuple[np.ndarray, np.ndarray, int]:
     """``(tokens [rows, max budget], lengths [rows], steps run)`` of the per-token host loop."""
-    from kvstore.dense_cache import forward_split
-    from replay.decode import sample_tokens
+    from vinekv.kvstore.dense_cache import forward_split
+    from vinekv.replay.decode import sample_tokens
 
     def step(graphdef, graphstate, graphother, cache, logits, keys):
         tok, _ = sample_tokens(logits, keys, cache.views[0].indexs, *sampling)
@@ -66,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     quiet_logs()
     enable_compilation_cache(REPO / ".jax_cache")
-    from replay.decode import Sampling, decode_rows, prefill, row_keys_for
-    from replay.sampler import eos_token_ids
+    from vinekv.replay.decode import Sampling, decode_rows, prefill, row_keys_for
+    from vinekv.replay.sampler import eos_token_ids
     from vinekv.tasks.arithmetic import make_dataset
     from vinekv.tasks.warmup import warm_up
 

@@ -8,8 +8,8 @@ The same S snapshots (the arithmetic task's warmed-up policy: each prompt plus t
 its greedy response; ``--shape qwen2-0.5b``: a random Qwen2-0.5B-shaped model on the same
 tokens, for accelerators: on CPU eSurge cannot compile head_dim 64, see docs/engines.md) each
 get K branches of ``--tokens`` tokens at T = 1 (no EOS stop: every mode decodes as many tokens):
-- ``dense``: `replay.engines.VanillaEngine` (K dense copies of each prefix, one device loop);
-- ``esurge_injected``: `replay.engines.ESurgeEngine`: the stored KV written into eSurge's page
+- ``dense``: `vinekv.replay.engines.VanillaEngine` (K dense copies of each prefix, one device loop);
+- ``esurge_injected``: `vinekv.replay.engines.ESurgeEngine`: the stored KV written into eSurge's page
   pool as prefix-cache pages shared by the K branches; only the partial last page is prefilled;
 - ``esurge_recompute``: a second eSurge with prefix caching off: each of the K requests
   prefills the whole prefix from its tokens;
@@ -44,8 +44,8 @@ def snapshots(model, tokenizer, count: int):
     """``count`` single-row snapshots: a task prompt plus the first half of its greedy response."""
     from easydel.inference.sampling_params import SamplingParams
 
-    from kvstore import capture_state
-    from replay.sampler import generate_branches
+    from vinekv.kvstore import capture_state
+    from vinekv.replay.sampler import generate_branches
     from vinekv.tasks.arithmetic import make_dataset
 
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in make_dataset(count, seed=4242)["prompt"]]
@@ -59,7 +59,7 @@ def snapshots(model, tokenizer, count: int):
 
 
 def run_requests(engine, states, k, params, tag):
-    from replay.engines import esurge_internals as internals
+    from vinekv.replay.engines import esurge_internals as internals
 
     names = [(f"{tag}{s}-{b}", st) for s, st in enumerate(states) for b in range(k)]
     peak = [0]
@@ -86,11 +86,11 @@ def main() -> None:
     enable_compilation_cache(REPO / ".jax_cache")
     from easydel.inference.sampling_params import SamplingParams
 
-    from kvstore.dense_cache import kv_layout
-    from replay.engines import ESurgeEngine, ESurgeOptions, VanillaEngine
-    from replay.engines import esurge_internals as internals
-    from replay.engines.base import BranchSampling
-    from replay.sampler import branch_keys
+    from vinekv.kvstore.dense_cache import kv_layout
+    from vinekv.replay.engines import ESurgeEngine, ESurgeOptions, VanillaEngine
+    from vinekv.replay.engines import esurge_internals as internals
+    from vinekv.replay.engines.base import BranchSampling
+    from vinekv.replay.sampler import branch_keys
     from vinekv.tasks.warmup import warm_up
 
     warmed = warm_up(progress=False)
@@ -101,7 +101,7 @@ def main() -> None:
 
         import jax.numpy as jnp
 
-        from kvstore import capture_state
+        from vinekv.kvstore import capture_state
         from vinekv.models import QWEN2_0P5B_KV, build_model
 
         shape = dataclasses.replace(QWEN2_0P5B_KV, vocab_size=model.config.vocab_size)

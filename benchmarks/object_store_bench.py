@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
-from kvstore import CachedState, KVLayout, SnapshotStore
+from vinekv.kvstore import CachedState, KVLayout, SnapshotStore
 
 LAYOUT = KVLayout(num_layers=24, num_kv_heads=2, head_dim=64, dtype="bfloat16", vocab_size=151936, model_type="qwen2")
 PROMPT = 128

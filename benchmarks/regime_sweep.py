@@ -4,7 +4,7 @@ sizes and learning rates, with held-out accuracy and the update's diagnostics pe
     PYTHONPATH=. .venv/bin/python benchmarks/regime_sweep.py [--only NAME ...] [--updates 120]
 
 Each configuration trains GRPO (``vineppo_mode='off'``, the same `VinePPOTrainer` and settings as
-`vinekv compare`, `configs.train.DEFAULT_TRAINER` underneath) and prints, every ``--eval-every``
+`vinekv compare`, `vinekv.configs.train.DEFAULT_TRAINER` underneath) and prints, every ``--eval-every``
 updates: held-out greedy and sampled accuracy (``--eval-problems`` problems), and over the window
 the rollouts' mean reward, policy entropy per token, KL(old || new) per token, clip fraction and
 the largest PPO ratio. Results go to benchmarks/results/regime-sweep.json.
@@ -57,11 +57,11 @@ WINDOW = (
 def run(name: str, trainer: dict, updates: int, eval_every: int, eval_problems: int) -> dict:
     import numpy as np
 
-    from trainer.vineppo_config import VinePPOConfig
-    from trainer.vineppo_trainer import VinePPOTrainer
     from vinekv.compare import CompareConfig
     from vinekv.tasks.arithmetic import make_dataset, reward
     from vinekv.tasks.warmup import accuracy, warm_up
+    from vinekv.trainer.vineppo_config import VinePPOConfig
+    from vinekv.trainer.vineppo_trainer import VinePPOTrainer
 
     config = CompareConfig(methods=("off",), seeds=1, updates=updates, eval_problems=eval_problems, trainer=trainer)
     held_out = make_dataset(eval_problems, 12345)

@@ -36,9 +36,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from easydel.inference.sampling_params import SamplingParams  # noqa: E402
 
-from kvstore import SnapshotStore, cache_from_states, capture_state, forward_chunk, policy_fingerprint  # noqa: E402
-from replay import decode, generate_branches, prefill, row_keys_for  # noqa: E402
+from vinekv.kvstore import SnapshotStore, cache_from_states, capture_state, forward_chunk, policy_fingerprint  # noqa: E402
 from vinekv.models import QWEN2_0P5B_KV, TINY, build_model  # noqa: E402
+from vinekv.replay import decode, generate_branches, prefill, row_keys_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

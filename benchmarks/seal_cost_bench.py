@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore import CachedState, KVLayout, SnapshotStore
+from vinekv.kvstore import CachedState, KVLayout, SnapshotStore
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUT = KVLayout(num_layers=24, num_kv_heads=2, head_dim=64, dtype="float32", vocab_size=151936, model_type="qwen2")
@@ -50,8 +50,8 @@ def states(count: int, length: int) -> list[CachedState]:
 @contextlib.contextmanager
 def unsealed():
     """Chunk hashes not computed (nodes record none, so reads check none) and no generation read."""
-    import kvstore.store as store_module
-    from kvstore.reads import ReadPart
+    import vinekv.kvstore.store as store_module
+    from vinekv.kvstore.reads import ReadPart
 
     saved = store_module.chunk_hashes, store_module.SnapshotStore._forget_changed_runs, ReadPart._check_hashes
     store_module.chunk_hashes = lambda codes, entries: []

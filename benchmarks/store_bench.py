@@ -56,9 +56,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kvstore import CachedState, SnapshotStore, capture_sequences, get_codec, kv_layout, policy_fingerprint  # noqa: E402
-from kvstore.dense_cache import cache_from_states, forward_chunk  # noqa: E402
-from kvstore.state import EncodedState  # noqa: E402
+from vinekv.kvstore import CachedState, SnapshotStore, capture_sequences, get_codec, kv_layout, policy_fingerprint  # noqa: E402
+from vinekv.kvstore.dense_cache import cache_from_states, forward_chunk  # noqa: E402
+from vinekv.kvstore.state import EncodedState  # noqa: E402
 from vinekv.models import QWEN2_0P5B_KV, build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

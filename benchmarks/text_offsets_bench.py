@@ -1,4 +1,4 @@
-"""Step splitting cost: `replay.text.text_offsets` (linear, windowed decoding) against decoding
+"""Step splitting cost: `vinekv.replay.text.text_offsets` (linear, windowed decoding) against decoding
 every prefix of the response (the former, quadratic rule), on 4096-token responses.
 
     PYTHONPATH=. .venv/bin/python benchmarks/text_offsets_bench.py
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from replay.text import prefix_ends, text_offsets
 from vinekv.models import build_bpe_tokenizer, build_tokenizer
+from vinekv.replay.text import prefix_ends, text_offsets
 
 TOKENS = 4096
 

@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/trainer_memory_bench.py
 
 The strategies differ only in where the rollouts' KV lives between capture and branch replay,
-so this measures that stage of a training step (`trainer.value_estimation.estimate_values`:
+so this measures that stage of a training step (`vinekv.trainer.value_estimation.estimate_values`:
 capture, keep or spill, branch replay, MC values) on N rollouts of 64 prompt + 448 response
 tokens, N = 8, 32, 128. Generation and the policy update are the same for every strategy and
 are left out (on this CPU they would take hours at N = 128 for a model with this KV size).
@@ -57,11 +57,11 @@ def child(strategy: str, n: int, folder: str, codec: str = "int8") -> dict:
 
     enable_compilation_cache(REPO / ".jax_cache")
     quiet_logs()
-    from kvstore.store import SnapshotStore
-    from replay.branch_replay import ReplayConfig
-    from trainer.rollouts import Rollout
-    from trainer.value_estimation import estimate_values
+    from vinekv.kvstore.store import SnapshotStore
     from vinekv.models import QWEN2_0P5B_KV, build_model, build_tokenizer
+    from vinekv.replay.branch_replay import ReplayConfig
+    from vinekv.trainer.rollouts import Rollout
+    from vinekv.trainer.value_estimation import estimate_values
 
     shape = QWEN2_0P5B_KV.__class__(
         **{**QWEN2_0P5B_KV.__dict__, "hidden_size": 256, "intermediate_size": 256, "num_attention_heads": 4}

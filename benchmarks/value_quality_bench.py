@@ -6,7 +6,7 @@
 The policy is the cached warm-up (``--policy warmup``) or, with ``--policy ppo``, the warm-up
 after ``--ppo-updates`` updates of the PPO baseline in the comparison's regime (`vinekv.compare`,
 method ``ppo``, seed ``--ppo-seed``): then every response, branch and truth below samples that
-policy, and its critic (`trainer.ppo_baseline.critic_values`) is measured beside the MC estimates
+policy, and its critic (`vinekv.trainer.ppo_baseline.critic_values`) is measured beside the MC estimates
 on the same states and alternatives.
 
 Held-out problems (seed 777; the warm-up trains on seed 0, the training job uses 1 and 12345)
@@ -58,9 +58,9 @@ silence_xla_logs()
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from kvstore import SnapshotStore, capture_sequences  # noqa: E402
-from replay import MCRecord, ReplayConfig, generate_branches, mc_values, replay_run, select_states  # noqa: E402
-from replay.branch_replay import TrajectoryPlan, ValueRequest, value_trajectories  # noqa: E402
+from vinekv.kvstore import SnapshotStore, capture_sequences  # noqa: E402
+from vinekv.replay import MCRecord, ReplayConfig, generate_branches, mc_values, replay_run, select_states  # noqa: E402
+from vinekv.replay.branch_replay import TrajectoryPlan, ValueRequest, value_trajectories  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = "heldout"
@@ -409,7 +409,7 @@ def critic_ranking(groups: list[np.ndarray], critic: list[np.ndarray], truth_k: 
 def padded_critic(state: Any, prompt: np.ndarray, response: np.ndarray, positions: Any, horizon: int) -> np.ndarray:
     """`critic_values` with the response padded to ``horizon`` tokens (causal: the values at
     ``positions`` do not change), so every call of a prompt length reuses one compiled forward."""
-    from trainer.ppo_baseline import critic_values
+    from vinekv.trainer.ppo_baseline import critic_values
 
     padded = np.concatenate([response, np.zeros(horizon - len(response), np.int32)])
     return critic_values(state, prompt, padded, positions)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvstore.codecs import CODECS
+from vinekv.kvstore.codecs import CODECS
 from vinekv.models import FAMILIES
 
 

@@ -4,7 +4,10 @@ GSM8K-format data on a local Hugging Face model (`configs/qwen2.5-*-gsm8k.toml`)
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
+
+from vinekv.trainer.field_types import check_fields, check_instance
 
 # Trainer settings of the built-in job (docs/benchmarks.md, "A regime that learns"): batches of 32
 # problems x 4 responses (128 rollouts; 8 x 4 did not learn), 2 PPO epochs per batch, AdamW at
@@ -43,6 +46,31 @@ def job_trainer(overrides: dict[str, Any]) -> dict[str, Any]:
     if "warmup_steps" not in overrides and settings.get("warmup_steps"):
         settings["warmup_steps"] = min(settings["warmup_steps"], settings["max_training_steps"] // 3)
     return settings
+
+
+CHECKPOINT_MODEL_NAME = "policy"  # checkpoints go to <output>/checkpoints/policy/run-<step>
+
+
+def job_settings(output: Path, seed: int, checkpoints: bool = False, resume: bool = False) -> dict:
+    """Trainer settings of a local job writing under ``output``: no wandb, compiled generation,
+    the store in ``output/kv``, one log line per step; with ``checkpoints`` the final policy is
+    saved under ``output/checkpoints``, with ``resume`` training continues from the latest one."""
+    return {
+        "save_directory": str(output / "checkpoints"),
+        "model_name": CHECKPOINT_MODEL_NAME,
+        "do_last_save": checkpoints,
+        "resume_if_possible": resume,
+        "use_esurge_generation": False,
+        "use_wandb": False,
+        "do_eval": False,
+        "shuffle_train_dataset": False,
+        "progress_bar_type": "json",
+        "track_memory": False,
+        "report_steps": 1,
+        "log_steps": 1,
+        "generation_seed": seed,
+        "vineppo_store": str(output / "kv"),
+    }
 
 
 TASKS = ("arithmetic", "gsm8k")
@@ -109,9 +137,10 @@ class TrainConfig:
     trainer: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from trainer.vineppo_config import VinePPOConfig
         from vinekv.tasks.warmup import WarmupConfig
+        from vinekv.trainer.vineppo_config import VinePPOConfig
 
+        check_instance(self)
         object.__setattr__(self, "trainer", job_trainer(self.trainer))
         object.__setattr__(self, "sharding_axis_dims", tuple(self.sharding_axis_dims))
         if self.task not in TASKS:
@@ -135,14 +164,22 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 0 (0: no evaluation during training), got {self.eval_every}")
         if not self.output:
             raise ValueError("output must name a folder")
-        known = {f.name for f in dataclasses.fields(VinePPOConfig)}
-        unknown = sorted(set(self.trainer) - known)
-        if unknown:
-            raise ValueError(f"trainer: unknown VinePPOConfig fields {unknown}")
-        warmup_fields = {f.name for f in dataclasses.fields(WarmupConfig)} - {"shape"}
-        unknown = sorted(set(self.warmup) - warmup_fields)
-        if unknown:
-            raise ValueError(f"warmup: unknown WarmupConfig fields {unknown}; known: {sorted(warmup_fields)}")
+        check_fields(VinePPOConfig, self.trainer, "trainer.")
+        if "shape" in self.warmup:
+            raise ValueError("warmup.shape: the task's model shape is fixed (WarmupConfig's default)")
+        check_fields(WarmupConfig, self.warmup, "warmup.")
+        self.trainer_arguments()  # every trainer value checked now, before any model loads
+
+    def trainer_arguments(self) -> Any:
+        """The `VinePPOConfig` this job trains with: the job's settings (`job_settings`:
+        store, checkpoints, logging under ``output``) with ``trainer`` on top."""
+        from vinekv.trainer.vineppo_config import VinePPOConfig
+
+        settings = job_settings(Path(self.output), self.seed, checkpoints=self.checkpoints, resume=self.resume)
+        try:
+            return VinePPOConfig(**{**settings, **self.trainer})
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"trainer: {err}") from None
 
     def warmup_config(self) -> Any:
         from vinekv.tasks.warmup import WarmupConfig

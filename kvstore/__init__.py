@@ -12,7 +12,7 @@ Public API:
   StalePolicyError                   a snapshot from another policy
   SnapshotStore                      the TensorStore/Zarr v3 snapshot store
   StoreError, IntegrityError, ...    its errors (IntegrityError: damaged or missing data, naming the file)
-  TrajectoryNode, PromptNode, RootMeta   what the store's metadata says, typed (`kvstore.schema`)
+  TrajectoryNode, PromptNode, RootMeta   what the store's metadata says, typed (`vinekv.kvstore.schema`)
   get_codec                          KV codecs ("int8", "int4", "lossless")
 
 Names load lazily: the store and codecs work without importing EasyDeL or JAX.
@@ -23,39 +23,39 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvstore.process import silence_xla_logs
+from vinekv.kvstore.process import silence_xla_logs
 
 silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unless the user set the level)
 
 _EXPORTS = {
-    "CachedState": "kvstore.state",
-    "EncodedState": "kvstore.state",
-    "KVLayout": "kvstore.state",
-    "StalePolicyError": "kvstore.policy",
-    "check_policy": "kvstore.policy",
-    "capture_encoded": "kvstore.capture",
-    "capture_sequences": "kvstore.capture",
-    "capture_state": "kvstore.capture",
-    "check_fingerprint": "kvstore.capture",
-    "resume_from_state": "kvstore.capture",
-    "cache_from_states": "kvstore.dense_cache",
-    "extract_state": "kvstore.dense_cache",
-    "forward_chunk": "kvstore.dense_cache",
-    "kv_layout": "kvstore.dense_cache",
-    "policy_fingerprint": "kvstore.fingerprint",
-    "SnapshotStore": "kvstore.store",
-    "StoreError": "kvstore.errors",
-    "StoreFormatError": "kvstore.errors",
-    "MissingEntryError": "kvstore.errors",
-    "CorruptChunkError": "kvstore.errors",
-    "CorruptMetadataError": "kvstore.errors",
-    "IntegrityError": "kvstore.errors",
-    "StoreProblem": "kvstore.store",
-    "StoreSize": "kvstore.store",
-    "get_codec": "kvstore.codecs",
-    "TrajectoryNode": "kvstore.schema",
-    "PromptNode": "kvstore.schema",
-    "RootMeta": "kvstore.schema",
+    "CachedState": "vinekv.kvstore.state",
+    "EncodedState": "vinekv.kvstore.state",
+    "KVLayout": "vinekv.kvstore.state",
+    "StalePolicyError": "vinekv.kvstore.policy",
+    "check_policy": "vinekv.kvstore.policy",
+    "capture_encoded": "vinekv.kvstore.capture",
+    "capture_sequences": "vinekv.kvstore.capture",
+    "capture_state": "vinekv.kvstore.capture",
+    "check_fingerprint": "vinekv.kvstore.capture",
+    "resume_from_state": "vinekv.kvstore.capture",
+    "cache_from_states": "vinekv.kvstore.dense_cache",
+    "extract_state": "vinekv.kvstore.dense_cache",
+    "forward_chunk": "vinekv.kvstore.dense_cache",
+    "kv_layout": "vinekv.kvstore.dense_cache",
+    "policy_fingerprint": "vinekv.kvstore.fingerprint",
+    "SnapshotStore": "vinekv.kvstore.store",
+    "StoreError": "vinekv.kvstore.errors",
+    "StoreFormatError": "vinekv.kvstore.errors",
+    "MissingEntryError": "vinekv.kvstore.errors",
+    "CorruptChunkError": "vinekv.kvstore.errors",
+    "CorruptMetadataError": "vinekv.kvstore.errors",
+    "IntegrityError": "vinekv.kvstore.errors",
+    "StoreProblem": "vinekv.kvstore.store",
+    "StoreSize": "vinekv.kvstore.store",
+    "get_codec": "vinekv.kvstore.codecs",
+    "TrajectoryNode": "vinekv.kvstore.schema",
+    "PromptNode": "vinekv.kvstore.schema",
+    "RootMeta": "vinekv.kvstore.schema",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -63,7 +63,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value

@@ -25,12 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 from easydel.caching import TransformerCache
 
-from kvstore.codecs import KVCodec, get_codec
-from kvstore.dense_cache import cache_from_states, empty_cache, extract_rows, extract_state, forward_chunk, kv_layout
-from kvstore.fingerprint import policy_fingerprint
-from kvstore.policy import StalePolicyError, check_policy  # noqa: F401 (StalePolicyError: re-export)
-from kvstore.process import release_free_memory
-from kvstore.state import CachedState, EncodedState
+from vinekv.kvstore.codecs import KVCodec, get_codec
+from vinekv.kvstore.dense_cache import (
+    cache_from_states,
+    empty_cache,
+    extract_rows,
+    extract_state,
+    forward_chunk,
+    kv_layout,
+)
+from vinekv.kvstore.fingerprint import policy_fingerprint
+from vinekv.kvstore.policy import StalePolicyError, check_policy  # noqa: F401 (StalePolicyError: re-export)
+from vinekv.kvstore.process import release_free_memory
+from vinekv.kvstore.state import CachedState, EncodedState
 
 CAPTURE_BUCKET = 64  # capture widths are rounded up to this many tokens (fewer compiled shapes)
 

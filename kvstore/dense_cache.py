@@ -26,7 +26,7 @@ from easydel.caching import TransformerCache
 from ejkernel.types import MaskInfo
 from flax import nnx
 
-from kvstore.state import CachedState, KVLayout
+from vinekv.kvstore.state import CachedState, KVLayout
 
 # `extract_state` slices the device cache at a multiple of this many tokens and cuts the exact
 # prefix on the host: an eager slice of another length is another compiled XLA program (a gather
@@ -136,7 +136,7 @@ def extract_state(
     Returns:
       A `CachedState` with ``batch = len(rows)``.
     """
-    from kvstore.fingerprint import policy_fingerprint
+    from vinekv.kvstore.fingerprint import policy_fingerprint
 
     _check_dense(cache)
     token_ids = np.asarray(token_ids)

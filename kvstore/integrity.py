@@ -19,8 +19,8 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 and the other ml_dtypes names with numpy)
 import numpy as np
 
-from kvstore.errors import CorruptMetadataError
-from kvstore.state import KVLayout
+from vinekv.kvstore.errors import CorruptMetadataError
+from vinekv.kvstore.state import KVLayout
 
 DIGEST = "digest"
 ATTEMPT = re.compile(r"attempt-(\d{13})-[0-9a-f]{12}")  # a node's data folder on stores without rename

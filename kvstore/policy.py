@@ -1,6 +1,6 @@
 """The stale-policy check: data made by one policy refused by another unless asked for.
 
-Pure Python (no JAX): the store imports it. Fingerprints come from `kvstore.fingerprint`.
+Pure Python (no JAX): the store imports it. Fingerprints come from `vinekv.kvstore.fingerprint`.
 """
 
 from __future__ import annotations

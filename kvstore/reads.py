@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.backends.interface import Backend
-from kvstore.codecs import KVCodec
-from kvstore.codecs.base import token_entries
-from kvstore.errors import ContentMismatchError, CorruptChunkError, CorruptMetadataError, MissingEntryError
-from kvstore.integrity import check_sealed, chunk_hashes, group_attrs, json_digest
-from kvstore.schema import (
+from vinekv.kvstore.backends.interface import Backend
+from vinekv.kvstore.codecs import KVCodec
+from vinekv.kvstore.codecs.base import token_entries
+from vinekv.kvstore.errors import ContentMismatchError, CorruptChunkError, CorruptMetadataError, MissingEntryError
+from vinekv.kvstore.integrity import check_sealed, chunk_hashes, group_attrs, json_digest
+from vinekv.kvstore.schema import (
     NODE_GROUPS,
     PromptNode,
     RunNode,
@@ -37,7 +37,7 @@ from kvstore.schema import (
     run_prefix,
     trajectory_prefix,
 )
-from kvstore.state import CachedState, KVLayout
+from vinekv.kvstore.state import CachedState, KVLayout
 
 
 @dataclasses.dataclass(frozen=True)

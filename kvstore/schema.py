@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.codecs import KVCodec, get_codec
-from kvstore.errors import CorruptMetadataError, StoreFormatError
-from kvstore.integrity import ATTEMPT, check_layout
-from kvstore.state import KVLayout
+from vinekv.kvstore.codecs import KVCodec, get_codec
+from vinekv.kvstore.errors import CorruptMetadataError, StoreFormatError
+from vinekv.kvstore.integrity import ATTEMPT, check_layout
+from vinekv.kvstore.state import KVLayout
 
 FORMAT = "vinekv.kvstore"
 FORMAT_VERSION = 2
 MAX_CHUNK_TOKENS = 2**16
 
-MC_FIELD = "mc"  # a trajectory's MC values (`replay.values.MCRecord`), written by `replay_run`
+MC_FIELD = "mc"  # a trajectory's MC values (`vinekv.replay.values.MCRecord`), written by `replay_run`
 REWARD_FIELD = "vinekv_reward"  # the rollout's reward
 GROUP_FIELD = "vinekv_group"  # the rollout's prompt group in its batch
 ENTROPY_FIELD = "vinekv_entropy"  # ``[T]`` the policy's entropy at each response position

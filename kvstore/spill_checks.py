@@ -10,8 +10,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from kvstore.codecs.base import StoredArray
-from kvstore.state import CachedState, EncodedState
+from vinekv.kvstore.codecs.base import StoredArray
+from vinekv.kvstore.state import CachedState, EncodedState
 
 
 def check_token_ids(token_ids: np.ndarray, vocab_size: int) -> None:

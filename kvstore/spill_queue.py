@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from kvstore.errors import StoreError
+from vinekv.kvstore.errors import StoreError
 
 logger = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ Layout (Zarr v3, see docs/store-format.md)::
 
 A snapshot at token ``t`` is positions ``[0, t)`` of the prompt KV followed by the response KV.
 The store is a facade over four parts, each in its module: what the JSON says
-(`kvstore.schema`), writing (`kvstore.writes`: the door checks, a bounded queue of background
+(`vinekv.kvstore.schema`), writing (`vinekv.kvstore.writes`: the door checks, a bounded queue of background
 writers, atomic commits; with ``durability="flush"`` nodes are staged and committed together
-at `SnapshotStore.flush` with one round of fsyncs), reading (`kvstore.reads`: checked,
-cached nodes and prefix snapshots) and where the nodes live (`kvstore.backends`). A crash
+at `SnapshotStore.flush` with one round of fsyncs), reading (`vinekv.kvstore.reads`: checked,
+cached nodes and prefix snapshots) and where the nodes live (`vinekv.kvstore.backends`). A crash
 leaves every committed trajectory intact and nothing half-written visible.
 
 Integrity (format 2): every node's metadata is sealed with a digest that also covers its arrays'
-metadata (`kvstore.integrity`), chunks carry crc32c, and a missing chunk or file is an error, so
+metadata (`vinekv.kvstore.integrity`), chunks carry crc32c, and a missing chunk or file is an error, so
 a read returns the stored KV, tokens and fields or raises an `IntegrityError` naming the file.
 """
 
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.backends.factory import open_backend
-from kvstore.backends.interface import GC_GRACE_S, Backend, GarbageReport, GarbageScope, GroupCommit
-from kvstore.codecs import KVCodec, get_codec
-from kvstore.errors import (
+from vinekv.kvstore.backends.factory import open_backend
+from vinekv.kvstore.backends.interface import GC_GRACE_S, Backend, GarbageReport, GarbageScope, GroupCommit
+from vinekv.kvstore.codecs import KVCodec, get_codec
+from vinekv.kvstore.errors import (
     CorruptChunkError,
     CorruptMetadataError,
     IntegrityError,
@@ -42,10 +42,10 @@ from kvstore.errors import (
     StoreError,
     StoreFormatError,
 )
-from kvstore.integrity import check_sealed, group_attrs, seal
-from kvstore.policy import check_policy
-from kvstore.reads import NodeReader, ReadPlan, read_sealed
-from kvstore.schema import (
+from vinekv.kvstore.integrity import check_sealed, group_attrs, seal
+from vinekv.kvstore.policy import check_policy
+from vinekv.kvstore.reads import NodeReader, ReadPlan, read_sealed
+from vinekv.kvstore.schema import (
     NODE_GROUPS,
     RootMeta,
     TrajectoryNode,
@@ -56,9 +56,9 @@ from kvstore.schema import (
     run_prefix,
     trajectory_prefix,
 )
-from kvstore.state import CachedState, EncodedState, KVLayout
-from kvstore.tensorstore_backend import group_json
-from kvstore.writes import NodeWriter, checked_spill, close_at_exit, exit_started, jsonable, update_fields
+from vinekv.kvstore.state import CachedState, EncodedState, KVLayout
+from vinekv.kvstore.tensorstore_backend import group_json
+from vinekv.kvstore.writes import NodeWriter, checked_spill, close_at_exit, exit_started, jsonable, update_fields
 
 DEFAULT_CHUNK_TOKENS = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
@@ -249,7 +249,7 @@ class SnapshotStore:
           trajectory_id: unique within the run.
           state: `CachedState` of batch 1 covering the whole trajectory, prompt and response
             (encoded on the host by a writer thread), or an `EncodedState` encoded with this
-            store's codec (on the device, see `kvstore.capture.capture_encoded`).
+            store's codec (on the device, see `vinekv.kvstore.capture.capture_encoded`).
           prompt_len: number of prompt tokens at the start of ``state`` (1 <= prompt_len <= T).
           **fields: JSON-able per-trajectory metadata (reward, step boundaries, gold answer...).
 
@@ -391,7 +391,7 @@ class SnapshotStore:
         return self._backend.children(f"{run_prefix(run)}trajectories/")
 
     def trajectory(self, run: str, trajectory_id: str | int) -> TrajectoryNode:
-        """The stored trajectory (`kvstore.schema.TrajectoryNode`: token ids, prompt_len, length,
+        """The stored trajectory (`vinekv.kvstore.schema.TrajectoryNode`: token ids, prompt_len, length,
         fields, fingerprint, ...), read from the store at each call (another process may have
         annotated it since)."""
         self._check_open()
@@ -484,8 +484,8 @@ class SnapshotStore:
         """(kv dtype, fingerprint) of the model that will consume reads; checks its layout."""
         if model is None:
             return None, fingerprint
-        from kvstore.dense_cache import kv_layout
-        from kvstore.fingerprint import policy_fingerprint
+        from vinekv.kvstore.dense_cache import kv_layout
+        from vinekv.kvstore.fingerprint import policy_fingerprint
 
         model_layout = kv_layout(model)
         if self.layout is not None:
@@ -614,6 +614,8 @@ def _check_local_path(path_or_spec: Any, mode: str) -> None:
         raise StoreFormatError(f"{path} is a file, not a vinekv store directory")
     if path.is_dir() and not (path / "zarr.json").exists() and not _creation_leftovers(path):
         raise StoreFormatError(f"{path} is a non-empty directory without zarr.json: not a vinekv store")
+    if mode in ("r", "r+") and not path.exists():
+        raise StoreFormatError(f"no vinekv store at {path} (mode {mode!r} needs one; nothing was created)")
     if mode != "r":
         try:
             path.mkdir(parents=True, exist_ok=True)

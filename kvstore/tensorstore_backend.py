@@ -6,8 +6,8 @@ v3 with the ``sharding_indexed`` codec: one shard (one file) per array, inner ch
 checksummed too. A prefix read fetches the index and only the inner chunks it needs.
 
 A node becomes visible when its group ``zarr.json`` appears. How that is made atomic is the
-backend's commit protocol (the contract: `kvstore.backends.interface`), chosen by
-`kvstore.backends.factory.open_backend` from the kvstore:
+backend's commit protocol (the contract: `vinekv.kvstore.backends.interface`), chosen by
+`vinekv.kvstore.backends.factory.open_backend` from the kvstore:
 
 - `RenameCommit` (``kvstore/backends/rename.py``, a local path): a node is written under the
   writer's staging folder and renamed into place, fsynced as asked.
@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from kvstore.backends.interface import Backend
-from kvstore.codecs.base import zarr_chunk_codecs
-from kvstore.errors import CorruptMetadataError
-from kvstore.integrity import parse_json
+from vinekv.kvstore.backends.interface import Backend
+from vinekv.kvstore.codecs.base import zarr_chunk_codecs
+from vinekv.kvstore.errors import CorruptMetadataError
+from vinekv.kvstore.integrity import parse_json
 
 
 def group_json(attributes: dict[str, Any]) -> bytes:

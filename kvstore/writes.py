@@ -2,7 +2,7 @@
 
 A spilled trajectory becomes two nodes: its prompt's (content-addressed, written once however
 many trajectories share it) and its own. Each node's arrays are written under a staging prefix
-and the node committed atomically by the backend (`kvstore.backends.interface`), now
+and the node committed atomically by the backend (`vinekv.kvstore.backends.interface`), now
 (``durability="trajectory"``) or with the next flush's group commit (``"flush"``). Every node
 seals its identity (its prefix and its run's generation) and a content hash of each chunk.
 
@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.backends.interface import Backend, GroupCommit
-from kvstore.codecs import KVCodec
-from kvstore.codecs.base import StoredArray
-from kvstore.errors import MissingEntryError, StoreError
-from kvstore.integrity import check_sealed, chunk_hashes, group_attrs, json_digest, prompt_content_key, seal
-from kvstore.reads import read_sealed
-from kvstore.schema import (
+from vinekv.kvstore.backends.interface import Backend, GroupCommit
+from vinekv.kvstore.codecs import KVCodec
+from vinekv.kvstore.codecs.base import StoredArray
+from vinekv.kvstore.errors import MissingEntryError, StoreError
+from vinekv.kvstore.integrity import check_sealed, chunk_hashes, group_attrs, json_digest, prompt_content_key, seal
+from vinekv.kvstore.reads import read_sealed
+from vinekv.kvstore.schema import (
     NODE_GROUPS,
     RESERVED_FIELDS,
     NodeIdentity,
@@ -44,10 +44,10 @@ from kvstore.schema import (
     run_prefix,
     trajectory_prefix,
 )
-from kvstore.spill_checks import check_finite, check_token_ids
-from kvstore.spill_queue import SpillQueue
-from kvstore.state import CachedState, EncodedState
-from kvstore.tensorstore_backend import group_json
+from vinekv.kvstore.spill_checks import check_finite, check_token_ids
+from vinekv.kvstore.spill_queue import SpillQueue
+from vinekv.kvstore.state import CachedState, EncodedState
+from vinekv.kvstore.tensorstore_backend import group_json
 
 
 @dataclasses.dataclass(frozen=True)

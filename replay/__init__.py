@@ -11,12 +11,12 @@ Public API:
                                    reproducible decoding (one on-device loop per batch of rows)
 """
 
-from kvstore.process import silence_xla_logs
+from vinekv.kvstore.process import silence_xla_logs
 
 silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unless the user set the level)
 
-from replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, trajectory_states  # noqa: E402
-from replay.decode import (  # noqa: E402
+from vinekv.replay.branch_replay import ReplayConfig, ReplayReport, replay_run, select_states, trajectory_states  # noqa: E402
+from vinekv.replay.decode import (  # noqa: E402
     Decoded,
     Sampling,
     decode,
@@ -26,11 +26,11 @@ from replay.decode import (  # noqa: E402
     sample_tokens,
     truncated_logits,
 )
-from replay.rewards import score  # noqa: E402
-from replay.sampler import Branches, branch_keys, eos_token_ids, generate_branches  # noqa: E402
-from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states  # noqa: E402
-from replay.text import text_offsets  # noqa: E402
-from replay.values import MCRecord, MCStats, branch_returns, mc_values  # noqa: E402
+from vinekv.replay.rewards import score  # noqa: E402
+from vinekv.replay.sampler import Branches, branch_keys, eos_token_ids, generate_branches  # noqa: E402
+from vinekv.replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states  # noqa: E402
+from vinekv.replay.text import text_offsets  # noqa: E402
+from vinekv.replay.values import MCRecord, MCStats, branch_returns, mc_values  # noqa: E402
 
 __all__ = [
     "Branches",

@@ -13,7 +13,7 @@ trajectory already valued under the same settings gets only the branches it lack
 adaptive rounds) and a settled one is skipped, so a killed replay, run again, finishes the rest
 and gives the same values as an uninterrupted one. Values sampled by another policy (the
 record's ``policy`` fingerprint) are not values of this one: such a trajectory is valued again
-from scratch. The valuing itself is `replay.valuation.value_batches` (the trainer's in-memory
+from scratch. The valuing itself is `vinekv.replay.valuation.value_batches` (the trainer's in-memory
 strategies use it too); this module picks what to value and writes the records.
 """
 
@@ -30,15 +30,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from kvstore.dense_cache import kv_bytes_per_token
-from kvstore.fingerprint import policy_fingerprint
-from kvstore.schema import MC_FIELD, TrajectoryNode
-from kvstore.store import SnapshotStore
-from replay.config import ReplayConfig
-from replay.engines import BranchEngine, ESurgeOptions, open_engine
-from replay.rewards import RewardFn
-from replay.steps import Splitter
-from replay.valuation import (  # F401: public here too, as before they moved there
+from vinekv.kvstore.dense_cache import kv_bytes_per_token
+from vinekv.kvstore.fingerprint import policy_fingerprint
+from vinekv.kvstore.schema import MC_FIELD, TrajectoryNode
+from vinekv.kvstore.store import SnapshotStore
+from vinekv.replay.config import ReplayConfig
+from vinekv.replay.engines import BranchEngine, ESurgeOptions, open_engine
+from vinekv.replay.rewards import RewardFn
+from vinekv.replay.steps import Splitter
+from vinekv.replay.valuation import (  # F401: public here too, as before they moved there
     StateValues,  # noqa: F401
     StoreSource,
     Trajectory,
@@ -54,7 +54,7 @@ from replay.valuation import (  # F401: public here too, as before they moved th
     value_batches,
     value_trajectories,  # noqa: F401
 )
-from replay.values import MCRecord
+from vinekv.replay.values import MCRecord
 
 logger = logging.getLogger(__name__)
 

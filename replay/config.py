@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from replay.decode import SAMPLERS
-from replay.sampler import ENGINES
-from replay.steps import SELECTIONS
+from vinekv.replay.decode import SAMPLERS
+from vinekv.replay.sampler import ENGINES
+from vinekv.replay.steps import SELECTIONS
 
 MODES = ("full", "lite")
 # Settings that change how many branches run, not what a branch returns: a stored run valued
@@ -42,13 +42,13 @@ class ReplayConfig:
         position b gets at most ``horizon - b`` tokens, so its return is the return of the same
         truncated episode as a rollout's. None: ``max_tokens`` only.
       temperature, top_p, top_k, stop: sampling settings of the branches.
-      stop_token_ids: tokens that end a branch besides the EOS ids (`replay.sampler.eos_token_ids`).
+      stop_token_ids: tokens that end a branch besides the EOS ids (`vinekv.replay.sampler.eos_token_ids`).
       sampler: whose truncation order the branches reproduce: ``generate`` (EasyDeL's compiled
         ``generate``: temperature, top-k, top-p) or ``esurge`` (top-k, top-p, then temperature).
       delimiter: step delimiter of full mode (``"\\n"``, as the VinePPO reference for GSM8K).
       max_states: cap on valued states per trajectory in full mode, None for no cap.
       state_selection: which states a cap values: ``first`` | ``spread`` | ``entropy``
-        (`replay.steps.valued_states`); the others are filled backwards from the next value.
+        (`vinekv.replay.steps.valued_states`); the others are filled backwards from the next value.
       lite_anchor_stride: Lite mode: also an anchor every this many response tokens.
       lite_quartiles: Lite mode: also anchors at 0 and the quartiles of the response.
       unfinished_reward: return of a branch cut off by its budget (None: score the truncated

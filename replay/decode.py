@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from easydel.caching import TransformerCache
 
-from kvstore.dense_cache import empty_cache, forward_chunk, forward_split
+from vinekv.kvstore.dense_cache import empty_cache, forward_chunk, forward_split
 
 
 @dataclasses.dataclass

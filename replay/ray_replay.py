@@ -31,10 +31,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kvstore.process import enable_compilation_cache, quiet_logs
-from kvstore.store import SnapshotStore
-from replay.branch_replay import ReplayConfig, ReplayReport, replay_run
-from replay.engines import ESurgeOptions, open_engine
+from vinekv.kvstore.process import enable_compilation_cache, quiet_logs
+from vinekv.kvstore.store import SnapshotStore
+from vinekv.replay.branch_replay import ReplayConfig, ReplayReport, replay_run
+from vinekv.replay.engines import ESurgeOptions, open_engine
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +72,21 @@ class WorkerJob:
 
 
 def load_object(spec: str) -> Any:
-    """``package.module:attribute`` -> the attribute."""
+    """``package.module:attribute`` -> the attribute; ``ValueError`` naming the spec when the
+    module does not import or lacks the attribute (an error inside the module is raised as is)."""
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ValueError(f"expected 'package.module:attribute', got {spec!r}")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
+            raise  # the module exists; something it imports does not
+        raise ValueError(f"{spec!r}: no module named {err.name!r} (is it on PYTHONPATH?)") from None
+    try:
+        return getattr(loaded, attr)
+    except AttributeError:
+        raise ValueError(f"{spec!r}: module {module!r} has no attribute {attr!r}") from None
 
 
 @dataclasses.dataclass
@@ -97,9 +107,9 @@ class ReplayWorker:
     def __init__(self, job: WorkerJob) -> None:
         enable_compilation_cache()
         quiet_logs()
-        logging.getLogger("replay").setLevel(logging.WARNING)  # no INFO line per worker (engine choice)
+        logging.getLogger("vinekv.replay").setLevel(logging.WARNING)  # no INFO line per worker (engine choice)
         # per-call warnings (stale values, truncated branches) are logged once by the driver
-        logging.getLogger("replay.branch_replay").setLevel(logging.ERROR)
+        logging.getLogger("vinekv.replay.branch_replay").setLevel(logging.ERROR)
         self.job = job
         self.reward = load_object(job.reward_loader)(job.reward_spec)
         self.model, self.tokenizer = load_object(job.model_loader)(job.model_spec)

@@ -5,13 +5,13 @@
 ``stop_token_ids``, ``ignore_eos``) and returns, per state, K branches with their tokens,
 lengths, finish reasons and the log-probs of the sampled tokens.
 
-The branches are drawn by a `replay.engines.BranchEngine` (``vanilla``: dense cache, one
+The branches are drawn by a `vinekv.replay.engines.BranchEngine` (``vanilla``: dense cache, one
 on-device decode loop; ``esurge``: EasyDeL's paged engine with the snapshots injected as
 prefix-cache pages), given by name or as a started engine to reuse across calls.
 
 Determinism (vanilla): branch ``k`` of state ``(trajectory, i)`` draws the token at absolute
 position ``p`` with ``fold_in(fold_in(fold_in(fold_in(PRNGKey(seed), trajectory), i), k), p)``,
-whatever the batching. eSurge: see `replay.engines.esurge`.
+whatever the batching. eSurge: see `vinekv.replay.engines.esurge`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from kvstore.state import CachedState
-from replay.decode import SAMPLERS
-from replay.engines import DEFAULT_MAX_ROWS, ENGINES, BranchEngine, Branches, BranchSampling, open_engine
+from vinekv.kvstore.state import CachedState
+from vinekv.replay.decode import SAMPLERS
+from vinekv.replay.engines import DEFAULT_MAX_ROWS, ENGINES, BranchEngine, Branches, BranchSampling, open_engine
 
 __all__ = ["ENGINES", "Branches", "branch_keys", "eos_token_ids", "generate_branches"]
 
@@ -144,7 +144,7 @@ def generate_branches(
       cached_states: snapshots (each row of a multi-row state is its own state), positions >= 2.
       sampling_params: EasyDeL `SamplingParams`.
       engine: ``"auto"`` | ``"vanilla"`` | ``"esurge"`` (opened for this call and closed after,
-        `replay.engines.open_engine`), or a started `BranchEngine` to reuse.
+        `vinekv.replay.engines.open_engine`), or a started `BranchEngine` to reuse.
       seed: run seed of the branch keys.
       tokenizer: needed for stop strings; its EOS also ends a branch (as it ends a rollout).
       state_keys: one ``(trajectory_id, state_index)`` per state for the branch keys; default

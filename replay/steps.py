@@ -79,7 +79,7 @@ def valued_states(
 
     Every step keeps its own state; the cap decides only which states are *valued* (branched
     from). The others are filled backwards from the next valued one, ``V_i = r_i + gamma V_{i+1}``
-    (`trainer.advantages.fill_values`). Rules, with ``N = max_states``:
+    (`vinekv.trainer.advantages.fill_values`). Rules, with ``N = max_states``:
 
     - ``first``: the first N starts (the VinePPO reference's rule);
     - ``spread``: N starts spread evenly over the list by index (first and last kept);

@@ -39,7 +39,7 @@ def _windowed_ends(tokenizer: Any, ids: list[int]) -> np.ndarray:
 def text_offsets(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """Decoded text of ``ids`` and each token's ``(start, end)`` characters in it.
 
-    Special tokens are decoded as text (strip trailing ones first: `replay.steps.content_length`).
+    Special tokens are decoded as text (strip trailing ones first: `vinekv.replay.steps.content_length`).
     """
     ids = list(map(int, ids))
     text = tokenizer.decode(ids)

@@ -5,8 +5,8 @@ The one loop behind every cache strategy: `value_batches` plans each trajectory'
 state is a prefix of it; the next batch is read while this one decodes), values a batch's states
 together (`value_trajectories`: equal states sampled once) and returns each trajectory's
 `MCRecord` and `StateValues`. Sources: snapshots held in memory (`MemorySource`) or a stored run
-(`StoreSource`). `replay.branch_replay.replay_run` feeds it a stored run's trajectories and
-writes the records back; `trainer.value_estimation` feeds it a batch of rollouts.
+(`StoreSource`). `vinekv.replay.branch_replay.replay_run` feeds it a stored run's trajectories and
+writes the records back; `vinekv.trainer.value_estimation` feeds it a batch of rollouts.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kvstore.state import CachedState
-from kvstore.store import SnapshotStore
-from replay.config import ReplayConfig
-from replay.engines import BranchEngine
-from replay.rewards import RewardFn, score
-from replay.sampler import generate_branches
-from replay.steps import Splitter, content_length, lite_anchors, step_starts, valued_states
-from replay.text import special_ids, text_offsets
-from replay.values import MCRecord, MCStats, branch_returns, branches_wanted, mc_values, ragged
+from vinekv.kvstore.state import CachedState
+from vinekv.kvstore.store import SnapshotStore
+from vinekv.replay.config import ReplayConfig
+from vinekv.replay.engines import BranchEngine
+from vinekv.replay.rewards import RewardFn, score
+from vinekv.replay.sampler import generate_branches
+from vinekv.replay.steps import Splitter, content_length, lite_anchors, step_starts, valued_states
+from vinekv.replay.text import special_ids, text_offsets
+from vinekv.replay.values import MCRecord, MCStats, branch_returns, branches_wanted, mc_values, ragged
 
 
 def trajectory_states(

@@ -8,7 +8,7 @@ For a state ``s`` with ``K`` branches returning ``G_1..G_K``:
 
 K may differ per state (adaptive K, a cap on valued states): returns are ``[states, K_max]``
 with NaN where a state has no branch, and a state with no branch at all has ``V = NaN``
-(filled later from its successor, `trainer.advantages.fill_values`).
+(filled later from its successor, `vinekv.trainer.advantages.fill_values`).
 
 A branch's return is its reward when it finished (EOS or a stop string) and
 ``unfinished_reward`` when it was cut off at its token budget (``None``: the reward of the
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.schema import MC_FIELD, TrajectoryNode
+from vinekv.kvstore.schema import MC_FIELD, TrajectoryNode
 
 Z_95 = 1.959963984540054
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from kvstore import CachedState, KVLayout, SnapshotStore
-from kvstore.codecs import get_codec
+from vinekv.kvstore import CachedState, KVLayout, SnapshotStore
+from vinekv.kvstore.codecs import get_codec
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", vocab_size=260, model_type="llama")
 CHUNK_TOKENS = 64

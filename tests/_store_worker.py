@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from kvstore import CachedState, KVLayout, SnapshotStore
+from vinekv.kvstore import CachedState, KVLayout, SnapshotStore
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", vocab_size=260, model_type="llama")
 PROMPT_LEN = 16

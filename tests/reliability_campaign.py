@@ -74,10 +74,10 @@ from _campaign_worker import (  # noqa: E402
     prompt_len,
 )
 
-from kvstore import CachedState, EncodedState, SnapshotStore  # noqa: E402
-from kvstore.codecs import get_codec  # noqa: E402
-from kvstore.errors import IntegrityError, MissingEntryError, StoreError, StoreFormatError  # noqa: E402
-from kvstore.integrity import json_digest, seal  # noqa: E402
+from vinekv.kvstore import CachedState, EncodedState, SnapshotStore  # noqa: E402
+from vinekv.kvstore.codecs import get_codec  # noqa: E402
+from vinekv.kvstore.errors import IntegrityError, MissingEntryError, StoreError, StoreFormatError  # noqa: E402
+from vinekv.kvstore.integrity import json_digest, seal  # noqa: E402
 
 WORKER = TESTS / "_campaign_worker.py"
 WORKER_TIMEOUT = 180.0
@@ -1054,7 +1054,7 @@ _ENCODED_KV_MESSAGE = re.compile(r"the encoded (prompt|response) array '\w+' hol
 
 def _encoded_state(state: CachedState, codec: str, plen: int) -> EncodedState:
     """``state`` encoded by ``codec`` on the host, prompt and response apart, as
-    `kvstore.capture.capture_encoded` hands it to `spill` (tests/test_store_door.py does the same)."""
+    `vinekv.kvstore.capture.capture_encoded` hands it to `spill` (tests/test_store_door.py does the same)."""
     c = get_codec(codec)
     with warnings.catch_warnings(), np.errstate(all="ignore"):  # int4's host encode of Inf warns
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -1258,7 +1258,7 @@ EXIT_WARNING = re.compile(r"was not closed: committing (\d+) spilled trajectorie
 EXIT_SCRIPT = r"""
 import gc, json, os, sys, threading, time
 from _campaign_worker import CHUNK_TOKENS, campaign_fields, campaign_state, prompt_len
-from kvstore import SnapshotStore
+from vinekv.kvstore import SnapshotStore
 
 a = json.loads(sys.argv[1])
 
@@ -1950,10 +1950,10 @@ def _fuzz_array(fz: _FuzzRun, s: dict[str, Any]) -> tuple[Any, Callable[[Any], N
 
 
 def _valid_name(name: Any) -> bool:
-    try:  # the store's own id check: kvstore.schema since the backends refactor, kvstore.store before
-        from kvstore.schema import check_name
+    try:  # the store's own id check: vinekv.kvstore.schema since the backends refactor, kvstore.store before
+        from vinekv.kvstore.schema import check_name
     except ImportError:
-        from kvstore.store import _check_name as check_name
+        from vinekv.kvstore.store import _check_name as check_name
 
     try:
         check_name("id", name)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstore import SnapshotStore, capture_state
+from vinekv.kvstore import SnapshotStore, capture_state
 
 PROMPT = b"Q: 2+3?\n"
 RESPONSES = [b"2+3\n=5\nA: 5", b"think\nA: 6", b"A: 5"]

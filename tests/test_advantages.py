@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.advantages import (
+from vinekv.trainer.advantages import (
     anchor_values_to_token_values,
     fill_values,
     grpo_advantages,
@@ -128,7 +128,7 @@ def test_normalize_batch_zeroes_padding_then_baselines_and_whitens():
 
 def test_capped_states_per_rule_as_documented():
     """docs/advantages.md, "Capped states": five steps, N = 2, reward 1, gamma 1."""
-    from replay.steps import valued_states
+    from vinekv.replay.steps import valued_states
 
     uncapped = np.array([0.4, 0.5, 0.7, 0.6, 0.9])
     rewards = np.array([0, 0, 0, 0, 1.0])

@@ -151,7 +151,7 @@ def test_the_training_job_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "out" / "vinekv-train.png").stat().st_size > 0
     (entry,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert entry["step"] == 2 and {"loss", "policy_kl", "mean_entropy", "vineppo/advantage_nonzero"} <= set(entry)
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     with SnapshotStore.open(tmp_path / "out" / "kv", mode="r") as store:
         (run,) = store.runs()
@@ -163,7 +163,7 @@ def test_the_training_job_end_to_end(tmp_path, monkeypatch, capsys):
 def test_a_resumed_run_continues_from_the_saved_step(tmp_path, monkeypatch):
     """Stopped after 1 batch (2 PPO updates) and resumed to 2 batches, a run equals one run of
     2 batches: same step numbers, the next batch's problems, the same sampling keys and weights."""
-    from configs import TrainConfig
+    from vinekv.configs import TrainConfig
     from vinekv.train import run_training
 
     monkeypatch.setenv("VINEKV_CACHE", str(tmp_path / "cache"))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from trainer_kit import fresh_model, left_padded_tokenizer, make_trainer, prompt_batch
 
-from kvstore import SnapshotStore
-from trainer.async_replay import PolicyBlueprint, WorkerSetup, load_params, policy_params
+from vinekv.kvstore import SnapshotStore
 from vinekv.models import build_model
+from vinekv.trainer.async_replay import PolicyBlueprint, WorkerSetup, load_params, policy_params
 
 KEYS = ("advantages", "completion_ids", "old_per_token_logps")
 

@@ -37,9 +37,9 @@ from reliability_campaign import (
     tid_of,
 )
 
-from kvstore import SnapshotStore
-from kvstore.errors import CorruptMetadataError, MissingEntryError, StoreError
-from kvstore.integrity import json_digest, seal
+from vinekv.kvstore import SnapshotStore
+from vinekv.kvstore.errors import CorruptMetadataError, MissingEntryError, StoreError
+from vinekv.kvstore.integrity import json_digest, seal
 
 KILLS = 5  # per operation; the long run does 50+
 
@@ -127,8 +127,10 @@ def test_exit_without_close_commits_every_spill(tmp_path):
     assert result["rounds"] == 6 and result["aborted"] == 0
     assert result["committed"] == result["spilled"] > 0
     main_thread = [row for key, row in table.items() if key.split("/")[0] not in THREAD_EXITS]
-    # seed 18: spills since the last flush, still queued at exit, in each of the four
-    assert sum(row["warned"] for row in main_thread) == sum(row["busy_at_exit"] for row in main_thread) == 4
+    # a queue still busy at exit is always committed with a warning; a warning without a busy queue
+    # is the flush mode's commit of written but unflushed spills (how many are busy is timing)
+    assert all(row["warned"] >= row["busy_at_exit"] for row in main_thread)
+    assert sum(row["warned"] for row in main_thread) >= 1
     assert table["racing_thread/flush"]["committed"] == table["racing_thread/flush"]["spilled"] > 0
     assert table["late_thread/trajectory"]["open_refused"] == 1 and table["late_thread/trajectory"]["spilled"] == 0
 

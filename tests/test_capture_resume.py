@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import get_model, no_cache_logits
 
-from kvstore import cache_from_states, capture_state, extract_state, forward_chunk, kv_layout, resume_from_state
+from vinekv.kvstore import cache_from_states, capture_state, extract_state, forward_chunk, kv_layout, resume_from_state
 
 ATOL = 1e-5
 

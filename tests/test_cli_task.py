@@ -28,8 +28,8 @@ def short_cache(tmp_path, monkeypatch):
 
 
 def test_rollout_replay_then_offline_training(short_cache, capsys):
-    from kvstore import SnapshotStore
-    from replay import MCRecord
+    from vinekv.kvstore import SnapshotStore
+    from vinekv.replay import MCRecord
     from vinekv.tasks.arithmetic import make_dataset, reward
 
     tmp_path, store = short_cache, str(short_cache / "kv")
@@ -75,6 +75,10 @@ def test_rollout_replay_then_offline_training(short_cache, capsys):
     assert float(step.split()[1]) == pytest.approx(np.mean(rewards), abs=1e-3)  # the stored rollouts' rewards
     assert step.split()[5] == "0"  # branches: none sampled, the values came from the store
     assert "checkpoint:" in out and "run-2" in out
+    files = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*"))
+    assert main([*offline, "--resume"]) == 0  # the checkpoint is at --steps already: a no-op that says so
+    assert "nothing to do: the checkpoint" in capsys.readouterr().out
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*")) == files  # nothing changed
 
 
 def test_compare_runs_every_method_from_one_warm_up(short_cache, capsys):
@@ -88,7 +92,14 @@ def test_compare_runs_every_method_from_one_warm_up(short_cache, capsys):
     args = ["compare", "--config", str(config), "--methods", "off,ppo,full", "--seeds", "1", "--updates", "2"]
     assert main([*args, "--eval-every", "1", "--output", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
-    assert "GRPO" in out and "PPO " in out and "VinePPO" in out and "updates 2" in out
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["GRPO"], ["PPO"], ["VinePPO"])
+    }
+    assert set(rows) == {"GRPO", "PPO", "VinePPO"} and all(
+        row[1:3] == ["1", "2"] for row in rows.values()
+    )  # seeds, updates
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [(r["method"], [c["updates"] for c in r["curve"]]) for r in saved["results"]] == [
         ("off", [0, 1, 2]),

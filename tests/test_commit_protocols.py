@@ -10,12 +10,12 @@ import time
 import pytest
 from _store_worker import PROMPT_LEN, synthetic_state
 
-from kvstore import CorruptMetadataError, SnapshotStore
-from kvstore.backends.factory import open_backend
-from kvstore.backends.marker import MarkerCommit, attempt_age_s, attempt_name
-from kvstore.backends.rename import RenameCommit
-from kvstore.integrity import seal
-from kvstore.tensorstore_backend import group_json
+from vinekv.kvstore import CorruptMetadataError, SnapshotStore
+from vinekv.kvstore.backends.factory import open_backend
+from vinekv.kvstore.backends.marker import MarkerCommit, attempt_age_s, attempt_name
+from vinekv.kvstore.backends.rename import RenameCommit
+from vinekv.kvstore.integrity import seal
+from vinekv.kvstore.tensorstore_backend import group_json
 
 LENGTH = 100
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import get_model, no_cache_logits
 
-from kvstore import extract_state, resume_from_state
-from replay import decode, prefill, row_keys_for, sample_tokens
-from replay.decode import Sampling, decode_rows
+from vinekv.kvstore import extract_state, resume_from_state
+from vinekv.replay import decode, prefill, row_keys_for, sample_tokens
+from vinekv.replay.decode import Sampling, decode_rows
 
 PROMPT_LENS = np.array([9, 14, 5])
 NEW = 16
@@ -49,7 +49,7 @@ def test_device_loop_matches_a_token_by_token_host_loop(sampling):
     plain host loop of `sample_tokens` + one-token forwards gives, row budgets and stops included."""
     import jax
 
-    from kvstore.dense_cache import forward_chunk
+    from vinekv.kvstore.dense_cache import forward_chunk
 
     model = get_model("llama", "float32")
     prompts = np.random.default_rng(5).integers(0, 256, size=(3, 14)).astype(np.int32)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import get_model
 
-from kvstore import SnapshotStore, capture_sequences, get_codec
-from kvstore.capture import capture_encoded
+from vinekv.kvstore import SnapshotStore, capture_sequences, get_codec
+from vinekv.kvstore.capture import capture_encoded
 
 CODECS = ["int8", "lossless", {"name": "int4", "group_size": 16}]
 
@@ -137,7 +137,7 @@ def test_inject_broadcast_on_device_equals_the_host_build(tiny_model, token_seq,
 
     import jax.numpy as jnp
 
-    from kvstore import cache_from_states, capture_state, dense_cache
+    from vinekv.kvstore import cache_from_states, capture_state, dense_cache
 
     ids = np.concatenate([token_seq[0], token_seq[1]])[None]
     states = [capture_state(tiny_model, ids, n) for n in (5, 70)]
@@ -210,7 +210,7 @@ def test_spilling_a_new_length_within_a_bucket_compiles_nothing(codec, tiny_mode
     of a 30-45 ms spill of the tiny model."""
     import jax
 
-    from kvstore.dense_cache import EXTRACT_BUCKET, extract_state, forward_chunk
+    from vinekv.kvstore.dense_cache import EXTRACT_BUCKET, extract_state, forward_chunk
 
     seq, plen = np.concatenate([token_seq[0], token_seq[1]]), 16  # 80 tokens
     with SnapshotStore.open(tmp_path / "s", codec=codec) as store:

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kvstore import (
+from vinekv.kvstore import (
     CachedState,
     StalePolicyError,
     cache_from_states,

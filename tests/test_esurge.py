@@ -13,13 +13,13 @@ import pytest
 from conftest import get_model, no_cache_logits
 from easydel.inference.sampling_params import SamplingParams
 
-from kvstore import extract_state
-from replay import prefill
-from replay.engines import ESurgeEngine, ESurgeOptions, ESurgeUnavailable, VanillaEngine, open_engine
-from replay.engines import esurge_internals as internals
-from replay.engines.base import BranchSampling
-from replay.sampler import branch_keys, generate_branches
+from vinekv.kvstore import extract_state
 from vinekv.models import build_tokenizer
+from vinekv.replay import prefill
+from vinekv.replay.engines import ESurgeEngine, ESurgeOptions, ESurgeUnavailable, VanillaEngine, open_engine
+from vinekv.replay.engines import esurge_internals as internals
+from vinekv.replay.engines.base import BranchSampling
+from vinekv.replay.sampler import branch_keys, generate_branches
 
 PAGE = 16
 
@@ -151,7 +151,7 @@ def test_generate_branches_runs_on_a_started_engine(model, engine, sequences, to
 def test_auto_picks_esurge_when_it_can_and_logs_why_not(model, caplog):
     """``auto``: eSurge where it starts (and its workers end with it); the dense engine with the
     reason logged on a CPU by default, or for a model eSurge cannot serve from pages."""
-    caplog.set_level(logging.INFO, logger="replay.engines")
+    caplog.set_level(logging.INFO, logger="vinekv.replay.engines")
     assert isinstance(open_engine("auto", model), VanillaEngine) and "CPU backend" in caplog.text
     chosen = open_engine(
         "auto", model, tokenizer=build_tokenizer(), auto_on_cpu=True, esurge_options=ESurgeOptions(max_model_len=64)
@@ -196,9 +196,9 @@ def test_value_estimation_on_esurge_agrees_with_vanilla(model, engine, sequences
     to the dense engine's; sampled (K = 16) values statistically equal over all states."""
     from transformers import AutoTokenizer
 
-    from replay.branch_replay import ReplayConfig
-    from trainer.rollouts import Rollout
-    from trainer.value_estimation import estimate_values
+    from vinekv.replay.branch_replay import ReplayConfig
+    from vinekv.trainer.rollouts import Rollout
+    from vinekv.trainer.value_estimation import estimate_values
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     rng = np.random.default_rng(5)
@@ -240,9 +240,9 @@ def test_trainer_reads_rollout_kv_out_of_esurge_instead_of_a_capture_forward(tmp
     from trainer_kit import make_trainer, prompt_batch
     from transformers import AutoTokenizer
 
-    import trainer.value_estimation as estimation
-    import trainer.vineppo_trainer as vineppo_module
-    from kvstore.capture import capture_with_entropy
+    import vinekv.trainer.value_estimation as estimation
+    import vinekv.trainer.vineppo_trainer as vineppo_module
+    from vinekv.kvstore.capture import capture_with_entropy
     from vinekv.models import build_tokenizer
 
     build_tokenizer(tmp_path / "tok")  # eSurge starts its tokenizer workers from a folder
@@ -303,7 +303,7 @@ def test_page_hashes_do_not_depend_on_the_process(engine):
     first = utils.hash_page_tokens(manager.hash, None, tokens, None).hash_value
     second = utils.hash_page_tokens(manager.hash, first, tokens, None).hash_value
     code = (
-        "from replay.engines.esurge_internals import PAGE_HASH_SEED, page_content_hash as h\n"
+        "from vinekv.replay.engines.esurge_internals import PAGE_HASH_SEED, page_content_hash as h\n"
         f"a = h((PAGE_HASH_SEED, {tokens}, None)); print(a, h((a, {tokens}, None)))"
     )
     from pathlib import Path

@@ -12,9 +12,10 @@ import pytest
 from conftest import no_cache_logits
 from easydel.inference.sampling_params import SamplingParams
 
-from kvstore import SnapshotStore, capture_state
-from kvstore.capture import capture_with_entropy
-from replay.branch_replay import (
+from vinekv.kvstore import SnapshotStore, capture_state
+from vinekv.kvstore.capture import capture_with_entropy
+from vinekv.models import build_bpe_tokenizer
+from vinekv.replay.branch_replay import (
     ReplayConfig,
     ValueRequest,
     plan_trajectory,
@@ -22,11 +23,10 @@ from replay.branch_replay import (
     trajectory_states,
     value_trajectories,
 )
-from replay.sampler import generate_branches
-from replay.text import prefix_ends, text_offsets
-from replay.values import MCRecord
-from trainer.advantages import trajectory_advantages
-from vinekv.models import build_bpe_tokenizer
+from vinekv.replay.sampler import generate_branches
+from vinekv.replay.text import prefix_ends, text_offsets
+from vinekv.replay.values import MCRecord
+from vinekv.trainer.advantages import trajectory_advantages
 
 PROMPT = b"Q: 2+3?\n"
 
@@ -145,7 +145,7 @@ def trajectory(tiny_model):
 
 
 def test_branch_budget_is_the_rollouts_remaining_horizon(tiny_model, byte_tok, trajectory, monkeypatch):
-    import replay.valuation as valuation
+    import vinekv.replay.valuation as valuation
 
     seq, full = trajectory
     config = ReplayConfig(branches=6, max_tokens=100, horizon=14, seed=1, unfinished_reward=None)
@@ -289,7 +289,7 @@ def test_entropy_recorded_at_capture_and_used_for_selection(tiny_model, byte_tok
 def test_a_replay_of_mostly_truncated_branches_warns(tiny_model, byte_tok, stored, tmp_path, caplog):
     path = tmp_path / "short"
     shutil.copytree(stored, path)
-    with SnapshotStore.open(path) as store, caplog.at_level("WARNING", logger="replay.branch_replay"):
+    with SnapshotStore.open(path) as store, caplog.at_level("WARNING", logger="vinekv.replay.branch_replay"):
         report = replay_run(
             store, "r", tiny_model, byte_tok, constant, ReplayConfig(branches=2, max_tokens=2), progress=False
         )
@@ -298,7 +298,7 @@ def test_a_replay_of_mostly_truncated_branches_warns(tiny_model, byte_tok, store
     caplog.clear()
     shutil.rmtree(path)
     shutil.copytree(stored, path)
-    with SnapshotStore.open(path) as store, caplog.at_level("WARNING", logger="replay.branch_replay"):
+    with SnapshotStore.open(path) as store, caplog.at_level("WARNING", logger="vinekv.replay.branch_replay"):
         replay_run(
             store,
             "r",

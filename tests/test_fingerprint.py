@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kvstore import policy_fingerprint
+from vinekv.kvstore import policy_fingerprint
 from vinekv.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ def test_fingerprint_stable_across_processes(tiny_model):
     code = (
         "import jax.numpy as jnp\n"
         "from vinekv.models import build_model\n"
-        "from kvstore import policy_fingerprint\n"
+        "from vinekv.kvstore import policy_fingerprint\n"
         "print(policy_fingerprint(build_model('llama', kv_dtype=jnp.float32, seed=0)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -20,14 +20,14 @@ from trainer_kit import (
 )
 from transformers import GenerationConfig
 
-from kvstore import SnapshotStore, capture_sequences, capture_state, get_codec, resume_from_state
-from kvstore.codecs.int8 import QMAX
-from replay.decode import SAMPLERS, sample_tokens, truncated_logits
-from replay.sampler import generate_branches
-from replay.values import MCRecord
-from trainer import vineppo_trainer as vineppo_module
-from trainer.advantages import grpo_advantages, trajectory_advantages
+from vinekv.kvstore import SnapshotStore, capture_sequences, capture_state, get_codec, resume_from_state
+from vinekv.kvstore.codecs.int8 import QMAX
 from vinekv.models import BYTE_VOCAB
+from vinekv.replay.decode import SAMPLERS, sample_tokens, truncated_logits
+from vinekv.replay.sampler import generate_branches
+from vinekv.replay.values import MCRecord
+from vinekv.trainer import vineppo_trainer as vineppo_module
+from vinekv.trainer.advantages import grpo_advantages, trajectory_advantages
 
 ATOL = 1e-5
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstore import SnapshotStore, capture_state
-from kvstore.fingerprint import policy_fingerprint
-from replay.branch_replay import ReplayConfig, replay_run
-from replay.values import MCRecord
-from trainer.advantages import trajectory_advantages
 from vinekv.cli import main
 from vinekv.inspection import build_steps, choose_tokenizer, compact_fields, shorten
+from vinekv.kvstore import SnapshotStore, capture_state
+from vinekv.kvstore.fingerprint import policy_fingerprint
 from vinekv.models import build_tokenizer
+from vinekv.replay.branch_replay import ReplayConfig, replay_run
+from vinekv.replay.values import MCRecord
+from vinekv.trainer.advantages import trajectory_advantages
 
 PROMPT = b"Q: 2+3?\n"
 RESPONSES = [b"2+3\n=5\nA: 5", b"think\nA: 6", b"A: 5"]

@@ -18,8 +18,8 @@ import pytest
 from _store_worker import PROMPT_LEN as SYN_PLEN
 from _store_worker import synthetic_state
 
-from kvstore import SnapshotStore, capture_state, get_codec, resume_from_state
-from kvstore.codecs import CODECS, Int4Codec
+from vinekv.kvstore import SnapshotStore, capture_state, get_codec, resume_from_state
+from vinekv.kvstore.codecs import CODECS, Int4Codec
 
 REPO = Path(__file__).resolve().parent.parent
 G = 16  # key group of the store tests

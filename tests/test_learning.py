@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 from datasets import concatenate_datasets
 
-from configs.train import DEFAULT_TRAINER
-from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import VinePPOTrainer
+from vinekv.configs.train import DEFAULT_TRAINER, job_settings
 from vinekv.tasks.arithmetic import make_dataset, reward
 from vinekv.tasks.warmup import solved, warm_up
-from vinekv.train import job_settings
+from vinekv.trainer.vineppo_config import VinePPOConfig
+from vinekv.trainer.vineppo_trainer import VinePPOTrainer
 
 PROBLEMS, SAMPLES = 8, 8
 UPDATES = 40  # 20 batches of 8 problems x 4 responses, 2 PPO epochs each

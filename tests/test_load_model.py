@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from replay.decode import decode, prefill
 from vinekv.models import BYTE_VOCAB, TINY_VOCAB, build_tokenizer, load_model
+from vinekv.replay.decode import decode, prefill
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

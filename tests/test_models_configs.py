@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from configs import CONFIG_DIR, DemoConfig, TrainConfig, load
 from vinekv.cli import main
+from vinekv.configs import CONFIG_DIR, DemoConfig, TrainConfig, load
 from vinekv.demo import run_demo, snapshot_positions
 from vinekv.models import ModelShape, build_model
 
@@ -31,9 +31,9 @@ def test_train_config_merges_trainer_settings_and_refuses_unknown_ones():
     config = TrainConfig(trainer={"vineppo_mode": "lite"}, warmup={"steps": 5, "task_steps": [2, 3]})
     assert config.trainer["vineppo_mode"] == "lite" and config.trainer["vineppo_cache_strategy"] == "disk"
     assert config.warmup_config().steps == 5 and config.warmup_config().task_steps == (2, 3)
-    with pytest.raises(ValueError, match=r"unknown VinePPOConfig fields \['vineppo_brnaches'\]"):
+    with pytest.raises(ValueError, match=r"trainer.vineppo_brnaches: not a VinePPOConfig field \(did you mean"):
         TrainConfig(trainer={"vineppo_brnaches": 2})
-    with pytest.raises(ValueError, match=r"unknown WarmupConfig fields \['stesp'\]"):
+    with pytest.raises(ValueError, match=r"warmup.stesp: not a WarmupConfig field \(did you mean 'steps'\?\)"):
         TrainConfig(warmup={"stesp": 2})
     with pytest.raises(ValueError, match="eval_problems must be >= 1"):
         TrainConfig(eval_problems=0)
@@ -42,7 +42,7 @@ def test_train_config_merges_trainer_settings_and_refuses_unknown_ones():
 def test_config_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('family = "llama"\nrespons_tokens = 3\n')
-    with pytest.raises(ValueError, match=r"unknown DemoConfig fields \['respons_tokens'\]"):
+    with pytest.raises(ValueError, match=r"bad.toml: respons_tokens: not a DemoConfig field \(did you mean 'resp"):
         load(DemoConfig, bad)
     with pytest.raises(ValueError, match="family must be one of"):
         DemoConfig(family="gpt2")
@@ -104,7 +104,7 @@ def test_cli_replay_values_a_stored_run_again(tmp_path, capsys):
     assert "replayed 1 trajectories (0 already valued)" in capsys.readouterr().out
     assert main(argv) == 0
     assert "replayed 0 trajectories (1 already valued)" in capsys.readouterr().out
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     with SnapshotStore.open(store, mode="r") as reader:
         mc = reader.trajectory_info("demo", "row0")["fields"]["mc"]

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from _store_worker import PROMPT_LEN, synthetic_state
 
-from kvstore import SnapshotStore, StoreError
-from kvstore.backends import marker as commit_marker
-from kvstore.backends.marker import MarkerCommit
 from vinekv.cli import main
+from vinekv.kvstore import SnapshotStore, StoreError
+from vinekv.kvstore.backends import marker as commit_marker
+from vinekv.kvstore.backends.marker import MarkerCommit
 
 pytest.importorskip("moto", reason="the S3 tests need moto's server (pip install -e '.[s3]')")
 boto3 = pytest.importorskip("boto3")
@@ -195,8 +195,8 @@ _CRASH_BEFORE_MARKER = textwrap.dedent(
     import os, sys
     sys.path.insert(0, {tests!r})
     from _store_worker import PROMPT_LEN, synthetic_state
-    from kvstore import SnapshotStore
-    from kvstore.backends.marker import MarkerCommit
+    from vinekv.kvstore import SnapshotStore
+    from vinekv.kvstore.backends.marker import MarkerCommit
 
     real_create = MarkerCommit._create
 

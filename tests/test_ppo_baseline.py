@@ -1,4 +1,4 @@
-"""The PPO baseline (`trainer.ppo_baseline`) on the tiny model: the settings it maps, updates per
+"""The PPO baseline (`vinekv.trainer.ppo_baseline`) on the tiny model: the settings it maps, updates per
 batch, a sampling key per step, task fields for the reward, Monte-Carlo critic targets (lambda = 1) and
 `critic_values` against the values the trainer itself computed."""
 
@@ -12,7 +12,7 @@ from datasets import Dataset
 from trainer_kit import COMPLETION_LEN, GROUP, PROMPT_LEN, PROMPTS, even_bytes, fresh_model, left_padded_tokenizer
 from trainer_kit import trainer_settings as vineppo_settings
 
-from trainer.ppo_baseline import PPOBaselineTrainer, critic_values, ppo_config
+from vinekv.trainer.ppo_baseline import PPOBaselineTrainer, critic_values, ppo_config
 
 ANSWERS = ["19", "12"]  # one per prompt of trainer_kit.PROMPTS
 EPOCHS, BATCHES = 2, 2

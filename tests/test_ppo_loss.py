@@ -16,11 +16,11 @@ from easydel.trainers.group_relative_policy_optimization._fn import grpo_step
 from easydel.trainers.training_utils import normalize_generation_model_kwargs
 from transformers import GenerationConfig
 
-from trainer.losses import ppo_token_loss
-from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
-from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import VinePPOTrainer
 from vinekv.models import BYTE_VOCAB, build_model, build_tokenizer
+from vinekv.trainer.losses import ppo_token_loss
+from vinekv.trainer.ppo_step import STATIC_ARGNUMS, ppo_step
+from vinekv.trainer.vineppo_config import VinePPOConfig
+from vinekv.trainer.vineppo_trainer import VinePPOTrainer
 
 GRPO_STATICS = tuple(range(2, 19))
 

@@ -14,11 +14,11 @@ import pytest
 import ray
 from replay_kit import RUN, answer_reward, copies, mc_records, spill_run
 
-from kvstore import SnapshotStore
-from replay.branch_replay import ReplayConfig, replay_run
-from replay.ray_replay import RayReplayReport, ReplayWorkerError, _hand_out_again, replay_run_ray
 from vinekv.cli import build_parser, main
+from vinekv.kvstore import SnapshotStore
 from vinekv.models import build_tokenizer
+from vinekv.replay.branch_replay import ReplayConfig, replay_run
+from vinekv.replay.ray_replay import RayReplayReport, ReplayWorkerError, _hand_out_again, replay_run_ray
 
 TESTS = Path(__file__).resolve().parent
 CONFIG = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=None)
@@ -99,7 +99,7 @@ def test_a_killed_worker_loses_no_finished_trajectory(local_ray, stored, tmp_pat
             store.annotate(RUN, tid, trajectory=tid)  # the reward sees which trajectory it scores
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    with caplog.at_level(logging.WARNING, logger="replay.ray_replay"):
+    with caplog.at_level(logging.WARNING, logger="vinekv.replay.ray_replay"):
         report = replay_run_ray(
             run, RUN, MODEL, "replay_kit:dying_reward", CONFIG, progress=False, worker_env={"VINEKV_HOOKS": str(hooks)}
         )

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from configs import CONFIG_DIR, TrainConfig, load
 from vinekv.cli import main
+from vinekv.configs import CONFIG_DIR, TrainConfig, load
 
 pytest.importorskip("transformers")
 
@@ -18,7 +18,7 @@ QUESTIONS = [("What is 2+3?", "2+3=5\n#### 5"), ("What is 4+4?", "4+4=8\n#### 8"
 
 @pytest.mark.parametrize("template", sorted(CONFIG_DIR.glob("qwen2.5-*-gsm8k.toml")), ids=lambda p: p.name)
 def test_templates_are_valid_configs_that_name_what_they_need(template, capsys):
-    from trainer.vineppo_config import VinePPOConfig
+    from vinekv.trainer.vineppo_config import VinePPOConfig
 
     config = load(TrainConfig, template)
     assert config.task == "gsm8k" and config.trainer["vineppo_mode"] == "full"
@@ -31,7 +31,7 @@ def test_templates_are_valid_configs_that_name_what_they_need(template, capsys):
 def test_gsm8k_job_on_a_local_model_folder(tmp_path, capsys):
     from test_load_model import _write_folder
 
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     _write_folder(tmp_path / "model", "llama")
     data = tmp_path / "gsm8k.jsonl"

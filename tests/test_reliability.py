@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from _store_worker import PROMPT_LEN, synthetic_state
 
-from kvstore import CachedState, SnapshotStore
-from kvstore.errors import CorruptChunkError, CorruptMetadataError, StoreFormatError
-from kvstore.integrity import seal
+from vinekv.kvstore import CachedState, SnapshotStore
+from vinekv.kvstore.errors import CorruptChunkError, CorruptMetadataError, StoreFormatError
+from vinekv.kvstore.integrity import seal
 
 REPO = Path(__file__).resolve().parent.parent
 LENGTH = 150  # 3 chunks of 64 tokens
@@ -164,7 +164,7 @@ def test_an_interrupted_creation_is_finished_by_the_next_open(tmp_path):
 
 _CREATE = """
 import sys
-from kvstore import SnapshotStore
+from vinekv.kvstore import SnapshotStore
 sys.stdin.readline()  # start together
 try:
     with SnapshotStore.open(sys.argv[1], mode=sys.argv[2], codec=sys.argv[3]) as store:
@@ -207,7 +207,7 @@ _WRITER = """
 import sys
 sys.path.insert(0, "tests")
 from _store_worker import PROMPT_LEN, synthetic_state
-from kvstore import SnapshotStore
+from vinekv.kvstore import SnapshotStore
 name, path = sys.argv[1], sys.argv[2]
 with SnapshotStore.open(path, codec="int8") as store:
     for n in range(6):
@@ -248,7 +248,7 @@ import subprocess, sys
 sys.path.insert(0, "tests")
 from pathlib import Path
 from _store_worker import PROMPT_LEN, synthetic_state
-from kvstore import SnapshotStore
+from vinekv.kvstore import SnapshotStore
 mnt, durability = sys.argv[1], sys.argv[2]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", mnt], check=True)
 store = SnapshotStore.open(mnt + "/s", codec="lossless", durability=durability)
@@ -300,7 +300,7 @@ _SLOW_DISK = """
 import sys, time
 sys.path.insert(0, "tests")
 from _store_worker import PROMPT_LEN, synthetic_state
-from kvstore import SnapshotStore
+from vinekv.kvstore import SnapshotStore
 budget = int(sys.argv[2])
 store = SnapshotStore.open(sys.argv[1], codec="lossless", max_inflight_bytes=budget, write_concurrency=2)
 real_write = store._backend.write_array

@@ -14,7 +14,7 @@ import pytest
 from easydel.inference.sampling_params import SamplingParams
 from replay_kit import PROMPT, RESPONSES, answer_reward, copies, mc_records, spill_run
 
-from kvstore import (
+from vinekv.kvstore import (
     SnapshotStore,
     StalePolicyError,
     extract_state,
@@ -22,12 +22,12 @@ from kvstore import (
     policy_fingerprint,
     resume_from_state,
 )
-from kvstore.dense_cache import kv_bytes_per_token
-from replay import prefill, sample_tokens
-from replay.branch_replay import ReplayConfig, replay_run, select_states, state_key
-from replay.sampler import branch_keys, generate_branches
-from replay.values import MCRecord, mc_values
+from vinekv.kvstore.dense_cache import kv_bytes_per_token
 from vinekv.models import build_model
+from vinekv.replay import prefill, sample_tokens
+from vinekv.replay.branch_replay import ReplayConfig, replay_run, select_states, state_key
+from vinekv.replay.sampler import branch_keys, generate_branches
+from vinekv.replay.values import MCRecord, mc_values
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_the_dense_engines_cache_budget_splits_batches_not_branches(tiny_model, 
     """`VanillaEngine(max_cache_mb=...)` decodes through fewer rows and holds fewer states at a
     time when their dense caches would exceed the budget; the branches are the ones one big
     batch gives (rows take the next branch as theirs end: 36 branches through 4 rows)."""
-    from replay.engines.vanilla import VanillaEngine
+    from vinekv.replay.engines.vanilla import VanillaEngine
 
     _, _, states = stored_run
     snaps = [s.prefix(t) for s in states for t in (6, 9, 12)]
@@ -306,7 +306,7 @@ def test_replay_values_again_what_another_policy_valued(tiny_model, tokenizer_di
 
     def run(store, model, **kwargs):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="replay.branch_replay"):
+        with caplog.at_level(logging.WARNING, logger="vinekv.replay.branch_replay"):
             report = replay_run(store, "r0", model, tok, answer_reward, config, progress=False, **kwargs)
         warnings = [r.getMessage() for r in caplog.records if "another policy" in r.getMessage()]
         return report, warnings
@@ -352,7 +352,7 @@ def test_replay_returns_the_records_it_writes(tiny_model, tokenizer_dir, stored_
     (a caller in the same process need not read them back), fresh or extended; reports merge them."""
     from transformers import AutoTokenizer
 
-    from replay.branch_replay import ReplayReport
+    from vinekv.replay.branch_replay import ReplayReport
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = ReplayConfig(branches=2, max_tokens=5, seed=5, unfinished_reward=None)
@@ -392,7 +392,7 @@ def test_shards_cover_the_run_exactly_once_with_a_single_process_values(
     the values are a single replay's (branch keys do not depend on the worker)."""
     from transformers import AutoTokenizer
 
-    from replay.branch_replay import parse_shard, shard_of
+    from vinekv.replay.branch_replay import parse_shard, shard_of
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = ReplayConfig(branches=3, max_tokens=5, seed=7, unfinished_reward=None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from replay.branch_replay import ReplayConfig, replay_batches
-from replay.rewards import score
-from replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states
-from replay.values import MCRecord, branch_returns, branches_wanted, mc_values, ragged
+from vinekv.replay.branch_replay import ReplayConfig, replay_batches
+from vinekv.replay.rewards import score
+from vinekv.replay.steps import content_length, lite_anchors, split_points, step_starts, token_boundaries, valued_states
+from vinekv.replay.values import MCRecord, branch_returns, branches_wanted, mc_values, ragged
 
 
 def test_split_points_and_token_boundaries():

@@ -1,4 +1,4 @@
-"""The store's metadata as typed nodes (`kvstore.schema`), the one reader of MC values
+"""The store's metadata as typed nodes (`vinekv.kvstore.schema`), the one reader of MC values
 (`MCRecord.of`), and the layering of the packages (`tools/import_graph.py`)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from _store_worker import LAYOUT, PROMPT_LEN, synthetic_state
 
-from kvstore import CorruptMetadataError, SnapshotStore
-from kvstore.integrity import seal
-from kvstore.schema import MC_FIELD, REWARD_FIELD, PromptNode, RootMeta, TrajectoryNode
-from replay.values import MCRecord
+from vinekv.kvstore import CorruptMetadataError, SnapshotStore
+from vinekv.kvstore.integrity import seal
+from vinekv.kvstore.schema import MC_FIELD, REWARD_FIELD, PromptNode, RootMeta, TrajectoryNode
+from vinekv.replay.values import MCRecord
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
@@ -95,22 +95,28 @@ def test_mc_record_of_a_node(tmp_path):
 
 def test_the_layers_import_only_downward_and_without_cycles():
     edges = import_graph.graph()
-    assert "kvstore.store" in edges and "kvstore.schema" in edges["kvstore.reads"]
+    assert "vinekv.kvstore.store" in edges and "vinekv.kvstore.schema" in edges["vinekv.kvstore.reads"]
     assert import_graph.upward_imports(edges) == []
     assert import_graph.cycles(edges) == []
+    assert import_graph.bare_imports() == []
 
 
-def test_the_import_checks_find_a_cycle_and_an_upward_import(tmp_path):
-    for layer, body in (("kvstore", "from replay import b\n"), ("replay", "from replay.c import x\n")):
-        (tmp_path / layer).mkdir()
-        (tmp_path / layer / "__init__.py").write_text("")
-        (tmp_path / layer / ("a.py" if layer == "kvstore" else "b.py")).write_text(body)
-    (tmp_path / "replay" / "c.py").write_text("import replay.b\nx = 1\n")
-    (tmp_path / "trainer").mkdir()
-    (tmp_path / "vinekv").mkdir()
+def test_the_import_checks_find_a_cycle_an_upward_and_a_bare_import(tmp_path):
+    files = {
+        "kvstore/a.py": "from vinekv.replay import b\n",
+        "replay/b.py": "from vinekv.replay.c import x\n",
+        "replay/c.py": "import vinekv.replay.b\nx = 1\n",
+        "trainer/d.py": "from kvstore import a\n",
+    }
+    for folder in import_graph.FOLDERS:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text("")
+    for name, body in files.items():
+        (tmp_path / name).write_text(body)
     edges = import_graph.graph(tmp_path)
-    assert import_graph.upward_imports(edges) == [("kvstore.a", "replay.b")]
-    assert import_graph.cycles(edges) == [["replay.b", "replay.c"]]
+    assert import_graph.upward_imports(edges) == [("vinekv.kvstore.a", "vinekv.replay.b")]
+    assert import_graph.cycles(edges) == [["vinekv.replay.b", "vinekv.replay.c"]]
+    assert import_graph.bare_imports(tmp_path) == [("vinekv.trainer.d", "kvstore")]
 
 
 def test_writing_and_reading_host_arrays_never_imports_jax(tmp_path):
@@ -119,7 +125,7 @@ def test_writing_and_reading_host_arrays_never_imports_jax(tmp_path):
     script = (
         "import sys\n"
         "from _store_worker import PROMPT_LEN, synthetic_state\n"
-        "from kvstore import SnapshotStore\n"
+        "from vinekv.kvstore import SnapshotStore\n"
         f"with SnapshotStore.open({str(tmp_path / 's')!r}, codec='int4') as store:\n"
         "    store.spill('r', 't', synthetic_state(0, length=100), PROMPT_LEN)\n"
         f"with SnapshotStore.open({str(tmp_path / 's')!r}, mode='r') as store:\n"

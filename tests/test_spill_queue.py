@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from kvstore.errors import StoreError
-from kvstore.spill_queue import SpillError, SpillQueue
+from vinekv.kvstore.errors import StoreError
+from vinekv.kvstore.spill_queue import SpillError, SpillQueue
 
 
 class Recorder:

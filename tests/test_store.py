@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from _store_worker import PROMPT_LEN, synthetic_state
 from conftest import no_cache_logits
 
-from kvstore import (
+from vinekv.kvstore import (
     CachedState,
     CorruptChunkError,
     MissingEntryError,
@@ -28,7 +29,7 @@ from kvstore import (
     capture_state,
     resume_from_state,
 )
-from kvstore.codecs.int8 import QMAX
+from vinekv.kvstore.codecs.int8 import QMAX
 from vinekv.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -304,8 +305,10 @@ def test_bad_input_errors(tiny_model, trajectories, tmp_path):
         SnapshotStore.open(tmp_path / "z")
     with pytest.raises(StoreFormatError, match="is a file"):
         SnapshotStore.open(tmp_path / "plain/data.csv")
-    with pytest.raises(StoreFormatError, match="no vinekv store at"):
-        SnapshotStore.open(tmp_path / "missing", mode="r")
+    for mode in ("r", "r+"):  # `vinekv gc` opens with "r+": a mistyped path is refused, not created
+        with pytest.raises(StoreFormatError, match=f"no vinekv store at .*missing \\(mode '{re.escape(mode)}'"):
+            SnapshotStore.open(tmp_path / "missing", mode=mode)
+        assert not (tmp_path / "missing").exists()
     with pytest.raises(OSError, match="cannot create the store"):
         SnapshotStore.open(tmp_path / "plain/data.csv/sub")
 
@@ -443,7 +446,7 @@ def test_a_run_deleted_and_written_again_reads_the_new_data(tmp_path):
 def test_failed_group_commit_leaves_a_consistent_store(tmp_path, monkeypatch):
     """An fsync error commits nothing of the batch and the ids can be spilled again; a prompt
     that fails to commit takes the trajectories that use it with it (no dangling reference)."""
-    from kvstore.backends import rename as tensorstore_backend
+    from vinekv.kvstore.backends import rename as tensorstore_backend
 
     store = SnapshotStore.open(tmp_path / "s", codec="int8", durability="flush")
     real_fsync = tensorstore_backend._fsync_path

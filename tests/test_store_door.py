@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from _store_worker import LAYOUT, PROMPT_LEN, synthetic_state
 
-from kvstore import (
+from vinekv.kvstore import (
     CorruptChunkError,
     CorruptMetadataError,
     EncodedState,
@@ -75,7 +75,7 @@ _EXIT_WITHOUT_CLOSE = textwrap.dedent(
     """
     import sys
     from _store_worker import PROMPT_LEN, synthetic_state
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     store = SnapshotStore.open(sys.argv[1], codec="lossless", chunk_tokens=64, durability=sys.argv[2])
     for n in range(12):
@@ -109,7 +109,7 @@ _RACING_CLOSE = textwrap.dedent(
     """
     import sys, threading, time
     from _store_worker import PROMPT_LEN, synthetic_state
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     store = SnapshotStore.open(sys.argv[1], codec="int8", chunk_tokens=64, durability="flush")
 
@@ -132,7 +132,7 @@ _OPEN_AFTER_EXIT = textwrap.dedent(
     """
     import sys, threading, time
     from _store_worker import PROMPT_LEN, synthetic_state
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     def late():
         time.sleep(0.2)  # the main thread has ended: the exit hook has run
@@ -305,7 +305,7 @@ def test_data_files_swapped_between_nodes_are_detected(tmp_path):
 def test_malformed_identity_fields_are_named_not_crashed_on(tmp_path):
     """Found by the long campaign's fuzz: a re-sealed node whose ``node`` or ``chunk_hashes`` has
     the wrong type raises `CorruptMetadataError` naming the field (was an AttributeError)."""
-    from kvstore.integrity import seal
+    from vinekv.kvstore.integrity import seal
 
     _two_trajectories(tmp_path / "s")
     path = tmp_path / "s/runs/r/trajectories/t1/zarr.json"

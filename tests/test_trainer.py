@@ -20,11 +20,11 @@ from trainer_kit import (
     trainer_settings,
 )
 
-from kvstore.capture import StalePolicyError
-from kvstore.store import SnapshotStore
-from trainer.rollouts import Rollout
-from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import VinePPOTrainer, rollout_stop_ids
+from vinekv.kvstore.capture import StalePolicyError
+from vinekv.kvstore.store import SnapshotStore
+from vinekv.trainer.rollouts import Rollout
+from vinekv.trainer.vineppo_config import VinePPOConfig
+from vinekv.trainer.vineppo_trainer import VinePPOTrainer, rollout_stop_ids
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +348,41 @@ def test_paper_preset():
     plain = VinePPOConfig(save_directory="/tmp/preset")  # GRPO's defaults but the four the comparison chose
     assert (plain.beta, plain.vineppo_branches, plain.vineppo_whiten_advantages) == (0.04, 4, True)
     assert (plain.vineppo_mode, plain.vineppo_ppo_epochs) == ("full", 2)
+
+
+def test_max_training_steps_counts_updates_the_last_batch_cut_to_fit(tmp_path, tokenizer):
+    """``--steps 3`` with 2 PPO epochs per batch: batches of 2 and 1 updates, 3 in all (it made 4)."""
+    trainer = make_trainer(tmp_path, tokenizer, vineppo_mode="off", vineppo_ppo_epochs=2, max_training_steps=3)
+    state = trainer.train().state
+    assert int(jax.device_get(state.step)) == 3 and not trainer.interrupted
+    assert [(h["step"], h["vineppo/ppo_epochs"]) for h in trainer.history] == [(2, 2), (3, 1)]
+    assert trainer._batch_bar.n == 3 and trainer._batch_bar.desc == "GRPO updates"
+
+
+def test_an_interrupt_mid_training_is_reported_after_easydel_saves(tmp_path, tokenizer):
+    """Ctrl-C during a batch: EasyDeL catches it, saves a checkpoint and returns as if done; the
+    trainer says it was interrupted (so `vinekv train` exits 130, resumable from that checkpoint)."""
+    from vinekv.train import checkpoint_step, latest_checkpoint
+
+    trainer = make_trainer(
+        tmp_path,
+        tokenizer,
+        vineppo_mode="off",
+        max_training_steps=3,
+        do_last_save=True,
+        save_directory=str(tmp_path / "checkpoints"),
+        model_name="policy",
+    )
+    preprocess, calls = trainer._preprocess_batch_input, []
+
+    def interrupted_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return preprocess(*args, **kwargs)
+
+    trainer._preprocess_batch_input = interrupted_on_the_second_batch
+    state = trainer.train().state
+    assert trainer.interrupted and int(jax.device_get(state.step)) == 1 and len(trainer.history) == 1
+    saved = latest_checkpoint(tmp_path)  # <output>/checkpoints/policy/run-1
+    assert saved is not None and checkpoint_step(saved) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.vineppo_config import VinePPOConfig
+from vinekv.trainer.vineppo_config import VinePPOConfig
 
 
 def test_defaults_and_replay_settings():
@@ -77,9 +77,9 @@ def test_every_problem_is_listed_at_once():
 
 
 def test_tempered_sampling_warns_that_the_update_is_off_policy(caplog):
-    with caplog.at_level("WARNING", logger="trainer.vineppo_config"):
+    with caplog.at_level("WARNING", logger="vinekv.trainer.vineppo_config"):
         VinePPOConfig(save_directory="unused", use_esurge_generation=False)
     assert not caplog.records  # pinned T 1: the ratio's log-probs are the sampler's
-    with caplog.at_level("WARNING", logger="trainer.vineppo_config"):
+    with caplog.at_level("WARNING", logger="vinekv.trainer.vineppo_config"):
         VinePPOConfig.paper_preset(save_directory="unused")
     assert "temperature 0.6," in caplog.text and "off-policy" in caplog.text

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 from datasets import Dataset
 from transformers import GenerationConfig
 
-from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import VinePPOTrainer
 from vinekv.models import BYTE_VOCAB, build_model, build_tokenizer
+from vinekv.trainer.vineppo_config import VinePPOConfig
+from vinekv.trainer.vineppo_trainer import VinePPOTrainer
 
 PROMPTS = ["Q: 12+7?\n", "Q: 3*4?\n"]
 PROMPT_LEN, COMPLETION_LEN, GROUP = 16, 16, 4

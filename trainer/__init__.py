@@ -17,20 +17,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvstore.process import silence_xla_logs
+from vinekv.kvstore.process import silence_xla_logs
 
 silence_xla_logs()  # before JAX loads: no screens of XLA CPU-feature lines (unless the user set the level)
 
 _EXPORTS = {
-    "VinePPOConfig": "trainer.vineppo_config",
-    "VinePPOTrainer": "trainer.vineppo_trainer",
-    "estimate_values": "trainer.value_estimation",
-    **{name: "trainer.ppo_baseline" for name in ("PPOBaselineTrainer", "critic_values", "ppo_config")},
-    "ppo_token_loss": "trainer.losses",
-    "Rollout": "trainer.rollouts",
-    "split_rollouts": "trainer.rollouts",
+    "VinePPOConfig": "vinekv.trainer.vineppo_config",
+    "VinePPOTrainer": "vinekv.trainer.vineppo_trainer",
+    "estimate_values": "vinekv.trainer.value_estimation",
+    **{name: "vinekv.trainer.ppo_baseline" for name in ("PPOBaselineTrainer", "critic_values", "ppo_config")},
+    "ppo_token_loss": "vinekv.trainer.losses",
+    "Rollout": "vinekv.trainer.rollouts",
+    "split_rollouts": "vinekv.trainer.rollouts",
     **{
-        name: "trainer.advantages"
+        name: "vinekv.trainer.advantages"
         for name in (
             "anchor_values_to_token_values",
             "fill_values",
@@ -51,7 +51,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 

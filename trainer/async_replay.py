@@ -3,7 +3,7 @@
 The trainer spills a batch's rollouts to the snapshot store and sends the worker the run's name
 with the parameters of the policy that sampled it; the worker rebuilds that policy (same module
 class and config, those parameters: its `policy_fingerprint` must equal the rollouts', or
-`replay_run` refuses the snapshots) and runs `replay.branch_replay.replay_run`, which writes
+`replay_run` refuses the snapshots) and runs `vinekv.replay.branch_replay.replay_run`, which writes
 the MC values into the store. Branch keys depend on the seed, trajectory and state only, so the
 values equal those the trainer would compute itself.
 
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from replay.branch_replay import ReplayConfig, ReplayReport
+from vinekv.replay.branch_replay import ReplayConfig, ReplayReport
 
 Params = dict[str, Any]  # nnx.Param state of a module as a nested dict of numpy arrays
 
@@ -150,10 +150,10 @@ def _serve(conn: Any, setup: WorkerSetup) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # a GPU the trainer uses too
     os.environ.update(setup.env)
-    from kvstore import SnapshotStore
-    from replay.branch_replay import replay_run
-    from replay.engines import open_engine
-    from replay.rewards import weighted_sum
+    from vinekv.kvstore import SnapshotStore
+    from vinekv.replay.branch_replay import replay_run
+    from vinekv.replay.engines import open_engine
+    from vinekv.replay.rewards import weighted_sum
 
     model = setup.blueprint.build()
     reward = weighted_sum(setup.reward_fns, setup.reward_weights)

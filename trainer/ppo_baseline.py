@@ -25,7 +25,7 @@ response[:t] (``_fn.py`` 173-174). Differences from the reference left as they a
 shares the policy's trunk (loss ``pg + vf_coef * vf``; the reference trains a separate critic
 model, src/treetune/models/pretrained_with_value_head.py, whose head has a bias and starts
 N(0, 1/sqrt(hidden + 1))), whitening uses the biased variance, and the KL is a reward penalty,
-not a loss term (``beta`` is 0 in `configs.train.DEFAULT_TRAINER`).
+not a loss term (``beta`` is 0 in `vinekv.configs.train.DEFAULT_TRAINER`).
 
 `critic_values` reads the trained critic's V(s) at given states.
 """
@@ -45,10 +45,10 @@ from easydel.infra.base_state import EasyDeLState
 from easydel.infra.loss_utils import LossMetrics
 from easydel.trainers.proximal_policy_optimization_trainer import PPOConfig, PPOTrainer
 
-from trainer.generation import CompiledGeneration
-from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepsRowIndex, row_fields, with_row_index
-from trainer.vineppo_config import VinePPOConfig
-from trainer.vineppo_trainer import _floats, run_ppo_epochs
+from vinekv.trainer.generation import CompiledGeneration
+from vinekv.trainer.task_fields import ROW_COLUMN, FieldInjector, KeepsRowIndex, row_fields, with_row_index
+from vinekv.trainer.vineppo_config import VinePPOConfig
+from vinekv.trainer.vineppo_trainer import _floats, epochs_this_batch, run_ppo_epochs
 
 # The VinePPO paper's PPO runs (McGill-NLP/VinePPO at efe7228): configs/trainers/ppo_MATH.jsonnet
 # sets gamma 1.0 (line 57), lam 0.96 (line 58) and cliprange_value 0.2 (line 61), but every
@@ -162,7 +162,7 @@ class PPOBaselineTrainer(CompiledGeneration, KeepsRowIndex, PPOTrainer):
             self,
             state,
             lambda: self._preprocess_batch_input(state=state, batch=batch, is_train=True),
-            self.arguments.num_ppo_epochs,
+            epochs_this_batch(self, state, self.arguments.num_ppo_epochs),
         )
         if error is not None:
             return state, metrics, error

@@ -55,7 +55,7 @@ from easydel.trainers.training_utils import (
 from eformer.escale import with_sharding_constraint
 from jax.sharding import PartitionSpec
 
-from trainer.losses import ppo_token_loss
+from vinekv.trainer.losses import ppo_token_loss
 
 TokenLossFn = tp.Callable[[jax.Array, jax.Array, jax.Array, float, float], jax.Array]
 """``(logps, old_logps, advantages, clip_low, clip_high) -> [B, T]`` per-token loss to minimise."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from easydel.trainers.prompt_transforms import GRPOPreprocessTransform
 
-from replay.rewards import accepted_kwargs
+from vinekv.replay.rewards import accepted_kwargs
 
 logger = logging.getLogger(__name__)
 

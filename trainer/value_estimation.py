@@ -2,13 +2,13 @@
 
 ``memory``: every rollout's KV is captured once and held on the host until its branches are
 sampled. ``disk``: each capture chunk is spilled to the snapshot store and dropped; branch
-replay (`replay.branch_replay.replay_run`) reads the prefixes back, so host memory holds one
+replay (`vinekv.replay.branch_replay.replay_run`) reads the prefixes back, so host memory holds one
 chunk plus the store's bounded write queue, whatever the batch size. ``recompute``: only
 tokens are kept; each chunk is re-prefilled right before its branches.
 
 All three capture in the same fixed row chunks and key branches by ``(seed, the state's tokens,
-branch index)`` (`replay.valuation.state_key`), so with the lossless codec they give
-identical values. All three value through `replay.valuation.value_batches`, from snapshots in
+branch index)`` (`vinekv.replay.valuation.state_key`), so with the lossless codec they give
+identical values. All three value through `vinekv.replay.valuation.value_batches`, from snapshots in
 memory or, for ``disk``, the store: ``memory`` all rollouts' states in one batch, ``recompute`` a
 capture chunk's, ``disk`` a batch within ``trajectories_per_call`` and ``batch_kv_mb`` at a time
 (`replay_run`); equal states within a batch are sampled once.
@@ -23,19 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.capture import capture_encoded, capture_with_entropy
-from kvstore.dense_cache import kv_layout
-from kvstore.fingerprint import policy_fingerprint
-from kvstore.schema import ENTROPY_FIELD, GROUP_FIELD, REWARD_FIELD
-from kvstore.state import CachedState
-from kvstore.store import SnapshotStore
-from replay.branch_replay import ReplayConfig, ReplayReport, replay_run
-from replay.engines import BranchEngine, open_engine
-from replay.rewards import RewardFn
-from replay.steps import Splitter
-from replay.valuation import MemorySource, Trajectory, value_batches
-from replay.values import MCRecord
-from trainer.rollouts import Rollout
+from vinekv.kvstore.capture import capture_encoded, capture_with_entropy
+from vinekv.kvstore.dense_cache import kv_layout
+from vinekv.kvstore.fingerprint import policy_fingerprint
+from vinekv.kvstore.schema import ENTROPY_FIELD, GROUP_FIELD, REWARD_FIELD
+from vinekv.kvstore.state import CachedState
+from vinekv.kvstore.store import SnapshotStore
+from vinekv.replay.branch_replay import ReplayConfig, ReplayReport, replay_run
+from vinekv.replay.engines import BranchEngine, open_engine
+from vinekv.replay.rewards import RewardFn
+from vinekv.replay.steps import Splitter
+from vinekv.replay.valuation import MemorySource, Trajectory, value_batches
+from vinekv.replay.values import MCRecord
+from vinekv.trainer.rollouts import Rollout
 
 STRATEGIES = ("memory", "disk", "recompute")
 
@@ -64,7 +64,7 @@ def needs_entropy(config: ReplayConfig) -> bool:
 
 def response_entropy(entropy: np.ndarray | None, prompt_len: int, response_len: int) -> np.ndarray | None:
     """``[T]`` entropy at each response position b (the distribution of response token b), from a
-    sequence's per-position entropies (`kvstore.capture.capture_with_entropy`)."""
+    sequence's per-position entropies (`vinekv.kvstore.capture.capture_with_entropy`)."""
     return None if entropy is None else entropy[prompt_len - 1 : prompt_len - 1 + response_len]
 
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 from easydel.trainers.group_relative_policy_optimization.grpo_config import GRPOConfig
 
-from kvstore.codecs import CODECS
-from kvstore.store import DURABILITY
-from replay.branch_replay import ReplayConfig
-from replay.engines import ENGINES, ESurgeOptions
-from replay.steps import SELECTIONS
-from trainer.value_estimation import STRATEGIES
+from vinekv.kvstore.codecs import CODECS
+from vinekv.kvstore.store import DURABILITY
+from vinekv.replay.branch_replay import ReplayConfig
+from vinekv.replay.engines import ENGINES, ESurgeOptions
+from vinekv.replay.steps import SELECTIONS
+from vinekv.trainer.field_types import check_instance
+from vinekv.trainer.value_estimation import STRATEGIES
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,13 @@ class VinePPOConfig(GRPOConfig):
     lite_branch_max_len: int = field(default=128, metadata={"help": "lite: token budget of a branch"})
 
     def __post_init__(self, max_sequence_length: int | None, quantization_block: int | None):
+        check_instance(self)  # a value of the wrong type (from a TOML file) is named before it is compared
         super().__post_init__(max_sequence_length, quantization_block)
         checks = [
+            (
+                self.max_training_steps is None or self.max_training_steps >= 1,
+                f"max_training_steps must be >= 1 (policy updates) or None, got {self.max_training_steps}",
+            ),
             (self.vineppo_mode in MODES, f"vineppo_mode must be one of {MODES}, got {self.vineppo_mode!r}"),
             (self.vineppo_engine in ENGINES, f"vineppo_engine must be one of {ENGINES}, got {self.vineppo_engine!r}"),
             (

@@ -14,7 +14,7 @@ Each training step:
    and clipping act, and runs ``vineppo_ppo_epochs`` updates on the batch.
 
 ``vineppo_offline_run`` trains from a store run whose trajectories already carry MC values
-(``fields.mc``, written by `replay.branch_replay.replay_run` / ``vinekv replay``) instead of
+(``fields.mc``, written by `vinekv.replay.branch_replay.replay_run` / ``vinekv replay``) instead of
 generating: each prompt of the batch takes the stored trajectories of the same prompt tokens.
 """
 
@@ -41,24 +41,30 @@ from easydel.utils.compiling_utils import ejit
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from kvstore.backends.factory import is_local
-from kvstore.fingerprint import policy_fingerprint
-from kvstore.policy import check_policy
-from kvstore.store import SnapshotStore
-from replay.branch_replay import ReplayConfig, score_completions
-from replay.engines import BranchEngine, esurge_internals, open_engine
-from replay.rewards import weighted_sum
-from replay.steps import Splitter
-from replay.values import MCRecord, branch_returns
-from trainer.advantages import normalize_batch, trajectory_advantages
-from trainer.async_replay import PolicyBlueprint, ReplayWorker, WorkerSetup
-from trainer.generation import CompiledGeneration
-from trainer.losses import ppo_token_loss
-from trainer.ppo_step import STATIC_ARGNUMS, ppo_step
-from trainer.rollouts import Rollout, pad_rows, split_rollouts
-from trainer.task_fields import ROW_COLUMN, FieldInjector, KeepsRowIndex, row_fields, with_row_index
-from trainer.value_estimation import EstimationStats, estimate_values, needs_entropy, spill_rollouts, stored_values
-from trainer.vineppo_config import VinePPOConfig
+from vinekv.kvstore.backends.factory import is_local
+from vinekv.kvstore.fingerprint import policy_fingerprint
+from vinekv.kvstore.policy import check_policy
+from vinekv.kvstore.store import SnapshotStore
+from vinekv.replay.branch_replay import ReplayConfig, score_completions
+from vinekv.replay.engines import BranchEngine, esurge_internals, open_engine
+from vinekv.replay.rewards import weighted_sum
+from vinekv.replay.steps import Splitter
+from vinekv.replay.values import MCRecord, branch_returns
+from vinekv.trainer.advantages import normalize_batch, trajectory_advantages
+from vinekv.trainer.async_replay import PolicyBlueprint, ReplayWorker, WorkerSetup
+from vinekv.trainer.generation import CompiledGeneration
+from vinekv.trainer.losses import ppo_token_loss
+from vinekv.trainer.ppo_step import STATIC_ARGNUMS, ppo_step
+from vinekv.trainer.rollouts import Rollout, pad_rows, split_rollouts
+from vinekv.trainer.task_fields import ROW_COLUMN, FieldInjector, KeepsRowIndex, row_fields, with_row_index
+from vinekv.trainer.value_estimation import (
+    EstimationStats,
+    estimate_values,
+    needs_entropy,
+    spill_rollouts,
+    stored_values,
+)
+from vinekv.trainer.vineppo_config import VinePPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +113,7 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         self.step_callbacks: list[StepCallback] = []
         self._given_model = model.model if isinstance(model, EasyDeLState) else model  # see resumed_into
         self.history: list[dict[str, float]] = []
+        self.interrupted = False  # set when training ended on an interrupt (EasyDeL saved and returned)
         self._session = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # store run prefix
         train_dataset, eval_dataset = with_row_index(train_dataset), with_row_index(eval_dataset)
         self._dataset_rows = {True: train_dataset, False: eval_dataset}
@@ -237,13 +244,23 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         if desc != "training process" or disabled:
             return super().create_progress_bar(total, desc, disabled)
         done = min(int(jax.device_get(self.model_state.step)), total)  # > 0 when resumed from a checkpoint
-        self._batch_bar = tqdm(total=total, initial=done, desc="VinePPO updates", unit="update")
+        method = {"off": "GRPO", "lite": "VinePPO-Lite", "full": "VinePPO"}[self.arguments.vineppo_mode]
+        self._batch_bar = tqdm(total=total, initial=done, desc=f"{method} updates", unit="update")
         return NullProgressBar()
+
+    def _prepare_training_output(self, state: EasyDeLState, run_exception: BaseException | None = None) -> tp.Any:
+        """EasyDeL's end of training (it saves a checkpoint after an interrupt, then returns as if
+        done); ``interrupted`` tells the caller it was an interrupt (Ctrl-C)."""
+        self.interrupted = isinstance(run_exception, KeyboardInterrupt)
+        return super()._prepare_training_output(state, run_exception)
 
     def _fast_forward_batches(self, data_iter: tp.Any, dataloader: tp.Any, num_batches: int) -> tp.Any:
         """On resume EasyDeL skips one batch per optimizer step; a batch here makes
-        ``vineppo_ppo_epochs`` steps, so a state at step N has consumed N / epochs batches."""
-        return super()._fast_forward_batches(data_iter, dataloader, num_batches // self.arguments.vineppo_ppo_epochs)
+        ``vineppo_ppo_epochs`` steps (the last one of a run maybe fewer), so a state at step N
+        has consumed ceil(N / epochs) batches."""
+        return super()._fast_forward_batches(
+            data_iter, dataloader, batches_done(num_batches, self.arguments.vineppo_ppo_epochs)
+        )
 
     def _advance_bar(self, entry: dict[str, float]) -> None:
         bar = getattr(self, "_batch_bar", None)
@@ -595,7 +612,7 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         policy before the previous update) and valued by the worker meanwhile; before waiting for
         its values, the next batch is generated by the current policy and queued for the worker."""
         if self._pending is None:  # the first update (of this run or after a resume): its batch is not generated yet
-            self._generations = int(jax.device_get(state.step)) // self.arguments.vineppo_ppo_epochs
+            self._generations = batches_done(int(jax.device_get(state.step)), self.arguments.vineppo_ppo_epochs)
             self._pending = self._generate_for_worker(state, batch)
         ahead = self._lookahead if self.data_collator is None else self.data_collator(self._lookahead)
         current, self._pending = self._pending, self._generate_for_worker(state, ahead)
@@ -660,13 +677,14 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
             prepare = lambda: self._async_batch(state, batch)  # noqa: E731
         else:
             prepare = lambda: self._preprocess_batch_input(state=state, batch=batch, is_train=True)  # noqa: E731
-        state, metrics, informations, error = run_ppo_epochs(self, state, prepare, self.arguments.vineppo_ppo_epochs)
+        epochs = epochs_this_batch(self, state, self.arguments.vineppo_ppo_epochs)
+        state, metrics, informations, error = run_ppo_epochs(self, state, prepare, epochs)
         if error is not None:
             return state, metrics, error
         replay_s = informations.get("vineppo/replay_seconds", 0.0)
         informations["vineppo/step_seconds"] = time.perf_counter() - start
         informations["vineppo/replay_time_share"] = replay_s / max(informations["vineppo/step_seconds"], 1e-9)
-        informations["vineppo/ppo_epochs"] = self.arguments.vineppo_ppo_epochs
+        informations["vineppo/ppo_epochs"] = epochs
         if metrics.other_metrics is not None:
             informations.update(metrics.other_metrics)
         entry = {"step": int(jax.device_get(state.step)), "loss": float(metrics.loss), **_floats(informations)}
@@ -678,6 +696,20 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         _log_batch(self.history[-1])
         self._advance_bar(self.history[-1])
         return state, metrics.replace(other_metrics=informations), None
+
+
+def batches_done(step: int, epochs: int) -> int:
+    """Batches a run at optimizer step ``step`` has trained on, ``epochs`` updates per batch (the
+    last batch of a run stopped at ``max_training_steps`` may have had fewer)."""
+    return -(-step // epochs)
+
+
+def epochs_this_batch(trainer: tp.Any, state: EasyDeLState, epochs: int) -> int:
+    """``epochs`` updates on the next batch, or fewer so that the run makes exactly
+    ``max_training_steps`` updates (``--steps 3`` with 2 epochs: batches of 2 and 1)."""
+    limit = trainer.max_training_steps
+    left = epochs if limit is None else limit - int(jax.device_get(state.step))
+    return max(1, min(epochs, left))
 
 
 def run_ppo_epochs(

@@ -30,17 +30,66 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 
-from kvstore.backends.interface import GC_GRACE_S
-from kvstore.codecs import CODECS
+from vinekv.kvstore.backends.interface import GC_GRACE_S
+from vinekv.kvstore.codecs import CODECS
 from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
+from vinekv.trainer.field_types import did_you_mean
 
 silence_xla_logs()
 
 
+def bounded(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse type: ``kind`` (int or float) in ``[low, high]`` (``(low, high]`` when
+    ``above``), so a bad value is refused naming the option before anything loads."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT = bounded(int, 1)  # counts of things: >= 1
+NON_NEGATIVE = bounded(int, 0)  # seeds, intervals where 0 means off
+SECONDS = bounded(float, 0)
+POSITIVE = bounded(float, 0, above=True)
+PROBABILITY_MASS = bounded(float, 0, 1, above=True)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped option, verb or choice."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = {o for p in self._parsers() for a in p._actions for o in a.option_strings}
+            for token in unknown.group(1).split():
+                if token.startswith("--"):
+                    message += did_you_mean(token.split("=")[0], options)
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+        super().error(message)
+
+    def _parsers(self) -> list[argparse.ArgumentParser]:
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        return [self, *(p for a in subs for p in a.choices.values())]
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from configs import DemoConfig, load
+    from vinekv.configs import DemoConfig, load
     from vinekv.demo import format_report, run_demo
 
     overrides = {
@@ -60,8 +109,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from configs import TrainConfig, load
-    from vinekv.train import format_training, run_training
+    from vinekv.configs import TrainConfig, load
+    from vinekv.train import NothingToDo, format_training, run_training
 
     if args.offline_store and not args.offline_run:  # it would silently move the online job's store
         raise ValueError("--offline-store needs --offline-run (the online job's store is <output>/kv)")
@@ -89,7 +138,12 @@ def _train(args: argparse.Namespace) -> int:
             "trainer": {**config.trainer, **{k: v for k, v in overrides.items() if v is not None}},
         }
     )
-    print(format_training(run_training(config)))
+    try:
+        report = run_training(config)
+    except NothingToDo as done:
+        print(f"vinekv train: nothing to do: {done}")
+        return 0
+    print(format_training(report))
     return 0
 
 
@@ -101,7 +155,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     with SnapshotStore.open(args.store, mode="r") as store:
         runs = args.run or store.runs()
@@ -116,7 +170,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from kvstore import SnapshotStore
+    from vinekv.kvstore import SnapshotStore
 
     with SnapshotStore.open(args.store, mode="r+") as store:  # opening for writing sweeps first
         report = store.collect_garbage(args.grace)
@@ -131,9 +185,9 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from replay import ReplayConfig
-    from replay.branch_replay import parse_shard
-    from replay.engines import ESurgeOptions
+    from vinekv.replay import ReplayConfig
+    from vinekv.replay.branch_replay import parse_shard
+    from vinekv.replay.engines import ESurgeOptions
 
     shard = parse_shard(args.shard) if args.shard else None  # before the model loads
     if args.ray is None and (args.workers is not None or args.worker_gpus is not None):
@@ -164,7 +218,7 @@ def _replay(args: argparse.Namespace) -> int:
         "esurge_options": esurge,
     }
     if args.ray is not None:
-        from replay.ray_replay import ReplayWorkerError, replay_run_ray
+        from vinekv.replay.ray_replay import ReplayWorkerError, replay_run_ray
 
         try:
             report = replay_run_ray(
@@ -182,13 +236,16 @@ def _replay(args: argparse.Namespace) -> int:
             print(f"vinekv replay: error: {err}", file=sys.stderr)
             return 2
     else:
-        from kvstore import SnapshotStore
-        from replay import replay_run
+        from vinekv.kvstore import SnapshotStore
+        from vinekv.replay import replay_run
         from vinekv.specs import load_model, load_reward
 
-        model, tokenizer = load_model(args.model)
         reward = load_reward(args.reward)
-        with SnapshotStore.open(args.store, mode="r+") as store:
+        with SnapshotStore.open(args.store, mode="r+") as store:  # the store and run exist before the model loads
+            runs = store.runs()
+            if args.run not in runs:
+                raise ValueError(f"no run {args.run!r} in {args.store}{did_you_mean(args.run, runs)}; runs: {runs}")
+            model, tokenizer = load_model(args.model)
             report = replay_run(store, args.run, model, tokenizer, reward, config, shard=shard, **options)
     print(_replay_summary(report) + ("" if args.ray is None else _ray_summary(report)))
     return 0
@@ -243,23 +300,25 @@ def compare_options(parser: argparse.ArgumentParser) -> None:
         "--methods",
         help="comma-separated subset of off (GRPO), ppo (PPO with a value network), lite, full (default all four)",
     )
-    parser.add_argument("--seeds", type=int, help="runs per method (default 5)")
-    parser.add_argument("--updates", type=int, help="policy updates per run (default 60)")
-    parser.add_argument("--eval-every", type=int, help="updates between held-out evaluations (default 10)")
-    parser.add_argument("--budget-s", type=float, help="train every run for this many seconds instead (default 0: off)")
-    parser.add_argument("--max-updates", type=int, help="cap on updates with --budget-s (default 400)")
-    parser.add_argument("--eval-problems", type=int, help="held-out problems (default 400)")
+    parser.add_argument("--seeds", type=COUNT, help="runs per method (default 5)")
+    parser.add_argument("--updates", type=COUNT, help="policy updates per run (default 60)")
+    parser.add_argument("--eval-every", type=COUNT, help="updates between held-out evaluations (default 10)")
+    parser.add_argument(
+        "--budget-s", type=SECONDS, help="train every run for this many seconds instead (default 0: off)"
+    )
+    parser.add_argument("--max-updates", type=COUNT, help="cap on updates with --budget-s (default 400)")
+    parser.add_argument("--eval-problems", type=COUNT, help="held-out problems (default 400)")
     parser.add_argument(
         "--lite-anchor-stride",
-        type=int,
+        type=COUNT,
         help="Lite: an extra anchor every N response tokens (default 8; longer than a response: the final anchor only)",
     )
 
 
 def compare_config(args: argparse.Namespace):
     """`CompareConfig` from ``--config`` (if any) with the options given on top."""
-    from configs import load
     from vinekv.compare import CompareConfig
+    from vinekv.configs import load
 
     overrides = {
         "methods": None if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
@@ -292,12 +351,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vinekv", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = Parser(prog="vinekv", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="snapshot/resume demo on a tiny random model")
     demo.add_argument("--config", help="TOML file with DemoConfig fields (see configs/demo.toml)")
     demo.add_argument("--family", help="model family: llama, qwen2, qwen3, mistral (default llama)")
-    demo.add_argument("--seed", type=int, help="seed of the model weights and the sampling keys (default 0)")
+    demo.add_argument("--seed", type=NON_NEGATIVE, help="seed of the model weights and the sampling keys (default 0)")
     demo.add_argument("--kv-dtype", choices=["float32", "bfloat16"], help="dtype of the KV cache (default float32)")
     demo.add_argument("--store", help="snapshot store path to keep (default: a temporary store)")
     demo.add_argument(
@@ -313,11 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="TOML file with TrainConfig fields (default: configs/train.toml's values)")
     train.add_argument("--mode", choices=["off", "lite", "full"], help="vineppo_mode (default full; off = GRPO)")
     train.add_argument("--strategy", choices=["memory", "disk", "recompute"], help="KV cache strategy (default disk)")
-    train.add_argument("--steps", type=int, help="optimizer steps = batches x vineppo_ppo_epochs (default 60)")
     train.add_argument(
-        "--eval-every", type=int, help="held-out greedy accuracy every N updates during training (default 10; 0: off)"
+        "--steps",
+        type=COUNT,
+        help="policy updates (default 60): vineppo_ppo_epochs per batch, the last batch cut to make exactly N",
     )
-    train.add_argument("--seed", type=int, help="seed of the training problems and sampling keys (default 0)")
+    train.add_argument(
+        "--eval-every",
+        type=NON_NEGATIVE,
+        help="held-out greedy accuracy every N updates during training (default 10; 0: off)",
+    )
+    train.add_argument("--seed", type=NON_NEGATIVE, help="seed of the training problems and sampling keys (default 0)")
     train.add_argument(
         "--output", help="folder for the store, checkpoints, metrics.jsonl and plot (default runs/train)"
     )
@@ -339,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--save-steps",
-        type=int,
+        type=COUNT,
         help="also checkpoint every N optimizer steps (default: only the final policy, in <output>/checkpoints)",
     )
     train.add_argument(
@@ -362,18 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollout.add_argument(
         "--problems",
-        type=int,
+        type=COUNT,
         default=16,
         help="arithmetic problems: the first N that `vinekv train --seed S` trains on (default 16)",
     )
-    rollout.add_argument("--group", type=int, default=4, help="responses per problem (default 4)")
+    rollout.add_argument("--group", type=COUNT, default=4, help="responses per problem (default 4)")
     rollout.add_argument(
-        "--seed", type=int, default=0, help="problems' seed (as vinekv train --seed) and sampling seed (default 0)"
+        "--seed",
+        type=NON_NEGATIVE,
+        default=0,
+        help="problems' seed (as vinekv train --seed) and sampling seed (default 0)",
     )
-    rollout.add_argument("--max-tokens", type=int, default=40, help="token budget of a response (default 40)")
-    rollout.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    rollout.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1: off)")
-    rollout.add_argument("--top-k", type=int, default=0, help="top-k (default 0: off)")
+    rollout.add_argument("--max-tokens", type=COUNT, default=40, help="token budget of a response (default 40)")
+    rollout.add_argument("--temperature", type=POSITIVE, default=1.0, help="sampling temperature (default 1)")
+    rollout.add_argument("--top-p", type=PROBABILITY_MASS, default=1.0, help="nucleus mass (default 1: off)")
+    rollout.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="top-k (default 0: off)")
     rollout.add_argument("--codec", choices=sorted(CODECS), default="int8", help="codec of a new store (default int8)")
     rollout.set_defaults(func=_rollout)
     comparison = sub.add_parser(
@@ -410,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("store", help="store path or TensorStore kvstore URL")
     gc.add_argument(
         "--grace",
-        type=float,
+        type=SECONDS,
         default=GC_GRACE_S,
         help=f"object stores: keep unmarked attempts younger than this many seconds (default {GC_GRACE_S:g}), "
         "which may be writes in flight; local stores sweep only when no other writer is active",
@@ -436,38 +504,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument(
         "--branches",
-        type=int,
+        type=COUNT,
         default=8,
         help="K branches per state (adaptive: per round); a run valued with fewer gets only the missing ones",
     )
-    replay.add_argument("--max-tokens", type=int, default=64, help="token budget of a branch")
+    replay.add_argument("--max-tokens", type=COUNT, default=64, help="token budget of a branch")
     replay.add_argument(
-        "--horizon", type=int, help="the rollouts' token budget: a branch from response position b gets <= horizon - b"
+        "--horizon",
+        type=COUNT,
+        help="the rollouts' token budget: a branch from response position b gets <= horizon - b",
     )
     replay.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature of the branches (default 1)"
+        "--temperature", type=SECONDS, default=1.0, help="sampling temperature of the branches (default 1)"
     )
-    replay.add_argument("--top-p", type=float, default=1.0, help="nucleus mass of the branches (default 1: off)")
-    replay.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    replay.add_argument(
+        "--top-p", type=PROBABILITY_MASS, default=1.0, help="nucleus mass of the branches (default 1: off)"
+    )
+    replay.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="0: no top-k")
     replay.add_argument(
         "--sampler",
         choices=["generate", "esurge"],
         default="generate",
         help="whose order of temperature/top-k/top-p to follow: the rollouts' generation path",
     )
-    replay.add_argument("--max-states", type=int, help="full mode: cap on valued states per trajectory")
+    replay.add_argument("--max-states", type=COUNT, help="full mode: cap on valued states per trajectory")
     replay.add_argument(
         "--state-selection", choices=["first", "spread", "entropy"], default="first", help="which states a cap values"
     )
-    replay.add_argument("--anchor-stride", type=int, help="lite mode: also an anchor every N response tokens")
+    replay.add_argument("--anchor-stride", type=COUNT, help="lite mode: also an anchor every N response tokens")
     replay.add_argument(
         "--unfinished-reward",
         default="0",
         help="return of a branch cut off by its budget, or 'none' to score it as it is (default 0)",
     )
-    replay.add_argument("--max-branches", type=int, help="adaptive K: cap on branches per state")
-    replay.add_argument("--adaptive-ci", type=float, help="adaptive K: target 95%% CI half-width of a state's value")
-    replay.add_argument("--seed", type=int, default=0, help="run seed of the branch keys")
+    replay.add_argument("--max-branches", type=COUNT, help="adaptive K: cap on branches per state")
+    replay.add_argument("--adaptive-ci", type=POSITIVE, help="adaptive K: target 95%% CI half-width of a state's value")
+    replay.add_argument("--seed", type=NON_NEGATIVE, default=0, help="run seed of the branch keys")
     replay.add_argument(
         "--engine",
         choices=["auto", "vanilla", "esurge"],
@@ -476,10 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument(
         "--esurge-page-budget-mb",
-        type=float,
+        type=POSITIVE,
         help="eSurge engine: MiB of KV pages (default: 16 on CPU, eSurge's own sizing on accelerators)",
     )
-    replay.add_argument("--esurge-page-size", type=int, default=16, help="eSurge engine: tokens per page (default 16)")
+    replay.add_argument(
+        "--esurge-page-size", type=COUNT, default=16, help="eSurge engine: tokens per page (default 16)"
+    )
     replay.add_argument("--metrics", help="append one JSON line per trajectory here")
     spread = replay.add_mutually_exclusive_group()
     spread.add_argument(
@@ -497,10 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cluster at ADDRESS (host:port, auto, ray://host:port) or, without ADDRESS, on a new local Ray instance; "
         "a worker that dies loses only its unfinished trajectory, which another worker values (docs/distributed.md)",
     )
-    replay.add_argument("--workers", type=int, help="with --ray: Ray actors valuing the run (default 2)")
+    replay.add_argument("--workers", type=COUNT, help="with --ray: Ray actors valuing the run (default 2)")
     replay.add_argument(
         "--worker-gpus",
-        type=float,
+        type=SECONDS,
         help="with --ray: GPUs per worker (default 0; Ray hides the GPUs from a worker that asks for none)",
     )
     replay.add_argument("--allow-stale", action="store_true", help="value snapshots of another policy")
@@ -513,14 +587,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+AFTER_INTERRUPT = {
+    "train": "committed batches and checkpoints are kept; continue with --resume",
+    "rollout": "trajectories spilled before it are committed; sample again into a new --run",
+    "replay": "values written before it are kept; run the same command again to value the rest",
+    "compare": "finished runs are in compare.json",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    from kvstore.store import StoreError
+    """Runs a verb; exit codes: 0 done, 1 a check found problems (demo, verify), 2 bad input or
+    a failed job (one line on stderr naming it), 130 interrupted (Ctrl-C)."""
+    from vinekv.kvstore.store import StoreError
 
     args = build_parser().parse_args(argv)
     enable_compilation_cache()
     quiet_logs()
     try:
         return args.func(args)
+    except KeyboardInterrupt as err:
+        after = str(err) or AFTER_INTERRUPT.get(args.command, "what was committed before it is kept")
+        print(f"\nvinekv {args.command}: interrupted; {after}", file=sys.stderr)
+        return INTERRUPTED
     except (StoreError, ValueError, TypeError, OSError, KeyError) as err:
         print(f"vinekv {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ class CompareConfig:
       lite_anchor_stride: Lite's extra anchor every N response tokens (None: final anchor only;
         the final anchor alone leaves almost nothing to learn from, docs/benchmarks.md).
       warmup: `vinekv.tasks.warmup.WarmupConfig` fields over its defaults (the starting policy).
-      trainer: `VinePPOConfig` fields over `configs.train.DEFAULT_TRAINER` for every method
+      trainer: `VinePPOConfig` fields over `vinekv.configs.train.DEFAULT_TRAINER` for every method
         (``ppo`` maps them with `trainer.ppo_baseline.ppo_config`).
     """
 
@@ -74,8 +74,7 @@ class CompareConfig:
     def trainer_settings(self, method: str, seed: int, out: Path) -> dict[str, Any]:
         """`vinekv train`'s settings (`DEFAULT_TRAINER`) for ``method``, KV kept in memory
         (``ppo``: the settings `ppo_config` maps, its ``vineppo_mode`` unused)."""
-        from configs.train import DEFAULT_TRAINER, job_trainer
-        from vinekv.train import job_settings
+        from vinekv.configs.train import DEFAULT_TRAINER, job_settings, job_trainer
 
         return {
             **job_settings(out, seed),
@@ -97,11 +96,11 @@ def build_trainer(method: str, seed: int, config: CompareConfig, train_data: Any
     """``(trainer, warmed)``: ``method``'s trainer (`PPOBaselineTrainer` for ``ppo``, else
     `VinePPOTrainer`) on the cached warm-up ``warmed`` (`vinekv.tasks.warmup.warm_up`), training
     on ``train_data`` shuffled by ``seed`` with ``config``'s settings, its files under ``out``."""
-    from trainer.ppo_baseline import PPOBaselineTrainer, ppo_config
-    from trainer.vineppo_config import VinePPOConfig
-    from trainer.vineppo_trainer import VinePPOTrainer
     from vinekv.tasks.arithmetic import reward
     from vinekv.tasks.warmup import WarmupConfig, warm_up
+    from vinekv.trainer.ppo_baseline import PPOBaselineTrainer, ppo_config
+    from vinekv.trainer.vineppo_config import VinePPOConfig
+    from vinekv.trainer.vineppo_trainer import VinePPOTrainer
 
     warmed = warm_up(WarmupConfig(**config.warmup), progress=False)
     settings = config.trainer_settings(method, seed, out / f"{method}-{seed}")
@@ -135,8 +134,8 @@ def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_
     """One training run: its accuracy curve (``updates``, ``train_seconds``, ``greedy``,
     ``sampled`` per evaluation), the seconds of each batch and the trainer's per-batch metrics
     (``history``: PPO's value loss, VinePPO's MC statistics, ...)."""
-    from trainer.vineppo_trainer import VinePPOTrainer
     from vinekv.tasks.warmup import accuracy
+    from vinekv.trainer.vineppo_trainer import VinePPOTrainer
 
     trainer, warmed = build_trainer(method, seed, config, train_data, out)
     updates = trainer.arguments.max_training_steps
@@ -154,7 +153,12 @@ def run_one(method: str, seed: int, config: CompareConfig, held_out: Any, train_
                 "sampled": accuracy(model, warmed.tokenizer, held_out, temperature=1.0, seed=seed),
             }
         )
-        print(f"  {LABELS[method]} seed {seed}: {curve[-1]}", flush=True)
+        point = curve[-1]
+        print(
+            f"  {LABELS[method]} seed {seed}: update {point['updates']}, greedy {point['greedy']:.3f}, "
+            f"sampled {point['sampled']:.3f}, {point['train_seconds']:.0f} s of training",
+            flush=True,
+        )
         clock["since"] = time.perf_counter()
 
     execute = trainer._execute_train_step
@@ -252,43 +256,70 @@ def plot_comparison(config: CompareConfig, results: list[dict], path: Path) -> P
 
 
 def format_comparison(config: CompareConfig, results: list[dict]) -> str:
-    """Per method: updates, median batch seconds, greedy and sampled accuracy before -> after
-    (mean +- 95% t-interval over seeds), the greedy gain over GRPO paired by seed, and the
-    updates and seconds the mean curve takes to reach the best baseline's (GRPO's or PPO's) peak."""
+    """A table, one row per method: seeds, updates, median batch seconds, greedy and sampled
+    accuracy before -> after (mean +- 95% t-interval over seeds), the greedy gain over GRPO paired
+    by seed, and the updates and seconds the mean curve takes to reach the best baseline's (GRPO's
+    or PPO's) peak."""
+    from rich import box
+    from rich.table import Table
+
     from vinekv.compare_stats import curves, first_reaching, mean_ci, paired_difference
 
     by_method = {m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in config.methods}
+    by_method = {m: runs for m, runs in by_method.items() if runs}
     aligned = all(len({tuple(c["updates"] for c in r["curve"]) for r in runs}) == 1 for runs in by_method.values())
     peak = None
     if aligned and not config.budget_s:
-        means = {m: curves(runs, "greedy")[2].mean(0) for m, runs in by_method.items() if m in BASELINES and runs}
+        means = {m: curves(runs, "greedy")[2].mean(0) for m, runs in by_method.items() if m in BASELINES}
         if means:
             best = max(means, key=lambda m: means[m].max())
             peak = (best, float(means[best].max()))
-    lines = []
+    table = Table(
+        title=f"held-out accuracy, {config.eval_problems} problems", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for column in ("method", "seeds", "updates", "median batch", "greedy", "sampled", "greedy vs GRPO"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    if peak is not None:
+        table.add_column(f"reaches {LABELS[peak[0]]}'s peak {peak[1]:.3f}", justify="right", no_wrap=True)
+    grpo = by_method.get("off")
     for method, runs in by_method.items():
         first = np.array([[r["curve"][0]["greedy"], r["curve"][0]["sampled"]] for r in runs])
         last = np.array([[r["curve"][-1]["greedy"], r["curve"][-1]["sampled"]] for r in runs])
-        updates = [r["curve"][-1]["updates"] for r in runs]
-        step = np.median([s for r in runs for s in r["step_seconds"][1:]] or [np.nan])
-        greedy, sampled = mean_ci(last[:, 0]), mean_ci(last[:, 1])
-        line = (
-            f"{LABELS[method]:13s} {len(runs)} seeds, updates {np.mean(updates):.0f}, median batch {step:.1f} s; "
-            f"greedy {first[:, 0].mean():.3f} -> {greedy[0]:.3f} +- {greedy[1]:.3f}, "
-            f"sampled {first[:, 1].mean():.3f} -> {sampled[0]:.3f} +- {sampled[1]:.3f}"
-        )
-        grpo = by_method.get("off")
+        batches = [s for r in runs for s in r["step_seconds"][1:]]  # the first batch compiles
+        cells = [
+            LABELS[method],
+            str(len(runs)),
+            f"{np.mean([r['curve'][-1]['updates'] for r in runs]):.0f}",
+            f"{np.median(batches):.1f} s" if batches else "-",
+            *(f"{first[:, i].mean():.3f} -> {_interval(*mean_ci(last[:, i]))}" for i in (0, 1)),
+        ]
         if method != "off" and grpo and [r["seed"] for r in grpo] == [r["seed"] for r in runs]:
-            gain = paired_difference(last[:, 0], np.array([r["curve"][-1]["greedy"] for r in grpo]))
-            line += f"; greedy vs GRPO {gain[0]:+.3f} +- {gain[1]:.3f}"
+            cells.append(
+                _interval(*paired_difference(last[:, 0], np.array([r["curve"][-1]["greedy"] for r in grpo])), "+")
+            )
+        else:
+            cells.append("-")
         if peak is not None:
             reached = first_reaching(*_mean_curve(runs), peak[1])
-            line += f"; reaches {LABELS[peak[0]]}'s peak {peak[1]:.3f} after " + (
-                f"{reached[0]} updates, {reached[1]:.0f} s" if reached else "never"
-            )
-        lines.append(line)
-    lines.append("(+- : 95% t-interval over seeds; 'vs GRPO': paired by seed)")
-    return "\n".join(lines)
+            cells.append(f"{reached[0]} updates, {reached[1]:.0f} s" if reached else "never")
+        table.add_row(*cells)
+    table.caption = "+- : 95% t-interval over seeds (none for one seed); 'vs GRPO': paired by seed"
+    return render(table)
+
+
+def _interval(mean: float, half: float, sign: str = "") -> str:
+    return f"{mean:{sign}.3f}" + ("" if np.isnan(half) else f" +- {half:.3f}")
+
+
+def render(renderable: Any, width: int = 240) -> str:
+    """A rich renderable (a table) as plain text, the same on a terminal and in a file."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
+    console.print(renderable)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().strip("\n").splitlines())
 
 
 def _mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,11 +20,11 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from configs import DemoConfig
-from kvstore import SnapshotStore, StoreSize, extract_state, policy_fingerprint, resume_from_state
-from kvstore.schema import MC_FIELD
-from replay import ReplayConfig, ReplayReport, decode, prefill, replay_run, row_keys_for
+from vinekv.configs import DemoConfig
+from vinekv.kvstore import SnapshotStore, StoreSize, extract_state, policy_fingerprint, resume_from_state
+from vinekv.kvstore.schema import MC_FIELD
 from vinekv.models import build_model, build_tokenizer
+from vinekv.replay import ReplayConfig, ReplayReport, decode, prefill, replay_run, row_keys_for
 
 RUN = "demo"
 

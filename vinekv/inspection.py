@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.schema import ENTROPY_FIELD, MC_FIELD, REWARD_FIELD, TrajectoryNode
-from replay.values import MCRecord
+from vinekv.kvstore.schema import ENTROPY_FIELD, MC_FIELD, REWARD_FIELD, TrajectoryNode
+from vinekv.replay.values import MCRecord
 
 LAMBDA = 0.95  # mc_gae's lambda for Lite advantages (trajectory_advantages' default)
 HIDDEN_FIELDS = (MC_FIELD, REWARD_FIELD, ENTROPY_FIELD)  # shown as columns, or too long to show
@@ -406,7 +406,7 @@ def build_steps(
 ) -> tuple[list[Step], np.ndarray | None]:
     """The steps of a response (its text decoded by ``decode(ids) -> str``) with their MC
     statistics and advantages; the token advantages ``[T]`` (None without reward or values)."""
-    from trainer.advantages import trajectory_advantages
+    from vinekv.trainer.advantages import trajectory_advantages
 
     n = len(response_ids)
     if record is None:
@@ -567,10 +567,10 @@ def inspect_store(
     Raises:
       ValueError: ``trajectory`` without ``run``, ``plot`` without ``trajectory``.
       FileNotFoundError: no such local store folder.
-      kvstore.store.StoreError: not a store, unknown run or trajectory.
+      vinekv.kvstore.store.StoreError: not a store, unknown run or trajectory.
     """
-    from kvstore import SnapshotStore
-    from kvstore.store import MissingEntryError
+    from vinekv.kvstore import SnapshotStore
+    from vinekv.kvstore.store import MissingEntryError
 
     if trajectory is not None and run is None:
         raise ValueError("--trajectory needs --run (trajectory ids are unique within a run)")

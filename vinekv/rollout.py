@@ -79,9 +79,9 @@ def sample_rollouts(
     """
     from easydel.inference.sampling_params import SamplingParams
 
-    from kvstore.capture import capture_state
-    from replay.sampler import generate_branches
-    from trainer.rollouts import Rollout
+    from vinekv.kvstore.capture import capture_state
+    from vinekv.replay.sampler import generate_branches
+    from vinekv.trainer.rollouts import Rollout
 
     params = SamplingParams(
         n=config.group,
@@ -124,10 +124,10 @@ def sample_run(
     columns), scores them with ``reward`` and spills every trajectory into ``run`` (a new run)."""
     from tqdm.auto import tqdm
 
-    from kvstore import SnapshotStore
-    from replay.branch_replay import score_completions
-    from trainer.task_fields import row_fields
-    from trainer.value_estimation import spill_rollouts
+    from vinekv.kvstore import SnapshotStore
+    from vinekv.replay.branch_replay import score_completions
+    from vinekv.trainer.task_fields import row_fields
+    from vinekv.trainer.value_estimation import spill_rollouts
 
     rows = [dataset[i] for i in range(len(dataset))]
     with SnapshotStore.open(store_path, mode="a", codec=codec) as store:

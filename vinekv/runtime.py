@@ -1,7 +1,7 @@
 """Process-wide JAX settings shared by the CLI, tests and benchmarks (they live in
-`kvstore.process`, the bottom layer, so replay workers can use them too)."""
+`vinekv.kvstore.process`, the bottom layer, so replay workers can use them too)."""
 
-from kvstore.process import (  # noqa: F401 (the names the CLI, tests and benchmarks import from here)
+from vinekv.kvstore.process import (  # noqa: F401 (the names the CLI, tests and benchmarks import from here)
     DEFAULT_CACHE_DIR,
     enable_compilation_cache,
     quiet_logs,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from replay.ray_replay import load_object
+from vinekv.replay.ray_replay import load_object
 
 
 def load_model(spec: str) -> tuple[Any, Any]:

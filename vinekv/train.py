@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from configs import TrainConfig
+from vinekv.configs import TrainConfig
+from vinekv.configs.train import CHECKPOINT_MODEL_NAME
 
 COLUMNS = (
     ("step", "step", "{:.0f}"),
@@ -73,29 +74,6 @@ class TrainReport:
 
 
 METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_MODEL_NAME = "policy"  # checkpoints go to <output>/checkpoints/policy/run-<step>
-
-
-def job_settings(output: Path, seed: int, checkpoints: bool = False, resume: bool = False) -> dict:
-    """Trainer settings of a local job writing under ``output``: no wandb, compiled generation,
-    the store in ``output/kv``, one log line per step; with ``checkpoints`` the final policy is
-    saved under ``output/checkpoints``, with ``resume`` training continues from the latest one."""
-    return {
-        "save_directory": str(output / "checkpoints"),
-        "model_name": CHECKPOINT_MODEL_NAME,
-        "do_last_save": checkpoints,
-        "resume_if_possible": resume,
-        "use_esurge_generation": False,
-        "use_wandb": False,
-        "do_eval": False,
-        "shuffle_train_dataset": False,
-        "progress_bar_type": "json",
-        "track_memory": False,
-        "report_steps": 1,
-        "log_steps": 1,
-        "generation_seed": seed,
-        "vineppo_store": str(output / "kv"),
-    }
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -107,13 +85,33 @@ def latest_checkpoint(output: Path) -> Path | None:
     return None if found is None else Path(found)
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The update a checkpoint folder (``run-<step>``, as EasyDeL names them) was saved at."""
+    prefix, _, step = checkpoint.name.rpartition("-")
+    if prefix != "run" or not step.isdigit():
+        raise ValueError(f"{checkpoint}: not a checkpoint folder of `vinekv train` (run-<step>)")
+    return int(step)
+
+
+def after_interrupt(output: Path) -> str:
+    """What an interrupted job left to continue from, in one line."""
+    latest = latest_checkpoint(output)
+    if latest is None:
+        return f"no checkpoint under {output / 'checkpoints'} yet (--save-steps N saves along the way)"
+    return f"checkpoint at update {checkpoint_step(latest)} kept ({latest}); continue with --resume"
+
+
+class NothingToDo(Exception):
+    """A resumed job whose checkpoint already reached its ``max_training_steps``."""
+
+
 def load_policy(output: str | Path, warmup: dict | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)``: the task policy of the newest checkpoint a `vinekv train` job wrote
     under ``output`` (its warm-up, per ``warmup`` WarmupConfig fields, gives the module)."""
     from easydel.infra.base_state import EasyDeLState
 
-    from trainer.vineppo_trainer import resumed_into
     from vinekv.tasks.warmup import WarmupConfig, warm_up
+    from vinekv.trainer.vineppo_trainer import resumed_into
 
     checkpoint = latest_checkpoint(Path(output))
     if checkpoint is None:
@@ -255,16 +253,12 @@ def _gsm8k_setup(config: TrainConfig) -> TaskSetup:
 
 def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     """Trains per ``config`` and returns accuracies, per-step metrics and where the outputs are."""
-    from kvstore import SnapshotStore
-    from trainer.vineppo_config import VinePPOConfig
-    from trainer.vineppo_trainer import VinePPOTrainer
+    from vinekv.kvstore import SnapshotStore
+    from vinekv.trainer.vineppo_trainer import VinePPOTrainer
 
     seconds = {}
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    setup = task_setup(config, progress)
-    seconds["warm-up" if config.task == "arithmetic" else "loading"] = time.perf_counter() - start
+    arguments = config.trainer_arguments()
     latest = latest_checkpoint(output)
     if config.resume and latest is None:
         raise ValueError(f"resume: {output / 'checkpoints'} holds no checkpoint of an earlier run to resume from")
@@ -273,8 +267,15 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
             f"{output} already holds a checkpoint ({latest}): resume from it (--resume), "
             "or give another --output (or remove the folder) to start afresh"
         )
-    settings = job_settings(output, config.seed, checkpoints=config.checkpoints, resume=config.resume)
-    arguments = VinePPOConfig(**{**settings, **config.trainer})
+    if config.resume and checkpoint_step(latest) >= arguments.max_training_steps:
+        raise NothingToDo(
+            f"the checkpoint {latest} is at update {checkpoint_step(latest)}, already at or past "
+            f"--steps {arguments.max_training_steps}: nothing trained, nothing changed (give more --steps to continue)"
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    setup = task_setup(config, progress)
+    seconds["warm-up" if config.task == "arithmetic" else "loading"] = time.perf_counter() - start
     store = arguments.vineppo_store
     trainer = VinePPOTrainer(
         arguments=arguments,
@@ -295,8 +296,12 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
     start = time.perf_counter()
     try:
         trained = trainer.train().state.model
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(after_interrupt(output)) from None
     finally:
         trainer.close()
+    if trainer.interrupted:  # EasyDeL caught the interrupt and saved a checkpoint
+        raise KeyboardInterrupt(after_interrupt(output))
     seconds["training"] = time.perf_counter() - start
     start = time.perf_counter()
     after = held_out_accuracy(trained, setup, config)

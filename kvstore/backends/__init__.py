@@ -6,5 +6,5 @@
   marker      `MarkerCommit`: object stores and ``memory://`` (attempt prefixes + conditional markers)
   factory     `open_backend`: the backend of a location
 
-Both implementations share TensorStore's I/O (`kvstore.tensorstore_backend.TensorStoreBackend`).
+Both implementations share TensorStore's I/O (`vinekv.kvstore.tensorstore_backend.TensorStoreBackend`).
 """

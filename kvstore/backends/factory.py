@@ -8,9 +8,9 @@ from typing import Any
 
 import tensorstore as ts
 
-from kvstore.backends.marker import MarkerCommit
-from kvstore.backends.rename import RenameCommit
-from kvstore.tensorstore_backend import TensorStoreBackend
+from vinekv.kvstore.backends.marker import MarkerCommit
+from vinekv.kvstore.backends.rename import RenameCommit
+from vinekv.kvstore.tensorstore_backend import TensorStoreBackend
 
 
 def open_backend(

@@ -29,10 +29,10 @@ from typing import Any
 
 import tensorstore as ts
 
-from kvstore.backends.interface import GC_GRACE_S, GarbageReport, GarbageScope
-from kvstore.errors import CorruptMetadataError, StoreError
-from kvstore.integrity import ATTEMPT, check_sealed
-from kvstore.tensorstore_backend import TensorStoreBackend, group_json
+from vinekv.kvstore.backends.interface import GC_GRACE_S, GarbageReport, GarbageScope
+from vinekv.kvstore.errors import CorruptMetadataError, StoreError
+from vinekv.kvstore.integrity import ATTEMPT, check_sealed
+from vinekv.kvstore.tensorstore_backend import TensorStoreBackend, group_json
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kvstore.backends.interface import GC_GRACE_S, GarbageReport, GarbageScope, GroupCommit
-from kvstore.errors import CorruptMetadataError, MissingEntryError
-from kvstore.tensorstore_backend import TensorStoreBackend, group_json
+from vinekv.kvstore.backends.interface import GC_GRACE_S, GarbageReport, GarbageScope, GroupCommit
+from vinekv.kvstore.errors import CorruptMetadataError, MissingEntryError
+from vinekv.kvstore.tensorstore_backend import TensorStoreBackend, group_json
 
 STAGING = ".staging"
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvstore.codecs.base import KVCodec, zarr_chunk_codecs
-from kvstore.codecs.int4 import Int4Codec
-from kvstore.codecs.int8 import Int8Codec
-from kvstore.codecs.lossless import LosslessCodec
+from vinekv.kvstore.codecs.base import KVCodec, zarr_chunk_codecs
+from vinekv.kvstore.codecs.int4 import Int4Codec
+from vinekv.kvstore.codecs.int8 import Int8Codec
+from vinekv.kvstore.codecs.lossless import LosslessCodec
 
 CODECS: dict[str, type[KVCodec]] = {"lossless": LosslessCodec, "int8": Int8Codec, "int4": Int4Codec}
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.codecs.base import KVCodec, StoredArray, check_zstd_level, token_entries
+from vinekv.kvstore.codecs.base import KVCodec, StoredArray, check_zstd_level, token_entries
 
 QMAX = 15
 INV_QMAX = np.float32(1 / QMAX)  # a first guess of scale only; the result is fixed by the exact ceil test

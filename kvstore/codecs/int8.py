@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.codecs.base import KV_DIMS, KVCodec, StoredArray, check_zstd_level
+from vinekv.kvstore.codecs.base import KV_DIMS, KVCodec, StoredArray, check_zstd_level
 
 QMAX = 127
 INV_QMAX = np.float32(1 / QMAX)

@@ -7,7 +7,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from kvstore.codecs.base import KV_DIMS, KVCodec, StoredArray, check_zstd_level
+from vinekv.kvstore.codecs.base import KV_DIMS, KVCodec, StoredArray, check_zstd_level
 
 # zarr-python 3 cannot read bfloat16 arrays, so bfloat16 is stored as its uint16 bit pattern.
 _BITS = {"bfloat16": np.uint16}

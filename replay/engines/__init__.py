@@ -10,10 +10,10 @@ from typing import Any
 
 import jax
 
-from replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
-from replay.engines.esurge import CPU_PAGE_BUDGET_MB, ESurgeEngine, ESurgeOptions
-from replay.engines.esurge_internals import ESurgeUnavailable
-from replay.engines.vanilla import DEFAULT_MAX_ROWS, VanillaEngine
+from vinekv.replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
+from vinekv.replay.engines.esurge import CPU_PAGE_BUDGET_MB, ESurgeEngine, ESurgeOptions
+from vinekv.replay.engines.esurge_internals import ESurgeUnavailable
+from vinekv.replay.engines.vanilla import DEFAULT_MAX_ROWS, VanillaEngine
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.state import CachedState
-from replay.decode import Sampling
+from vinekv.kvstore.state import CachedState
+from vinekv.replay.decode import Sampling
 
 
 @dataclasses.dataclass
@@ -27,7 +27,7 @@ class Branches:
       lengths: ``[K]`` tokens per branch.
       finish_reasons: ``"eos"``, ``"stop"`` (stop token id or stop string) or ``"length"``.
       logprobs: K float32 arrays, the log-prob of each sampled token under the sampling
-        distribution (see `replay.sample_tokens`); None from engines that do not report them
+        distribution (see `vinekv.replay.sample_tokens`); None from engines that do not report them
         (eSurge's scheduler returns no sampled-token log-probs).
     """
 
@@ -51,7 +51,7 @@ class BranchSampling:
       temperature: 0 is greedy.
       top_k: 0 is off.
       top_p: 1 is off.
-      sampler: whose truncation order (``"generate"`` or ``"esurge"``, `replay.truncated_logits`).
+      sampler: whose truncation order (``"generate"`` or ``"esurge"``, `vinekv.replay.truncated_logits`).
       eos_ids: token ids that end a branch as ``"eos"``.
       stop_ids: token ids that end a branch as ``"stop"``.
       stop_strings: texts that end a branch as ``"stop"`` (need a tokenizer).
@@ -107,7 +107,7 @@ class BranchEngine(abc.ABC):
         Args:
           states: single-row snapshots, positions >= 2.
           sampling: how branches are drawn and where they end.
-          keys: ``[len(states) * k, 2]`` PRNG keys, state by state (`replay.branch_keys`).
+          keys: ``[len(states) * k, 2]`` PRNG keys, state by state (`vinekv.replay.branch_keys`).
           budgets: ``[len(states)]`` most tokens per branch of each state.
           tokenizer: for ``sampling.stop_strings``.
 

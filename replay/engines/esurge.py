@@ -7,7 +7,7 @@ share them (each holds a reference; nothing is copied K times). eSurge prefills 
 the partial last page and the last token (at most ``page_size`` tokens; it always recomputes the
 last prompt token to get the next-token logits). Pages are released after the batch.
 
-Sampling follows eSurge's sampler (top-k, then top-p, then temperature, `replay.truncated_logits`
+Sampling follows eSurge's sampler (top-k, then top-p, then temperature, `vinekv.replay.truncated_logits`
 ``sampler="esurge"``). eSurge has no per-request keys: it draws every row from one engine key
 folded with the row's batch slot. The engine key is reset from the batch's first branch key
 before each batch and batches are scheduled synchronously, so the same call (same states, K,
@@ -30,10 +30,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from kvstore.dense_cache import kv_layout
-from kvstore.state import CachedState
-from replay.engines import esurge_internals as internals
-from replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
+from vinekv.kvstore.dense_cache import kv_layout
+from vinekv.kvstore.state import CachedState
+from vinekv.replay.engines import esurge_internals as internals
+from vinekv.replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
 
 logger = logging.getLogger(__name__)
 

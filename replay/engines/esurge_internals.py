@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvstore.dense_cache import kv_layout
+from vinekv.kvstore.dense_cache import kv_layout
 
 TESTED_EASYDEL = "0.3.0"
 # Seed of eSurge's page-hash chain. eSurge draws it from os.urandom unless PYTHONHASHSEED is set.
@@ -367,7 +367,7 @@ def check_layout(engine: Any, model: Any, tolerance: float = 0.05) -> None:
     the one `_write_pages` / `_read_pages` assume (relative error above ``tolerance``)."""
     from easydel.inference.sampling_params import SamplingParams
 
-    from kvstore.capture import capture_state
+    from vinekv.kvstore.capture import capture_state
 
     size = page_size(engine)
     tokens = (np.arange(size + 3) * 7 + 3) % int(model.config.get_text_config().vocab_size)

@@ -1,7 +1,7 @@
 """The dense engine: branches of many states decoded through a fixed set of dense-cache rows.
 
 A call's states sit once each in a pool (a dense cache, one row per snapshot less its last
-token); `replay.decode_pool` runs the whole loop on the device: rows take the next waiting
+token); `vinekv.replay.decode_pool` runs the whole loop on the device: rows take the next waiting
 branch as theirs end (continuous batching), copy its state's row from the pool, re-run the
 state's last token (one token, not a prefill) and sample until an EOS / stop id or the budget.
 Rows, pool sizes and cache lengths are bucketed (powers of two; multiples of 16 positions), so
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.dense_cache import cache_from_states, kv_bytes_per_token
-from kvstore.state import CachedState
-from replay.decode import decode_pool
-from replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
+from vinekv.kvstore.dense_cache import cache_from_states, kv_bytes_per_token
+from vinekv.kvstore.state import CachedState
+from vinekv.replay.decode import decode_pool
+from vinekv.replay.engines.base import BranchEngine, Branches, BranchSampling, cut_at_stop_strings
 
 LENGTH_BUCKET = 16
 DEFAULT_MAX_ROWS = 64

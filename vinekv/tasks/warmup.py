@@ -250,10 +250,10 @@ def solved(
 ) -> np.ndarray:
     """``[N]`` grades of the policy on each problem of ``dataset`` (``prompt``/``answer`` columns):
     greedy (``temperature=0``) or sampled completions of up to ``max_new_tokens``, cut at the
-    first stop token (`replay.sampler.eos_token_ids`), graded by
+    first stop token (`vinekv.replay.sampler.eos_token_ids`), graded by
     ``grade(prompts, completions, answer)`` (default: the arithmetic verifier, 0 or 1)."""
-    from replay.decode import decode, prefill, row_keys_for
-    from replay.sampler import eos_token_ids
+    from vinekv.replay.decode import decode, prefill, row_keys_for
+    from vinekv.replay.sampler import eos_token_ids
 
     prompts, answers = list(dataset["prompt"]), list(dataset["answer"])
     stops = np.fromiter(eos_token_ids(model, tokenizer), np.int64)
