@@ -9,6 +9,7 @@ import ctypes.util
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_CACHE_DIR = ".jax_cache"
@@ -52,12 +53,18 @@ def enable_compilation_cache(path: str | Path | None = None) -> Path:
     """Turns on JAX's persistent compilation cache in a project-local folder.
 
     The folder is ``path``, else ``$VINEKV_JAX_CACHE``, else ``./.jax_cache``. Every compiled
-    program is kept, so a second run of the same shapes skips compilation.
+    program is kept, so a second run of the same shapes skips compilation. EasyDeL's kernels
+    (ejkernel's ``@ejit``) point JAX's cache at ``$COMPILE_FUNC_DIR`` (default
+    ``~/.cache/ejkernel-cache``) whenever one is defined, so that is set to the same folder.
     """
     import jax
 
     folder = Path(path or os.environ.get("VINEKV_JAX_CACHE") or DEFAULT_CACHE_DIR).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    os.environ["COMPILE_FUNC_DIR"] = str(folder)  # read when ejkernel is imported
+    ejit = sys.modules.get("ejkernel.callib._ejit")
+    if ejit is not None:  # already imported: its later @ejit definitions read the module's value
+        ejit.COMPILE_FUNC_DIR = str(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -28,6 +28,7 @@ MC_FIELD = "mc"  # a trajectory's MC values (`vinekv.replay.values.MCRecord`), w
 REWARD_FIELD = "vinekv_reward"  # the rollout's reward
 GROUP_FIELD = "vinekv_group"  # the rollout's prompt group in its batch
 ENTROPY_FIELD = "vinekv_entropy"  # ``[T]`` the policy's entropy at each response position
+ROLLOUT_FIELD = "vinekv_rollout"  # a run's field: how its rollouts were sampled (`vinekv.replay.config.RolloutRecipe`)
 OWN_FIELD_PREFIX = "vinekv_"  # fields vinekv writes besides ``mc``: not given to reward functions
 RESERVED_FIELDS = (MC_FIELD,)  # written by `replay_run` (`annotate`), never by `spill`
 RESERVED_NAMES = ("zarr.json",)  # the store's own file names
@@ -133,10 +134,12 @@ class RootMeta:
 @dataclasses.dataclass(frozen=True)
 class RunNode:
     """A run's attributes: its generation (a fresh id each time the run is created; None: a run
-    made before generations) and creation time (s since the epoch)."""
+    made before generations), creation time (s since the epoch) and JSON fields about the whole
+    run (`ROLLOUT_FIELD`: how its rollouts were sampled; empty for runs made before them)."""
 
     generation: str | None
     created: float | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     kind = "run"
 
@@ -146,10 +149,14 @@ class RunNode:
         generation = attrs.get("generation")
         if generation is not None and not isinstance(generation, str):
             raise CorruptMetadataError(f"{where}: generation must be a str, got {generation!r}")
-        return cls(generation, attrs.get("created"))
+        fields = attrs.get("fields", {})
+        if not isinstance(fields, dict):
+            raise CorruptMetadataError(f"{where}: fields must be a JSON object, got {type(fields).__name__}")
+        return cls(generation, attrs.get("created"), fields)
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"kind": self.kind, "created": self.created, "generation": self.generation}
+        attrs = {"kind": self.kind, "created": self.created, "generation": self.generation}
+        return {**attrs, "fields": self.fields} if self.fields else attrs  # runs without fields keep their seal
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,7 @@ from vinekv.kvstore.reads import NodeReader, ReadPlan, read_sealed
 from vinekv.kvstore.schema import (
     NODE_GROUPS,
     RootMeta,
+    RunNode,
     TrajectoryNode,
     check_chunk_tokens,
     check_chunking,
@@ -58,7 +59,15 @@ from vinekv.kvstore.schema import (
 )
 from vinekv.kvstore.state import CachedState, EncodedState, KVLayout
 from vinekv.kvstore.tensorstore_backend import group_json
-from vinekv.kvstore.writes import NodeWriter, checked_spill, close_at_exit, exit_started, jsonable, update_fields
+from vinekv.kvstore.writes import (
+    NodeWriter,
+    checked_spill,
+    close_at_exit,
+    exit_started,
+    jsonable,
+    update_fields,
+    update_run_fields,
+)
 
 DEFAULT_CHUNK_TOKENS = 64
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
@@ -360,6 +369,23 @@ class SnapshotStore:
             self._reader.run(run)
             raise
         self._reader.trajectory(run, tid, fresh=True)
+
+    def annotate_run(self, run: str, **fields: Any) -> None:
+        """Merges JSON-able ``fields`` into the run's own fields (`run_fields`), atomically, as
+        `annotate` does for a trajectory; e.g. how the run's rollouts were sampled."""
+        self._check_writable()
+        run = check_name("run", run)
+        update_run_fields(self._backend, run, jsonable(fields))
+
+    def run_fields(self, run: str) -> dict[str, Any]:
+        """The run's own fields as stored now (``{}`` for a run nothing was recorded about);
+        `MissingEntryError` if there is no such run."""
+        self._check_open()
+        key = run_prefix(check_name("run", run)) + "zarr.json"
+        attrs = read_sealed(self._backend, key)
+        if attrs is None:
+            raise MissingEntryError(f"no run {run!r} in the store (runs: {self.runs()})")
+        return dict(RunNode.from_attrs(attrs, self._backend.location(key)).fields)
 
     # -- reading ---------------------------------------------------------------------------
     def runs(self) -> list[str]:

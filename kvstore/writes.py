@@ -307,6 +307,22 @@ def update_fields(backend: Backend, run: str, tid: str, fields: dict[str, Any], 
     backend.update_json(key, merge)
 
 
+def update_run_fields(backend: Backend, run: str, fields: dict[str, Any]) -> None:
+    """Merges ``fields`` into a run's fields in one atomic metadata update (serialised with other
+    writers'); `MissingEntryError` if there is no such run. The generation stays."""
+    key = run_prefix(run) + "zarr.json"
+    where = backend.location(key)
+
+    def merge(document: dict[str, Any] | None) -> bytes:
+        if document is None:
+            raise MissingEntryError(f"no run {run!r} in the store")
+        node = RunNode.from_attrs(check_sealed(group_attrs(document, where), where), where)
+        merged = dataclasses.replace(node, fields={**node.fields, **fields})
+        return group_json({"vinekv": seal(merged.to_attrs())})
+
+    backend.update_json(key, merge)
+
+
 def _codes(codec: KVCodec, state: CachedState | EncodedState, lo: int, hi: int | None) -> dict[str, StoredArray] | None:
     """Stored arrays of tokens ``[lo, hi)`` (``hi`` None: to the end) of a spilled state, which
     is either the prompt (``lo == 0``) or the response; None when the part has no tokens."""

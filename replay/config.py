@@ -161,3 +161,49 @@ class ReplayConfig:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _COUNT_FIELDS}
         fields["branch_keys"] = BRANCH_KEYS
         return hashlib.blake2b(json.dumps(fields, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+# The settings a rollout recipe fixes for a replay of its run (`ReplayConfig` field names).
+RECIPE_SAMPLING = ("horizon", "temperature", "top_p", "top_k", "sampler", "stop_token_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutRecipe:
+    """How a run's rollouts were sampled, recorded in the run (`vinekv.kvstore.schema.ROLLOUT_FIELD`)
+    so that a later replay samples its branches like them and scores them with the same reward.
+
+    Attributes:
+      horizon: the rollouts' token budget (None: not bounded); a branch from response position b
+        then gets at most ``horizon - b`` tokens.
+      temperature, top_p, top_k, sampler, stop_token_ids: the rollouts' sampling, as `ReplayConfig`.
+      policy, reward: specs of the policy and reward function (`vinekv.specs`), None when there is
+        none (a policy in the middle of training, a reward given as a Python function).
+    """
+
+    horizon: int | None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    sampler: str = "generate"
+    stop_token_ids: tuple[int, ...] = ()
+    policy: str | None = None
+    reward: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(sorted(int(i) for i in self.stop_token_ids)))
+
+    @classmethod
+    def of(cls, config: ReplayConfig, policy: str | None = None, reward: str | None = None) -> RolloutRecipe:
+        """The recipe of rollouts sampled as ``config``'s branches are (the trainer samples both alike)."""
+        return cls(**{name: getattr(config, name) for name in RECIPE_SAMPLING}, policy=policy, reward=reward)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "stop_token_ids": list(self.stop_token_ids)}
+
+    @classmethod
+    def from_fields(cls, fields: Any, where: str) -> RolloutRecipe:
+        """The recipe stored in a run; ``ValueError`` naming ``where`` if it is not one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or not set(fields) <= known or "horizon" not in fields:
+            raise ValueError(f"{where}: not a rollout recipe: {fields!r}")
+        return cls(**fields)

@@ -167,3 +167,54 @@ def test_compare_prints_a_table_with_intervals_not_nan():
     )
     assert "nan" not in one and "0.400 -> 0.500 " in one  # one seed: no interval; one batch: no median
     assert np.isclose(12.706 * np.std([0.1, 0.2], ddof=1) / np.sqrt(2), 0.635, atol=5e-4)
+
+
+def test_the_compilation_cache_stays_in_the_project_folder(tmp_path):
+    """The README says JAX's compilation cache lives in `.jax_cache/`; EasyDeL's kernels repointed
+    it to ~/.cache/ejkernel-cache whenever one was defined, before or after the cache was set."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, jax\n"
+        "if sys.argv[1] == 'late': import easydel\n"
+        "from vinekv.kvstore.process import enable_compilation_cache\n"
+        "folder = enable_compilation_cache()\n"
+        "import easydel\n"
+        "from vinekv.models import build_model\n"
+        "build_model('llama')\n"
+        "import vinekv.replay.engines\n"
+        "print(folder, jax.config.jax_compilation_cache_dir)\n"
+    )
+    for order in ("early", "late"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, order], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == [str(tmp_path / ".jax_cache")] * 2, order
+
+
+def test_replay_settings_come_from_the_run_unless_given():
+    from vinekv.replay.config import RolloutRecipe
+    from vinekv.replay_defaults import replay_settings
+
+    recipe = RolloutRecipe(40, temperature=0.7, top_k=5, stop_token_ids=(9,), policy="task", reward=None)
+    none = dict.fromkeys(("horizon", "temperature", "top_p", "top_k", "sampler", "model", "reward"))
+    settings, recorded = replay_settings(none, recipe, "r1")
+    assert settings == {
+        "horizon": 40,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "top_k": 5,
+        "sampler": "generate",
+        "stop_token_ids": (9,),
+        "model": "task",
+        "reward": "letters",  # not recorded: the fallback
+    }
+    assert recorded == ["horizon", "temperature", "top_p", "top_k", "sampler", "stop_token_ids", "model"]
+    given, _ = replay_settings({**none, "temperature": 0.7, "model": "task:runs/a"}, recipe, "r1")
+    assert given["model"] == "task:runs/a" and given["temperature"] == 0.7  # agreeing, or a policy spec: taken
+    with pytest.raises(ValueError, match=r"--top-k 0 contradicts run 'r1': .* top_k 5 \(recorded in the run\)"):
+        replay_settings({**none, "top_k": 0}, recipe, "r1")
+    fallback, recorded = replay_settings({**none, "horizon": 64}, None, "old")
+    assert fallback["horizon"] == 64 and fallback["model"] == "tiny" and recorded == []

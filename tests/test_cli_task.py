@@ -50,9 +50,25 @@ def test_rollout_replay_then_offline_training(short_cache, capsys):
     assert main(["rollout", store, "--run", "r1", "--policy", policy]) == 2
     assert "already exists" in capsys.readouterr().err
 
-    replay = ["replay", store, "--run", "r1", "--model", policy, "--reward", "task", "--branches", "2"]
-    assert main([*replay, "--max-tokens", "40", "--horizon", "40"]) == 0
-    assert "replayed 4 trajectories" in capsys.readouterr().out
+    with SnapshotStore.open(store, mode="r") as reader:  # how the rollouts were sampled, for replay
+        assert reader.run_fields("r1")["vinekv_rollout"] == {
+            "horizon": 40,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "sampler": "generate",
+            "stop_token_ids": [],
+            "policy": policy,
+            "reward": "task",
+        }
+    replay = ["replay", store, "--run", "r1", "--branches", "2"]
+    assert main([*replay, "--horizon", "64"]) == 2  # contradicts the record: refused before any model loads
+    assert "--horizon 64 contradicts run 'r1': its rollouts were sampled with horizon 40" in capsys.readouterr().err
+    assert main([*replay, "--max-tokens", "40"]) == 0  # policy, reward, horizon and sampling from the run
+    out = capsys.readouterr().out
+    recorded = "horizon 40, temperature 1.0, top_p 1.0, top_k 0, sampler generate"
+    assert f"from the run's rollout recipe: {recorded}, model {policy}, reward task" in out
+    assert "replayed 4 trajectories" in out
     with SnapshotStore.open(store, mode="r") as reader:
         infos = [reader.trajectory_info("r1", t) for t in reader.trajectories("r1")]
     records = [MCRecord.from_fields(info["fields"]["mc"]) for info in infos]

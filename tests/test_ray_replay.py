@@ -121,7 +121,7 @@ def test_clear_errors(local_ray, stored, capsys):
     path, _ = stored
     with pytest.raises(ConnectionError, match="no Ray cluster at '127.0.0.1:1'"):
         replay_run_ray(path, RUN, MODEL, "letters", address="127.0.0.1:1")
-    with pytest.raises(ReplayWorkerError, match="could not start .* No module named 'no_such_module'"):
+    with pytest.raises(ReplayWorkerError, match=r"could not start .* no module named 'no_such_module' \(is it on PY"):
         replay_run_ray(path, RUN, MODEL, "no_such_module:reward", num_workers=1, progress=False)
     with pytest.raises(ValueError, match="num_workers must be an int >= 1, got 0"):
         replay_run_ray(path, RUN, MODEL, "letters", num_workers=0)

@@ -51,6 +51,8 @@ def test_gsm8k_job_on_a_local_model_folder(tmp_path, capsys):
     with SnapshotStore.open(tmp_path / "out" / "kv", mode="r") as store:
         (run,) = store.runs()
         infos = [store.trajectory_info(run, t) for t in store.trajectories(run)]
+        recipe = store.run_fields(run)["vinekv_rollout"]  # the trainer records how it sampled
+    assert (recipe["horizon"], recipe["temperature"], recipe["policy"], recipe["reward"]) == (12, 1.0, None, None)
     assert len(infos) == 4  # 2 prompts x 2 responses
     assert {i["fields"]["answer"] for i in infos} == {"5", "8"} and all("mc" in i["fields"] for i in infos)
     with pytest.raises(ValueError, match=r"task 'gsm8k' needs \['eval_data', 'train_data'\]"):

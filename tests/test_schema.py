@@ -136,3 +136,35 @@ def test_writing_and_reading_host_arrays_never_imports_jax(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_run_fields_are_sealed_kept_across_writers_and_leave_the_generation(tmp_path):
+    """`annotate_run` merges fields into the run's metadata (the rollout recipe lives there): sealed
+    like the rest, the generation unchanged, and an edit of the stored fields is refused by name."""
+    from vinekv.kvstore import StoreError
+    from vinekv.kvstore.schema import RunNode
+
+    path = tmp_path / "s"
+    with SnapshotStore.open(path, codec="lossless") as store:
+        store.spill("r", "t0", synthetic_state(0, length=80), PROMPT_LEN)
+        store.flush()
+        before = _stored_attrs(path, "runs/r")
+        assert "fields" not in before and store.run_fields("r") == {}  # runs without fields keep their old seal
+        store.annotate_run("r", vinekv_rollout={"horizon": 40}, note="a")
+        with SnapshotStore.open(path, mode="r+") as other:
+            other.annotate_run("r", note="b")
+        assert store.run_fields("r") == {"vinekv_rollout": {"horizon": 40}, "note": "b"}
+        after = _stored_attrs(path, "runs/r")
+        assert after["generation"] == before["generation"] and seal(RunNode.from_attrs(after, "r").to_attrs()) == after
+        with pytest.raises(StoreError, match="no run 'q'"):
+            store.annotate_run("q", note="x")
+        with pytest.raises(TypeError):
+            store.annotate_run("r", note=object())
+        assert store.read_prefix("r", "t0", 80).position == 80  # reads go on across the run's new metadata
+    doc = json.loads((path / "runs/r/zarr.json").read_text())
+    doc["attributes"]["vinekv"]["fields"]["note"] = "edited"
+    (path / "runs/r/zarr.json").write_text(json.dumps(doc))
+    with SnapshotStore.open(path, mode="r") as store, pytest.raises(CorruptMetadataError, match="runs/r/zarr.json"):
+        store.run_fields("r")
+    with pytest.raises(CorruptMetadataError, match="fields must be a JSON object"):
+        RunNode.from_attrs({"kind": "run", "generation": "g", "fields": [1]}, "r")

@@ -26,10 +26,11 @@ import numpy as np
 from vinekv.kvstore.capture import capture_encoded, capture_with_entropy
 from vinekv.kvstore.dense_cache import kv_layout
 from vinekv.kvstore.fingerprint import policy_fingerprint
-from vinekv.kvstore.schema import ENTROPY_FIELD, GROUP_FIELD, REWARD_FIELD
+from vinekv.kvstore.schema import ENTROPY_FIELD, GROUP_FIELD, REWARD_FIELD, ROLLOUT_FIELD
 from vinekv.kvstore.state import CachedState
 from vinekv.kvstore.store import SnapshotStore
 from vinekv.replay.branch_replay import ReplayConfig, ReplayReport, replay_run
+from vinekv.replay.config import RolloutRecipe
 from vinekv.replay.engines import BranchEngine, open_engine
 from vinekv.replay.rewards import RewardFn
 from vinekv.replay.steps import Splitter
@@ -219,9 +220,11 @@ def spill_rollouts(
     entropy: bool = False,
     stats: EstimationStats | None = None,
     batch_rows: int = 8,
+    recipe: RolloutRecipe | None = None,
 ) -> EstimationStats:
     """Captures every rollout's KV (``batch_rows`` at a time), encodes it with the store's codec
-    on the device (only the codes reach the host) and spills it to ``run``, then flushes.
+    on the device (only the codes reach the host) and spills it to ``run``, then flushes; records
+    ``recipe`` (how the rollouts were sampled) in the run for later replays.
 
     Trajectory ``trajectory_id(rollout.row)`` gets ``fields[i]`` plus ``vinekv_group``, the
     reward as ``vinekv_reward`` (when ``rewards`` is given) and, with ``entropy``, the policy's
@@ -247,6 +250,8 @@ def spill_rollouts(
         chunk_bytes = state.nbytes + (chunk_bytes if index % batch_rows else 0)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, chunk_bytes)
     store.flush()
+    if recipe is not None:
+        store.annotate_run(run, **{ROLLOUT_FIELD: recipe.to_fields()})
     stats.seconds["capture"] += capture_seconds
     stats.seconds["spill"] += time.perf_counter() - start - capture_seconds
     if store.is_local:  # elsewhere `size` would read every stored byte back
@@ -267,7 +272,8 @@ def _estimate_from_store(
     if store is None or not run:
         raise ValueError("strategy 'disk' needs a store and a run name")
     try:
-        spill_rollouts(store, run, model, rollouts, fields, rewards, needs_entropy(config), stats, batch_rows)
+        recipe = RolloutRecipe.of(config)
+        spill_rollouts(store, run, model, rollouts, fields, rewards, needs_entropy(config), stats, batch_rows, recipe)
         start = time.perf_counter()
         stats.replay = replay_run(
             store,

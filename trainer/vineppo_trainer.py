@@ -46,6 +46,7 @@ from vinekv.kvstore.fingerprint import policy_fingerprint
 from vinekv.kvstore.policy import check_policy
 from vinekv.kvstore.store import SnapshotStore
 from vinekv.replay.branch_replay import ReplayConfig, score_completions
+from vinekv.replay.config import RolloutRecipe
 from vinekv.replay.engines import BranchEngine, esurge_internals, open_engine
 from vinekv.replay.rewards import weighted_sum
 from vinekv.replay.steps import Splitter
@@ -655,6 +656,7 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
             generated.rewards,
             needs_entropy(generated.config),
             batch_rows=args.vineppo_capture_rows,
+            recipe=RolloutRecipe.of(generated.config),
         )
         if self._replay_worker is None:
             self._replay_worker = ReplayWorker(self._worker_setup)

@@ -185,22 +185,39 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
+    from vinekv.kvstore import SnapshotStore
+    from vinekv.kvstore.schema import ROLLOUT_FIELD
     from vinekv.replay import ReplayConfig
     from vinekv.replay.branch_replay import parse_shard
+    from vinekv.replay.config import RolloutRecipe
     from vinekv.replay.engines import ESurgeOptions
+    from vinekv.replay_defaults import replay_settings
+    from vinekv.specs import load_model, load_reward
 
     shard = parse_shard(args.shard) if args.shard else None  # before the model loads
     if args.ray is None and (args.workers is not None or args.worker_gpus is not None):
         raise ValueError("--workers and --worker-gpus need --ray")
+    with SnapshotStore.open(args.store, mode="r") as store:  # the store and run exist before the model loads
+        runs = store.runs()
+        if args.run not in runs:
+            raise ValueError(f"no run {args.run!r} in {args.store}{did_you_mean(args.run, runs)}; runs: {runs}")
+        stored = store.run_fields(args.run).get(ROLLOUT_FIELD)
+    where = f"run {args.run!r} of {args.store}"
+    recipe = None if stored is None else RolloutRecipe.from_fields(stored, where)
+    given = {name: getattr(args, name) for name in ("horizon", "temperature", "top_p", "top_k", "sampler")}
+    settings, recorded = replay_settings({**given, "model": args.model, "reward": args.reward}, recipe, args.run)
+    if recorded:
+        print(f"from the run's rollout recipe: {', '.join(f'{n} {settings[n]}' for n in recorded)}")
     config = ReplayConfig(
         mode=args.mode,
         branches=args.branches,
         max_tokens=args.max_tokens,
-        horizon=args.horizon,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        sampler=args.sampler,
+        horizon=settings["horizon"],
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        top_k=settings["top_k"],
+        sampler=settings["sampler"],
+        stop_token_ids=settings["stop_token_ids"],
         max_states=args.max_states,
         state_selection=args.state_selection,
         lite_anchor_stride=args.anchor_stride,
@@ -217,6 +234,7 @@ def _replay(args: argparse.Namespace) -> int:
         "keep_stale_values": args.keep_stale_values,
         "esurge_options": esurge,
     }
+    reward = load_reward(settings["reward"])  # a spec that does not load fails here, before any model
     if args.ray is not None:
         from vinekv.replay.ray_replay import ReplayWorkerError, replay_run_ray
 
@@ -224,8 +242,8 @@ def _replay(args: argparse.Namespace) -> int:
             report = replay_run_ray(
                 args.store,
                 args.run,
-                args.model,
-                args.reward,
+                settings["model"],
+                settings["reward"],
                 config,
                 num_workers=2 if args.workers is None else args.workers,
                 address=args.ray,
@@ -236,16 +254,10 @@ def _replay(args: argparse.Namespace) -> int:
             print(f"vinekv replay: error: {err}", file=sys.stderr)
             return 2
     else:
-        from vinekv.kvstore import SnapshotStore
         from vinekv.replay import replay_run
-        from vinekv.specs import load_model, load_reward
 
-        reward = load_reward(args.reward)
-        with SnapshotStore.open(args.store, mode="r+") as store:  # the store and run exist before the model loads
-            runs = store.runs()
-            if args.run not in runs:
-                raise ValueError(f"no run {args.run!r} in {args.store}{did_you_mean(args.run, runs)}; runs: {runs}")
-            model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(settings["model"])
+        with SnapshotStore.open(args.store, mode="r+") as store:
             report = replay_run(store, args.run, model, tokenizer, reward, config, shard=shard, **options)
     print(_replay_summary(report) + ("" if args.ray is None else _ray_summary(report)))
     return 0
@@ -288,7 +300,18 @@ def _rollout(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.policy)
     task = WarmupConfig()
     dataset = make_dataset(config.problems, config.seed + 1, steps=task.task_steps, operand_max=task.operand_max)
-    report = sample_run(args.store, args.run, model, tokenizer, dataset, reward, config, codec=args.codec)
+    report = sample_run(
+        args.store,
+        args.run,
+        model,
+        tokenizer,
+        dataset,
+        reward,
+        config,
+        args.codec,
+        policy_spec=args.policy,
+        reward_spec="task",
+    )
     print(format_rollout(report, args.store))
     return 0
 
@@ -490,14 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--run", required=True, help="the stored run to value")
     replay.add_argument(
         "--model",
-        default="tiny",
-        help="the policy: tiny[:family[:seed]] (default tiny, the demo's), task (the warmed-up arithmetic "
-        "policy), task:DIR (newest checkpoint of `vinekv train --output DIR`) or module:factory -> (model, tokenizer)",
+        help="the policy: tiny[:family[:seed]], task (the warmed-up arithmetic policy), task:DIR (newest "
+        "checkpoint of `vinekv train --output DIR`) or module:factory -> (model, tokenizer) (default: the policy "
+        "the run records, `vinekv rollout --policy`; else tiny, the demo's)",
     )
     replay.add_argument(
         "--reward",
-        default="letters",
-        help="'letters' (the demo's toy, default), 'task' (the arithmetic verifier) or module:function",
+        help="'letters' (the demo's toy), 'task' (the arithmetic verifier) or module:function (default: the "
+        "reward the run records; else letters)",
     )
     replay.add_argument(
         "--mode", choices=["full", "lite"], default="full", help="full: every step start; lite: anchors"
@@ -512,20 +535,20 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--horizon",
         type=COUNT,
-        help="the rollouts' token budget: a branch from response position b gets <= horizon - b",
+        help="the rollouts' token budget: a branch from response position b gets <= horizon - b (default: the "
+        "run's recorded budget; an option contradicting what the run records is refused, as for the sampling below)",
     )
     replay.add_argument(
-        "--temperature", type=SECONDS, default=1.0, help="sampling temperature of the branches (default 1)"
+        "--temperature", type=SECONDS, help="sampling temperature of the branches (default: the run's; else 1)"
     )
     replay.add_argument(
-        "--top-p", type=PROBABILITY_MASS, default=1.0, help="nucleus mass of the branches (default 1: off)"
+        "--top-p", type=PROBABILITY_MASS, help="nucleus mass of the branches (default: the run's; else 1, off)"
     )
-    replay.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="0: no top-k")
+    replay.add_argument("--top-k", type=NON_NEGATIVE, help="top-k of the branches, 0: off (default: the run's; else 0)")
     replay.add_argument(
         "--sampler",
         choices=["generate", "esurge"],
-        default="generate",
-        help="whose order of temperature/top-k/top-p to follow: the rollouts' generation path",
+        help="whose order of temperature/top-k/top-p to follow: the rollouts' generation path (default: the run's)",
     )
     replay.add_argument("--max-states", type=COUNT, help="full mode: cap on valued states per trajectory")
     replay.add_argument(

@@ -119,13 +119,18 @@ def sample_run(
     config: RolloutConfig,
     codec: str = "int8",
     progress: bool = True,
+    policy_spec: str | None = None,
+    reward_spec: str | None = None,
 ) -> RolloutReport:
     """Samples ``config.group`` responses for each row of ``dataset`` (``prompt`` plus task
-    columns), scores them with ``reward`` and spills every trajectory into ``run`` (a new run)."""
+    columns), scores them with ``reward`` and spills every trajectory into ``run`` (a new run),
+    recording in the run how they were sampled and, when given, the specs of the policy and the
+    reward (`RolloutRecipe`: `vinekv replay` takes its defaults from it)."""
     from tqdm.auto import tqdm
 
     from vinekv.kvstore import SnapshotStore
     from vinekv.replay.branch_replay import score_completions
+    from vinekv.replay.config import RolloutRecipe
     from vinekv.trainer.task_fields import row_fields
     from vinekv.trainer.value_estimation import spill_rollouts
 
@@ -145,7 +150,12 @@ def sample_run(
             ]
         )
         sampled = time.perf_counter() - start
-        stats = spill_rollouts(store, run, model, rollouts, fields, rewards, batch_rows=config.batch_prompts)
+        recipe = RolloutRecipe(
+            config.max_tokens, config.temperature, config.top_p, config.top_k, policy=policy_spec, reward=reward_spec
+        )
+        stats = spill_rollouts(
+            store, run, model, rollouts, fields, rewards, batch_rows=config.batch_prompts, recipe=recipe
+        )
         size = store.size(run)
     return RolloutReport(
         run=run,
@@ -166,5 +176,5 @@ def format_rollout(report: RolloutReport, store: str) -> str:
         f"{report.finished:.0%} ended within the budget; KV {report.raw_bytes / 2**20:.2f} MiB raw, "
         f"{report.stored_bytes / 2**20:.2f} MiB stored; time: "
         + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
-        + f"\nnext: vinekv replay {store} --run {report.run} --model task --reward task"
+        + f"\nnext: vinekv replay {store} --run {report.run}   (model, reward and sampling: as recorded in the run)"
     )
