@@ -27,4 +27,4 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) .jax_cache .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -34,7 +34,7 @@ def child(asynchronous: bool, batches: int, output: str) -> dict:
     from vinekv.runtime import enable_compilation_cache, quiet_logs, silence_xla_logs
 
     silence_xla_logs()
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     quiet_logs()
     from vinekv.configs import TrainConfig
     from vinekv.configs.train import DEFAULT_TRAINER

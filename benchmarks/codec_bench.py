@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--max-rows", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/codecs.json"))
     args = parser.parse_args()
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     quiet_logs()
     from vinekv.tasks.arithmetic import make_dataset, reward
     from vinekv.tasks.warmup import WarmupConfig, warm_up

@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result files (default none)")
     args = parser.parse_args()
     quiet_logs()
-    enable_compilation_cache(ROOT / ".jax_cache")
+    enable_compilation_cache()
     config = compare_config(args)
     name = "compare" + ("-budget" if config.budget_s else "") + (f"-{args.tag}" if args.tag else "")
     results = compare(

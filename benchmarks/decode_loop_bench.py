@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up round (default 5)")
     args = parser.parse_args()
     quiet_logs()
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     from vinekv.replay.decode import Sampling, decode_rows, prefill, row_keys_for
     from vinekv.replay.sampler import eos_token_ids
     from vinekv.tasks.arithmetic import make_dataset

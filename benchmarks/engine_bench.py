@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     quiet_logs()
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     from easydel.inference.sampling_params import SamplingParams
 
     from vinekv.kvstore.dense_cache import kv_layout

@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--eval-problems", type=int, default=400, help="held-out problems (default 400)")
     args = parser.parse_args()
     quiet_logs()
-    enable_compilation_cache(ROOT / ".jax_cache")
+    enable_compilation_cache()
     results = [
         run(name, CONFIGS[name], args.updates, args.eval_every, args.eval_problems) for name in (args.only or CONFIGS)
     ]

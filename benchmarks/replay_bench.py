@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/replay.json"))
     parser.add_argument("--plot", default=str(REPO / "docs/img/replay_bench.png"))
     args = parser.parse_args()
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     quiet_logs()
     folder = Path(tempfile.mkdtemp(prefix="vinekv-replay-bench-"))
     results = {

@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the result files (default none)")
     args = parser.parse_args()
     quiet_logs()
-    enable_compilation_cache(ROOT / ".jax_cache")
+    enable_compilation_cache()
     counter = CompileCounter()
     runs = [(m, 0) if m == "off" else (m, int(k)) for m in args.methods.split(",") for k in args.ks.split(",")]
     runs = list(dict.fromkeys(runs))  # GRPO once

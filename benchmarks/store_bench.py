@@ -248,7 +248,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/store.json"))
     parser.add_argument("--plot", default=str(REPO / "docs/img/store_bench.png"))
     args = parser.parse_args()
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     quiet_logs()
 
     stream = task_kv_stream(args.problems)

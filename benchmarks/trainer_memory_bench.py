@@ -55,7 +55,7 @@ def child(strategy: str, n: int, folder: str, codec: str = "int8") -> dict:
     import jax
     import numpy as np
 
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     quiet_logs()
     from vinekv.kvstore.store import SnapshotStore
     from vinekv.models import QWEN2_0P5B_KV, build_model, build_tokenizer

@@ -608,7 +608,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     start = time.perf_counter()
-    enable_compilation_cache(REPO / ".jax_cache")
+    enable_compilation_cache()
     quiet_logs()
     from vinekv.tasks.arithmetic import make_dataset, reward
     from vinekv.tasks.warmup import WarmupConfig, accuracy, warm_up

@@ -12,8 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_CACHE_DIR = ".jax_cache"
-
 
 def silence_xla_logs() -> None:
     """Hides XLA's C++ log lines and EasyDeL's INFO lines unless the user set
@@ -49,17 +47,25 @@ def release_free_memory() -> None:
         trim(0)
 
 
-def enable_compilation_cache(path: str | Path | None = None) -> Path:
-    """Turns on JAX's persistent compilation cache in a project-local folder.
+def default_cache_dir() -> Path:
+    """EasyDeL's own persistent compilation cache (ejkernel's): ``$COMPILE_FUNC_DIR``, else
+    ``~/.cache/ejkernel-cache/ejit_compiled_functions`` (``~/Library/Caches/...`` on macOS): one
+    cache per machine, shared by every clone, vinekv's programs and EasyDeL's kernels."""
+    if os.environ.get("COMPILE_FUNC_DIR"):
+        return Path(os.environ["COMPILE_FUNC_DIR"])
+    caches = Path.home() / ("Library/Caches" if sys.platform == "darwin" else ".cache")
+    return caches / "ejkernel-cache" / "ejit_compiled_functions"
 
-    The folder is ``path``, else ``$VINEKV_JAX_CACHE``, else ``./.jax_cache``. Every compiled
-    program is kept, so a second run of the same shapes skips compilation. EasyDeL's kernels
-    (ejkernel's ``@ejit``) point JAX's cache at ``$COMPILE_FUNC_DIR`` (default
-    ``~/.cache/ejkernel-cache``) whenever one is defined, so that is set to the same folder.
-    """
+
+def enable_compilation_cache(path: str | Path | None = None) -> Path:
+    """Turns on JAX's persistent compilation cache: ``path``, else ``$VINEKV_JAX_CACHE``, else
+    `default_cache_dir`. Every compiled program is kept, so a second run of the same shapes
+    skips compilation. EasyDeL's kernels (ejkernel's ``@ejit``) point JAX's cache at
+    ``$COMPILE_FUNC_DIR`` whenever one is defined, so that is set to the same folder (else a
+    folder given here was silently replaced by EasyDeL's on its import)."""
     import jax
 
-    folder = Path(path or os.environ.get("VINEKV_JAX_CACHE") or DEFAULT_CACHE_DIR).resolve()
+    folder = Path(path or os.environ.get("VINEKV_JAX_CACHE") or default_cache_dir()).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["COMPILE_FUNC_DIR"] = str(folder)  # read when ejkernel is imported
     ejit = sys.modules.get("ejkernel.callib._ejit")

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 from vinekv.models import build_model, build_tokenizer  # noqa: E402
 
-enable_compilation_cache(Path(__file__).resolve().parent.parent / ".jax_cache")
+enable_compilation_cache()  # EasyDeL's cache folder, shared by every clone and CI run
 quiet_logs()
 
 _MODELS: dict[tuple[str, str], object] = {}

@@ -169,9 +169,11 @@ def test_compare_prints_a_table_with_intervals_not_nan():
     assert np.isclose(12.706 * np.std([0.1, 0.2], ddof=1) / np.sqrt(2), 0.635, atol=5e-4)
 
 
-def test_the_compilation_cache_stays_in_the_project_folder(tmp_path):
-    """The README says JAX's compilation cache lives in `.jax_cache/`; EasyDeL's kernels repointed
-    it to ~/.cache/ejkernel-cache whenever one was defined, before or after the cache was set."""
+def test_the_compilation_cache_is_where_the_readme_says(tmp_path):
+    """By default, EasyDeL's own cache folder (shared by every clone); a folder given by
+    ``VINEKV_JAX_CACHE`` holds, before or after EasyDeL is imported (EasyDeL's kernels repointed
+    JAX's cache to their folder whenever one was defined, replacing the one given)."""
+    import os
     import subprocess
     import sys
 
@@ -186,12 +188,16 @@ def test_the_compilation_cache_stays_in_the_project_folder(tmp_path):
         "import vinekv.replay.engines\n"
         "print(folder, jax.config.jax_compilation_cache_dir)\n"
     )
-    for order in ("early", "late"):
-        out = subprocess.run(
-            [sys.executable, "-c", script, order], cwd=tmp_path, capture_output=True, text=True, timeout=300
-        )
+    base = {k: v for k, v in os.environ.items() if k not in ("VINEKV_JAX_CACHE", "COMPILE_FUNC_DIR")}
+    easydel_default = tmp_path / "home" / ".cache" / "ejkernel-cache" / "ejit_compiled_functions"
+    for order, env, expected in (
+        ("early", {**base, "HOME": str(tmp_path / "home")}, easydel_default),
+        ("late", {**base, "VINEKV_JAX_CACHE": str(tmp_path / "mine")}, tmp_path / "mine"),
+    ):
+        argv = [sys.executable, "-c", script, order]
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.split() == [str(tmp_path / ".jax_cache")] * 2, order
+        assert out.stdout.split() == [str(expected)] * 2, (order, expected)
 
 
 def test_replay_settings_come_from_the_run_unless_given():

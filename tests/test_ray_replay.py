@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -28,8 +29,8 @@ MODEL = "tiny:llama:0"  # the conftest's tiny_model, built again by each worker
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance whose workers import replay_kit and share the project's JAX cache."""
-    env = {"PYTHONPATH": str(TESTS), "VINEKV_JAX_CACHE": str(TESTS.parent / ".jax_cache")}
+    """A local Ray instance whose workers import replay_kit and share the tests' JAX cache."""
+    env = {"PYTHONPATH": str(TESTS), "VINEKV_JAX_CACHE": os.environ["COMPILE_FUNC_DIR"]}  # set by conftest
     with warnings.catch_warnings():  # the fork of Ray's process launches (followed by exec)
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         ray.init(

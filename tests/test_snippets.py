@@ -27,7 +27,6 @@ def test_snippets_run_as_written(doc, tmp_path):
     env = {
         **os.environ,
         "VINEKV_CACHE": str(cache_root()),  # the project's: the default warm-up is trained once per clone
-        "VINEKV_JAX_CACHE": str(ROOT / ".jax_cache"),
         "PYTHONPATH": str(ROOT),
     }
     done = subprocess.run(

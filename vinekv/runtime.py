@@ -2,7 +2,7 @@
 `vinekv.kvstore.process`, the bottom layer, so replay workers can use them too)."""
 
 from vinekv.kvstore.process import (  # noqa: F401 (the names the CLI, tests and benchmarks import from here)
-    DEFAULT_CACHE_DIR,
+    default_cache_dir,
     enable_compilation_cache,
     quiet_logs,
     release_free_memory,
