@@ -294,29 +294,25 @@ def update_fields(backend: Backend, run: str, tid: str, fields: dict[str, Any], 
     """Merges ``fields`` into a committed trajectory's fields in one atomic metadata update
     (serialised with other writers'); ``check(attrs, where)`` gives the node of current attrs
     or raises. `MissingEntryError` if there is no such trajectory."""
-    key = trajectory_prefix(run, tid) + "zarr.json"
-    where = backend.location(key)
-
-    def merge(document: dict[str, Any] | None) -> bytes:
-        if document is None:
-            raise MissingEntryError(f"no trajectory {tid!r} in run {run!r}")
-        node = check(check_sealed(group_attrs(document, where), where), where)
-        merged = dataclasses.replace(node, fields={**node.fields, **fields})
-        return group_json({"vinekv": seal(merged.to_attrs())})
-
-    backend.update_json(key, merge)
+    _merge_fields(backend, trajectory_prefix(run, tid), f"no trajectory {tid!r} in run {run!r}", check, fields)
 
 
 def update_run_fields(backend: Backend, run: str, fields: dict[str, Any]) -> None:
     """Merges ``fields`` into a run's fields in one atomic metadata update (serialised with other
     writers'); `MissingEntryError` if there is no such run. The generation stays."""
-    key = run_prefix(run) + "zarr.json"
+    _merge_fields(backend, run_prefix(run), f"no run {run!r} in the store", RunNode.from_attrs, fields)
+
+
+def _merge_fields(backend: Backend, prefix: str, missing: str, node_of: Callable, fields: dict[str, Any]) -> None:
+    """One compare-and-swap of the node at ``prefix``: its ``fields`` merged with ``fields`` and
+    sealed again; ``node_of(attrs, where)`` reads the current node (``missing``: the error if none)."""
+    key = prefix + "zarr.json"
     where = backend.location(key)
 
     def merge(document: dict[str, Any] | None) -> bytes:
         if document is None:
-            raise MissingEntryError(f"no run {run!r} in the store")
-        node = RunNode.from_attrs(check_sealed(group_attrs(document, where), where), where)
+            raise MissingEntryError(missing)
+        node = node_of(check_sealed(group_attrs(document, where), where), where)
         merged = dataclasses.replace(node, fields={**node.fields, **fields})
         return group_json({"vinekv": seal(merged.to_attrs())})
 

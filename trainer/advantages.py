@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# The method each ``vineppo_mode`` trains with, named by its advantages.
+METHOD_NAMES = {"off": "GRPO", "lite": "VinePPO-Lite", "full": "VinePPO"}
+
 
 def grpo_advantages(rewards: np.ndarray, group_size: int, scale: str = "group", eps: float = 1e-4) -> np.ndarray:
     """Group-normalised sequence advantages ``[N]`` for rewards ``[N]`` in groups of ``group_size``."""

@@ -51,7 +51,7 @@ from vinekv.replay.engines import BranchEngine, esurge_internals, open_engine
 from vinekv.replay.rewards import weighted_sum
 from vinekv.replay.steps import Splitter
 from vinekv.replay.values import MCRecord, branch_returns
-from vinekv.trainer.advantages import normalize_batch, trajectory_advantages
+from vinekv.trainer.advantages import METHOD_NAMES, normalize_batch, trajectory_advantages
 from vinekv.trainer.async_replay import PolicyBlueprint, ReplayWorker, WorkerSetup
 from vinekv.trainer.generation import CompiledGeneration
 from vinekv.trainer.losses import ppo_token_loss
@@ -245,7 +245,7 @@ class VinePPOTrainer(CompiledGeneration, KeepsRowIndex, GRPOTrainer):
         if desc != "training process" or disabled:
             return super().create_progress_bar(total, desc, disabled)
         done = min(int(jax.device_get(self.model_state.step)), total)  # > 0 when resumed from a checkpoint
-        method = {"off": "GRPO", "lite": "VinePPO-Lite", "full": "VinePPO"}[self.arguments.vineppo_mode]
+        method = METHOD_NAMES[self.arguments.vineppo_mode]
         self._batch_bar = tqdm(total=total, initial=done, desc=f"{method} updates", unit="update")
         return NullProgressBar()
 

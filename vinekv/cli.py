@@ -191,7 +191,7 @@ def _replay(args: argparse.Namespace) -> int:
     from vinekv.replay.branch_replay import parse_shard
     from vinekv.replay.config import RolloutRecipe
     from vinekv.replay.engines import ESurgeOptions
-    from vinekv.replay_defaults import replay_settings
+    from vinekv.replay_defaults import SAMPLING_OPTIONS, replay_settings
     from vinekv.specs import load_model, load_reward
 
     shard = parse_shard(args.shard) if args.shard else None  # before the model loads
@@ -204,7 +204,7 @@ def _replay(args: argparse.Namespace) -> int:
         stored = store.run_fields(args.run).get(ROLLOUT_FIELD)
     where = f"run {args.run!r} of {args.store}"
     recipe = None if stored is None else RolloutRecipe.from_fields(stored, where)
-    given = {name: getattr(args, name) for name in ("horizon", "temperature", "top_p", "top_k", "sampler")}
+    given = {name: getattr(args, name) for name in SAMPLING_OPTIONS}
     settings, recorded = replay_settings({**given, "model": args.model, "reward": args.reward}, recipe, args.run)
     if recorded:
         print(f"from the run's rollout recipe: {', '.join(f'{n} {settings[n]}' for n in recorded)}")

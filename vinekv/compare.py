@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from vinekv.trainer.advantages import METHOD_NAMES
+
 METHODS = ("off", "ppo", "lite", "full")
-LABELS = {"off": "GRPO", "ppo": "PPO", "lite": "VinePPO-Lite", "full": "VinePPO"}
+LABELS = {**METHOD_NAMES, "ppo": "PPO"}
 
 
 @dataclasses.dataclass(frozen=True)

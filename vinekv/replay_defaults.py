@@ -11,15 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vinekv.replay.config import RolloutRecipe
+from vinekv.replay.config import RECIPE_SAMPLING, RolloutRecipe
 
-SAMPLING_OPTIONS = {
-    "horizon": "--horizon",
-    "temperature": "--temperature",
-    "top_p": "--top-p",
-    "top_k": "--top-k",
-    "sampler": "--sampler",
-}
+# The recipe's settings `vinekv replay` has an option for, and the option (stop ids have none).
+SAMPLING_OPTIONS = {name: "--" + name.replace("_", "-") for name in RECIPE_SAMPLING if name != "stop_token_ids"}
 FALLBACK = {  # what a run without a recipe (made before recipes, or by the Python API) gets
     "horizon": None,
     "temperature": 1.0,

@@ -267,9 +267,9 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainReport:
             f"{output} already holds a checkpoint ({latest}): resume from it (--resume), "
             "or give another --output (or remove the folder) to start afresh"
         )
-    if config.resume and checkpoint_step(latest) >= arguments.max_training_steps:
+    if config.resume and (done := checkpoint_step(latest)) >= arguments.max_training_steps:
         raise NothingToDo(
-            f"the checkpoint {latest} is at update {checkpoint_step(latest)}, already at or past "
+            f"the checkpoint {latest} is at update {done}, already at or past "
             f"--steps {arguments.max_training_steps}: nothing trained, nothing changed (give more --steps to continue)"
         )
     output.mkdir(parents=True, exist_ok=True)
