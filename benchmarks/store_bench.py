@@ -74,6 +74,8 @@ SPILLS = [
     ("int8-zstd0 codes flush", {"name": "int8", "zstd_level": 0}, "codes", "flush"),
     ("int4 device flush", {"name": "int4"}, "device", "flush"),
     ("int4 codes flush", {"name": "int4"}, "codes", "flush"),
+    ("int4-hadamard device flush", {"name": "int4-hadamard"}, "device", "flush"),
+    ("int4-hadamard codes flush", {"name": "int4-hadamard"}, "codes", "flush"),
 ]
 
 
@@ -171,7 +173,7 @@ def store_read(store: SnapshotStore, count: int, t: int, how: str) -> float:
         started = [[part.start() for part in plan.parts] for plan in plans]
         for plan, futures in zip(plans, started, strict=True):
             for part, part_futures in zip(plan.parts, futures, strict=True):
-                part.result(part_futures, plan.what, store.chunk_tokens)
+                part.result(part_futures, plan.what)
     else:
         states = store.read_prefixes(requests, on_device=how == "device")
         jax.block_until_ready([s.keys for s in states])
@@ -296,7 +298,8 @@ def main() -> int:
             numpy_read(base, states, t)
             reads.setdefault("numpy", {}).setdefault(t, []).append(numpy_read(base, states, t))
         for label, spec, _, _ in SPILLS:
-            if label not in ("lossless host", "int8 codes flush", "int8-zstd0 codes flush", "int4 codes flush"):
+            one_per_codec = ("lossless host", "int8 codes flush", "int8-zstd0 codes flush", "int4 codes flush")
+            if label not in (*one_per_codec, "int4-hadamard codes flush"):
                 continue  # one store per codec (the same bytes as the other stores of that codec)
             path = scratch / f"{label.replace(' ', '_')}-{rnd}"
             zstd = "-zstd0" if spec.get("zstd_level") == 0 else ""

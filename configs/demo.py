@@ -23,8 +23,8 @@ class DemoConfig:
       kv_dtype: dtype of the KV cache (``float32`` or ``bfloat16``).
       store: snapshot store path; empty for a temporary one. The store's run ``demo`` is
         replaced on every run.
-      codec: codec of a new store (``lossless`` resumes exactly; ``int8`` is ~2.5x, ``int4`` ~4x
-        smaller than bf16).
+      codec: codec of a new store (``lossless`` resumes exactly; ``int8`` is ~2.4x,
+        ``int4-hadamard`` and ``int4`` ~4x smaller than bf16).
       branches: K branches per anchor in the replay step.
       branch_max_tokens: token budget of a branch.
       anchor_stride: Lite-mode anchors every this many response tokens (plus the final token).

@@ -38,17 +38,14 @@ def json_digest(value: Any) -> str:
 
 def chunk_hashes(codes: np.ndarray, chunk_entries: int) -> list[str]:
     """The content hash of each chunk of ``codes`` (token axis 2, ``chunk_entries`` entries per
-    chunk, the last one as long as what is left): CRC-32 of its bytes, taken block by block over
-    the leading two axes (each block contiguous: no copy), as 8 hex digits. A node seals them and
-    reads check them: they tell a node's own bytes from another node's, not forgeries."""
-    codes = np.ascontiguousarray(codes)
-    hashes = []
-    for lo in range(0, codes.shape[2], chunk_entries):
-        crc = 0
-        for index in np.ndindex(codes.shape[:2]):
-            crc = zlib.crc32(codes[index][lo : lo + chunk_entries].view(np.uint8), crc)
-        hashes.append(f"{crc:08x}")
-    return hashes
+    chunk, the last one as long as what is left): CRC-32 of its bytes in C order, as 8 hex digits.
+    A node seals them and reads check them: they tell a node's own bytes from another node's, not
+    forgeries. (One copy and one CRC call per chunk: a CRC chained block by block over the leading
+    axes, which the first stores recorded, is the same number, and cost 2x more in calls.)"""
+    return [
+        f"{zlib.crc32(np.ascontiguousarray(codes[:, :, lo : lo + chunk_entries]).view(np.uint8)):08x}"
+        for lo in range(0, codes.shape[2], chunk_entries)
+    ]
 
 
 def seal(attrs: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,9 @@ Each worker (a Ray actor) builds the policy and the reward function from their s
 trajectory ids the driver hands it with `replay_run`, which writes each trajectory's values back
 with one atomic commit as soon as they are sampled. The driver keeps the queue: an idle worker
 gets the next ids, so a slow worker holds nobody back. A worker that dies (process killed, node
-lost) loses only the trajectories it had not finished: the driver hands them to another worker
-and starts a new worker in its place; what the dead one had written is skipped as settled.
+lost) loses only the trajectories it had not finished: Ray restarts the actor (``max_restarts``)
+and runs its call again (``max_task_retries``); what the dead process had written is skipped as
+settled. Each call returns the worker's process id, so the driver sees which calls ran again.
 Branch keys depend on (seed, the state's tokens, branch index) only (`state_key`), so the values
 equal a single process's for any number of workers and any retries.
 """
@@ -91,9 +92,10 @@ def load_object(spec: str) -> Any:
 
 @dataclasses.dataclass
 class RayReplayReport(ReplayReport):
-    """A `ReplayReport` summed over the workers (``seconds`` summed too); ``workers``: workers
-    started (replacements of dead ones included); ``retried``: one trajectory id per hand-out
-    after its worker died; ``wall_seconds``: the driver's time from start to the last result."""
+    """A `ReplayReport` summed over the workers (``seconds`` summed too); ``workers``: worker
+    processes started (Ray's restarts of dead ones included); ``retried``: one trajectory id per
+    call Ray ran again after its worker died; ``wall_seconds``: the driver's time from start to
+    the last result."""
 
     workers: int = 0
     retried: list[str] = dataclasses.field(default_factory=list)
@@ -127,8 +129,9 @@ class ReplayWorker:
         """The worker's process id, once it has loaded everything."""
         return os.getpid()
 
-    def value(self, ids: list[str]) -> tuple[ReplayReport, list[str]]:
-        """`replay_run` of these trajectory ids: its report and its JSON metrics lines."""
+    def value(self, ids: list[str]) -> tuple[ReplayReport, list[str], int]:
+        """`replay_run` of these trajectory ids: its report, its JSON metrics lines and the
+        worker's process id (another than `ready`'s: Ray restarted the worker and ran it again)."""
         job = self.job
         with tempfile.TemporaryDirectory(prefix="vinekv-ray-") as folder:
             metrics = Path(folder) / "metrics.jsonl"
@@ -146,7 +149,7 @@ class ReplayWorker:
                 keep_stale_values=job.keep_stale_values,
                 engine=self.engine,
             )
-            return report, metrics.read_text().splitlines()
+            return report, metrics.read_text().splitlines(), os.getpid()
 
     def close(self) -> None:
         self.engine.close()
@@ -187,7 +190,8 @@ def replay_run_ray(
         ``"local"``: a new local Ray instance with CPUs for the workers, shut down after. An
         already initialised Ray (``ray.init`` in this process) is used as it is.
       batch_size: trajectory ids per call to a worker.
-      max_retries: times a trajectory is handed out again after its worker died.
+      max_retries: times Ray runs a call again after its worker died (Ray's ``max_task_retries``;
+        the worker itself is restarted every time).
       worker_options: Ray actor options of a worker (default ``{"num_cpus": 1}``; e.g.
         ``{"num_gpus": 1}`` on accelerators: a worker without a GPU resource sees no GPU).
       worker_env: environment variables of the workers besides `FORWARDED_ENV` and the
@@ -196,7 +200,7 @@ def replay_run_ray(
       Others: as `replay_run`.
 
     Returns the merged `RayReplayReport`. Raises `ReplayWorkerError` when a worker cannot load
-    the specs or the store, or a trajectory's workers died more than ``max_retries`` times;
+    the specs or the store, or a call's worker died more than ``max_retries`` times;
     ConnectionError when ``address`` is unreachable; errors raised by `replay_run` in a worker
     (e.g. `StalePolicyError`) as they are.
     """
@@ -220,9 +224,9 @@ def replay_run_ray(
     report = RayReplayReport()
     start = time.perf_counter()
     with ray_connection(address, num_cpus=math.ceil(num_workers * options["num_cpus"])):
-        workers = _Workers(job, options, env)
+        workers = _Workers(job, options, env, max_retries)
         try:
-            _drive(workers, ids, num_workers, batch_size, max_retries, report, metrics_path, progress)
+            _drive(workers, ids, num_workers, batch_size, report, metrics_path, progress)
             workers.close()
         finally:
             workers.kill()
@@ -289,13 +293,17 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 class _Workers:
     """The driver's view of the actors: starting ones (by their `ready` call), idle ones and busy
-    ones (by their `value` call, with the ids it values)."""
+    ones (by their `value` call, with the ids it values). Ray restarts a worker that dies, as
+    often as needed, and runs its call again up to ``max_retries`` times."""
 
-    def __init__(self, job: WorkerJob, options: Mapping[str, Any], env: Mapping[str, str]) -> None:
+    def __init__(self, job: WorkerJob, options: Mapping[str, Any], env: Mapping[str, str], max_retries: int) -> None:
         import ray
 
         self.job = job
-        self.actor_class = ray.remote(ReplayWorker).options(**options, runtime_env={"env_vars": dict(env)})
+        self.max_retries = max_retries
+        self.actor_class = ray.remote(ReplayWorker).options(
+            **options, max_restarts=-1, max_task_retries=max_retries, runtime_env={"env_vars": dict(env)}
+        )
         self.starting: dict[Any, Any] = {}
         self.idle: list[Any] = []
         self.busy: dict[Any, tuple[Any, list[str]]] = {}
@@ -333,13 +341,26 @@ class _Workers:
             ) from err
         self.idle.append(actor)
 
-    def replace(self, actor: Any) -> None:
-        """Kills a worker that failed (if it still runs) and starts another in its place."""
-        import ray
+    def restarted(self, actor: Any, pid: int, batch: list[str], report: RayReplayReport) -> None:
+        """Notes a result from process ``pid``: another process than the worker's last means Ray
+        restarted the worker while it valued ``batch`` and ran the call again."""
+        if pid == self.pids[actor]:
+            return
+        logger.warning(
+            "replay worker (pid %s) died while valuing %s; Ray restarted it (pid %s) and valued them again",
+            self.pids[actor],
+            batch,
+            pid,
+        )
+        self.pids[actor] = pid
+        self.started += 1
+        report.retried.extend(batch)
 
-        ray.kill(actor, no_restart=True)
-        self.pids.pop(actor, None)
-        self.start()
+    def out_of_retries(self, batch: list[str], err: Exception) -> ReplayWorkerError:
+        return ReplayWorkerError(
+            f"trajectories {batch}: their worker died {self.max_retries + 1} times "
+            f"(max_retries={self.max_retries}); last: {_last_line(err)}"
+        )
 
     def close(self) -> None:
         import ray
@@ -358,17 +379,15 @@ def _drive(
     ids: list[str],
     num_workers: int,
     batch_size: int,
-    max_retries: int,
     report: RayReplayReport,
     metrics_path: str | Path | None,
     progress: bool,
 ) -> None:
-    """Hands ``ids`` out to idle workers ``batch_size`` at a time until every one is valued,
-    handing a dead worker's ids out again; merges the results into ``report``."""
+    """Hands ``ids`` out to idle workers ``batch_size`` at a time until every one is valued;
+    merges the results into ``report``."""
     import ray
 
     queue = collections.deque(ids)
-    attempts: collections.Counter[str] = collections.Counter()
     for _ in range(min(num_workers, len(ids))):
         workers.start()
     bar = tqdm(total=len(ids), desc=f"replay {workers.job.run} on Ray", unit="traj", disable=not progress)
@@ -383,15 +402,14 @@ def _drive(
                 continue
             actor, batch = workers.busy.pop(ref)
             try:
-                result, lines = ray.get(ref)
+                result, lines, pid = ray.get(ref)
             except ray.exceptions.RayActorError as err:
-                _hand_out_again(batch, err, workers.pids.get(actor), attempts, max_retries, queue, report)
-                workers.replace(actor)
-                continue
+                raise workers.out_of_retries(batch, err) from err
             except ray.exceptions.RayTaskError as err:  # replay_run's own error, raised as it is
                 if err.cause is None:
                     raise
                 raise err.cause from err
+            workers.restarted(actor, pid, batch, report)
             workers.idle.append(actor)
             report.merge(result)
             if metrics:
@@ -404,33 +422,6 @@ def _drive(
         if metrics:
             metrics.close()
     report.workers = workers.started
-
-
-def _hand_out_again(
-    batch: list[str],
-    err: Exception,
-    pid: int | None,
-    attempts: collections.Counter[str],
-    max_retries: int,
-    queue: collections.deque[str],
-    report: RayReplayReport,
-) -> None:
-    """Puts a dead worker's ids back at the front of the queue, or raises once one ran out of retries."""
-    attempts.update(batch)
-    spent = [tid for tid in batch if attempts[tid] > max_retries]
-    if spent:
-        raise ReplayWorkerError(
-            f"trajectories {spent}: their workers died {max_retries + 1} times (max_retries={max_retries}); "
-            f"last: {_last_line(err)}"
-        ) from err
-    logger.warning(
-        "replay worker (pid %s) died while valuing %s: %s; handing them to another worker",
-        pid,
-        batch,
-        " ".join(str(err).split()),
-    )
-    queue.extendleft(reversed(batch))
-    report.retried.extend(batch)
 
 
 def _last_line(err: Exception) -> str:

@@ -68,3 +68,8 @@ def dying_reward(prompts, completions, trajectory, **fields):
         else:
             os._exit(1)
     return answer_reward(prompts, completions, **fields)
+
+
+def always_dying_reward(prompts, completions, **fields):
+    """A reward whose every call kills its process: a worker that dies whatever it values."""
+    os._exit(1)

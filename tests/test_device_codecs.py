@@ -14,7 +14,8 @@ from conftest import get_model
 from vinekv.kvstore import SnapshotStore, capture_sequences, get_codec
 from vinekv.kvstore.capture import capture_encoded
 
-CODECS = ["int8", "lossless", {"name": "int4", "group_size": 16}]
+CODECS = ["int8", "lossless", {"name": "int4", "group_size": 16}, "int4-hadamard"]
+CODEC_IDS = ["int8", "lossless", "int4", "int4-hadamard"]
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
@@ -35,7 +36,7 @@ def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-@pytest.mark.parametrize("codec", CODECS, ids=["int8", "lossless", "int4"])
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_IDS)
 def test_device_codec_is_bit_identical_to_host(codec, dtype):
     import jax
     import jax.numpy as jnp
@@ -68,7 +69,9 @@ def test_device_codec_is_bit_identical_to_host(codec, dtype):
         np.testing.assert_array_equal(_bits(codes["scale"]), _bits(scale))
 
 
-@pytest.mark.parametrize("codec", ["int8", {"name": "int4", "group_size": 8}], ids=["int8", "int4"])
+@pytest.mark.parametrize(
+    "codec", ["int8", {"name": "int4", "group_size": 8}, "int4-hadamard"], ids=["int8", "int4", "int4-hadamard"]
+)
 def test_device_scales_match_host_on_a_million_vectors(codec):
     """Rare last-bit differences (XLA turns a division by a constant into a multiplication by
     its reciprocal) show up only over many values: compare every scale of 2^20 vectors."""
@@ -86,7 +89,7 @@ def test_device_scales_match_host_on_a_million_vectors(codec):
         np.testing.assert_array_equal(_bits(host[name].data), _bits(device[name].data), err_msg=name)
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=["int8", "lossless", "int4"])
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_IDS)
 def test_capture_encoded_equals_host_encoding_of_the_captured_kv(codec, token_seq, tmp_path):
     model = get_model("llama", kv_dtype="bfloat16")
     codec = get_codec(codec)
@@ -156,7 +159,7 @@ def test_inject_broadcast_on_device_equals_the_host_build(tiny_model, token_seq,
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # NaN codes
-@pytest.mark.parametrize("codec", CODECS, ids=["int8", "lossless", "int4"])
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_IDS)
 def test_device_codec_matches_host_on_edge_values(codec):
     """Subnormals (XLA:CPU flushes them), signed zeros and NaN give the same stored bytes."""
     import jax
@@ -202,7 +205,7 @@ def _compiled_programs():
         logger.propagate = propagate
 
 
-@pytest.mark.parametrize("codec", CODECS, ids=["int8", "lossless", "int4"])
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_IDS)
 def test_spilling_a_new_length_within_a_bucket_compiles_nothing(codec, tiny_model, token_seq, tmp_path):
     """Both spill paths (`capture_sequences` + host encoding, `capture_encoded`) compile per
     64-token bucket, not per trajectory length. Before the fix `extract_state` sliced the device

@@ -5,9 +5,6 @@ chunking refusal, and next-token KL / size on the tiny model."""
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 from _store_worker import PROMPT_LEN as SYN_PLEN
 from _store_worker import synthetic_state
+from codec_kit import bits, doc_snippet, node_wise_decode, plain, read_in_plain_python
 
 from vinekv.kvstore import SnapshotStore, capture_state, get_codec, resume_from_state
 from vinekv.kvstore.codecs import CODECS, Int4Codec
@@ -30,19 +28,9 @@ INT4 = {"name": "int4", "group_size": G}
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    """Bytes of an array, to compare bit for bit (-0.0 vs 0.0, NaN payloads, ...)."""
-    a = np.ascontiguousarray(a)
-    return a.view(np.uint8).reshape(*a.shape, -1)
-
-
 def _assert_bits_equal(a: np.ndarray, b: np.ndarray, what: str = "") -> None:
     assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
-    assert np.array_equal(_bits(a), _bits(b)), f"{what}: {np.count_nonzero((_bits(a) != _bits(b)).any(-1))} differ"
-
-
-def _plain(stored) -> dict[str, np.ndarray]:
-    return {name: s.data for name, s in stored.items()}
+    assert np.array_equal(bits(a), bits(b)), f"{what}: {np.count_nonzero((bits(a) != bits(b)).any(-1))} differ"
 
 
 def _prefix(arrays: dict[str, np.ndarray], t: int, g: int) -> dict[str, np.ndarray]:
@@ -151,7 +139,7 @@ def test_error_bound_and_exact_groups_on_outlier_data(dtype):
     assert {n: (s.dims, s.token_group) for n, s in stored.items()} == {
         n: (codec.dims(n), g) for n, g in codec.token_groups().items()
     }
-    arrays = _plain(stored)
+    arrays = plain(stored)
     x = _kv(keys, values)
     decoded = codec.decode(arrays, str(np.dtype(dtype)), np.float32)
     assert decoded.dtype == np.float32 and decoded.shape == x.shape
@@ -174,7 +162,7 @@ def test_error_bound_and_exact_groups_on_outlier_data(dtype):
 def test_prefix_decode_is_the_full_decode_cut():
     codec = Int4Codec(G)
     keys, values = outlier_kv(np.float32, tokens=53)
-    arrays = _plain(codec.encode(keys, values))
+    arrays = plain(codec.encode(keys, values))
     full = codec.decode(arrays, "float32", np.float32)
     for t in range(1, 54):
         _assert_bits_equal(codec.decode(_prefix(arrays, t, G), "float32", np.float32), full[:, :, :t], f"t={t}")
@@ -199,7 +187,7 @@ def test_device_matches_host_bit_for_bit(dtype, width, length, group):
     for name in host:
         assert (device[name].dims, device[name].token_group) == (host[name].dims, host[name].token_group)
         _assert_bits_equal(device[name].data, host[name].data, f"encode {name}")
-    arrays = _plain(host)
+    arrays = plain(host)
     check_documented_bounds(
         _kv(keys[:, :length], values[:, :length]), arrays, codec.decode(arrays, dtype, "float32"), group
     )
@@ -248,7 +236,7 @@ def test_real_kv_round_trip_within_bound(trajectory):
     _, state = trajectory
     codec = Int4Codec(G)
     keys, values = state.keys[:, 0], state.values[:, 0]
-    arrays = _plain(codec.encode(keys, values))
+    arrays = plain(codec.encode(keys, values))
     max_err = check_documented_bounds(_kv(keys, values), arrays, codec.decode(arrays, "float32", np.float32), G)
     print(f"tiny model int4 max element error {max_err:.4g} (|kv| max {np.abs(_kv(keys, values)).max():.3g})")
 
@@ -259,13 +247,7 @@ def test_prefix_reads_equal_the_full_read(trajectory, int4_store):
     codec = Int4Codec(G)
     full = store.read_prefix("r0", "t0", T)
     # What the store holds is the host encode of each node, decoded.
-    expected = np.concatenate(
-        [
-            codec.decode(_plain(codec.encode(state.keys[:, 0, a:b], state.values[:, 0, a:b])), "float32", np.float32)
-            for a, b in ((0, PLEN), (PLEN, T))
-        ],
-        axis=2,
-    )
+    expected = node_wise_decode(codec, state, PLEN)
     _assert_bits_equal(full.keys[:, 0], expected[:, 0])
     _assert_bits_equal(full.values[:, 0], expected[:, 1])
     # Inside the prompt, a group boundary, the prompt's end, inside the response's first and
@@ -279,14 +261,6 @@ def test_prefix_reads_equal_the_full_read(trajectory, int4_store):
         t = state_d.position
         _assert_bits_equal(np.asarray(state_d.keys), full.keys[:, :, :t], f"device keys t={t}")
         _assert_bits_equal(np.asarray(state_d.values), full.values[:, :, :t], f"device values t={t}")
-
-
-def _doc_decoder() -> str:
-    """The reference numpy decoder snippet of docs/store-format.md."""
-    snippets = re.findall(r"```python\n(.*?)```", (REPO / "docs/store-format.md").read_text(), re.S)
-    (source,) = [s for s in snippets if "def int4_decode(" in s]
-    assert "kvstore" not in source and "vinekv" not in source
-    return source
 
 
 ZARR_READER = r"""
@@ -310,19 +284,11 @@ np.savez(sys.argv[2], **out)
 def test_zarr_python_and_the_documented_formula_read_it(int4_store, tmp_path):
     path, store = int4_store
     ts = (5, PLEN, PLEN + G + 3, T)
-    script = _doc_decoder() + ZARR_READER
-    subprocess.run(
-        [sys.executable, "-I", "-c", script, str(path), str(tmp_path / "out.npz"), *map(str, ts)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,  # -I and a foreign folder: vinekv is not importable there
-    )
-    theirs = np.load(tmp_path / "out.npz")
+    theirs = read_in_plain_python(doc_snippet("int4_decode") + ZARR_READER, path, tmp_path, ts)
     for t in ts:
         ours = store.read_prefix("r0", "t0", t)
-        _assert_bits_equal(theirs[str(t)][:, 0], ours.keys[:, 0], f"keys t={t}")
-        _assert_bits_equal(theirs[str(t)][:, 1], ours.values[:, 0], f"values t={t}")
+        _assert_bits_equal(theirs[t][:, 0], ours.keys[:, 0], f"keys t={t}")
+        _assert_bits_equal(theirs[t][:, 1], ours.values[:, 0], f"values t={t}")
     meta = json.loads((path / "runs/r0/trajectories/t0/key_params/zarr.json").read_text())
     assert meta["data_type"] == "float16" and meta["dimension_names"][2] == "token_group"
     assert meta["attributes"]["vinekv"]["token_group"] == G

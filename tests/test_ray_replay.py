@@ -1,6 +1,7 @@
 """Branch replay on Ray workers (one local Ray instance, 2 CPUs): any number of workers gives a
 single process's values; a worker killed mid-replay loses no finished trajectory and its
-unfinished one is valued by another worker; bad addresses and specs are clear errors."""
+unfinished one is valued again by the worker Ray restarts; a worker that always dies stops the
+replay after max_retries; bad addresses and specs are clear errors."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from vinekv.cli import build_parser, main
 from vinekv.kvstore import SnapshotStore
 from vinekv.models import build_tokenizer
 from vinekv.replay.branch_replay import ReplayConfig, replay_run
-from vinekv.replay.ray_replay import RayReplayReport, ReplayWorkerError, _hand_out_again, replay_run_ray
+from vinekv.replay.ray_replay import ReplayWorkerError, replay_run_ray
 
 TESTS = Path(__file__).resolve().parent
 CONFIG = ReplayConfig(branches=4, max_tokens=6, seed=3, unfinished_reward=None)
@@ -92,7 +93,8 @@ def test_one_or_two_workers_give_a_single_process_values(local_ray, stored, tmp_
 
 def test_a_killed_worker_loses_no_finished_trajectory(local_ray, stored, tmp_path, caplog):
     """`dying_reward` kills the first worker process to start its second trajectory: that
-    trajectory is valued again by another worker, the one the dead worker finished is not."""
+    trajectory is valued again by another process (Ray's restart of the worker), the one the
+    dead process finished is not."""
     path, expected = stored
     (run,) = copies(path, tmp_path, "run")
     with SnapshotStore.open(run) as store:
@@ -136,11 +138,14 @@ def test_clear_errors(local_ray, stored, capsys):
     assert "not allowed with argument --ray" in capsys.readouterr().err
 
 
-def test_a_trajectory_is_handed_out_at_most_max_retries_times_again():
-    queue, attempts, report = collections.deque(["t1"]), collections.Counter(), RayReplayReport()
-    died = RuntimeError("The actor died unexpectedly\nWorker exit detail: killed")
-    _hand_out_again(["t0"], died, 11, attempts, 1, queue, report)
-    assert list(queue) == ["t0", "t1"] and report.retried == ["t0"]
-    queue.popleft()
-    with pytest.raises(ReplayWorkerError, match=r"\['t0'\]: their workers died 2 times .*last: Worker exit detail"):
-        _hand_out_again(["t0"], died, 12, attempts, 1, queue, report)
+def test_a_call_whose_worker_always_dies_stops_after_max_retries(local_ray, stored, tmp_path):
+    """Ray restarts the worker and runs its call again ``max_retries`` times, then the replay
+    stops naming the trajectories; nothing is written."""
+    path, _ = stored
+    (run,) = copies(path, tmp_path, "run")
+    with pytest.raises(ReplayWorkerError, match=r"trajectories \['t0'\]: their worker died 2 times \(max_retries=1\)"):
+        replay_run_ray(
+            run, RUN, MODEL, "replay_kit:always_dying_reward", CONFIG, num_workers=1, max_retries=1, progress=False
+        )
+    with SnapshotStore.open(run, mode="r") as store:
+        assert not any("mc" in store.trajectory_info(RUN, tid)["fields"] for tid in store.trajectories(RUN))

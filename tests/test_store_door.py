@@ -38,7 +38,7 @@ def _encoded(state, codec_name: str) -> EncodedState:
     return EncodedState(*parts, codec.spec(), state.token_ids, PROMPT_LEN, state.layout, state.fingerprint)
 
 
-@pytest.mark.parametrize("codec", ["lossless", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["lossless", "int8", "int4", "int4-hadamard"])
 def test_spill_refuses_token_ids_outside_the_vocabulary(tmp_path, codec):
     with SnapshotStore.open(tmp_path / "s", codec=codec, chunk_tokens=64) as store:
         for bad, position in ((-1, 3), (LAYOUT.vocab_size, 40)):
@@ -55,7 +55,7 @@ def test_spill_refuses_token_ids_outside_the_vocabulary(tmp_path, codec):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the host int4 encode of Inf
-@pytest.mark.parametrize("codec", ["lossless", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["lossless", "int8", "int4", "int4-hadamard"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_spill_refuses_non_finite_kv(tmp_path, codec, bad):
     """NaN/Inf KV is refused at spill with where it is, never stored (with int4 one NaN would

@@ -88,7 +88,7 @@ class VinePPOConfig(GRPOConfig):
     vineppo_esurge_page_size: int = field(default=16, metadata={"help": "eSurge engine: tokens per KV page"})
     vineppo_cache_strategy: str = field(default="memory", metadata={"help": "memory | disk | recompute"})
     vineppo_store: str | None = field(default=None, metadata={"help": "snapshot store path (required for disk)"})
-    vineppo_codec: str = field(default="int8", metadata={"help": "store codec: int8 | int4 | lossless"})
+    vineppo_codec: str = field(default="int8", metadata={"help": "store codec: int8 | int4-hadamard | int4 | lossless"})
     vineppo_spill_buffer_mb: int = field(
         default=256, metadata={"help": "disk: MiB of encoded KV queued for the store's writers before a spill waits"}
     )

@@ -278,7 +278,7 @@ def _replay_summary(report) -> str:
 
 def _ray_summary(report) -> str:
     """What a `RayReplayReport` adds to the summary line: workers, wall time, retries."""
-    retried = f", {len(report.retried)} trajectories handed out again after their worker died" if report.retried else ""
+    retried = f", {len(report.retried)} trajectories valued again after their worker died" if report.retried else ""
     return f"; {report.workers} Ray workers, {report.wall_seconds:.1f} s wall (times above: summed over them){retried}"
 
 

@@ -11,6 +11,8 @@ reader needs nothing from vinekv.
 - ``int8``: symmetric absmax quantisation, one float16 scale per (layer, k/v, token, head).
 - ``int4``: asymmetric 4-bit codes (KIVI style), two per byte; keys per channel over groups of
   ``group_size`` tokens, values per token; float16 (scale, zero) parameters.
+- ``int4-hadamard``: each head vector rotated by a Hadamard matrix (QuaRot style), then
+  symmetric 4-bit codes with one float16 scale per (layer, k/v, token, head); exact decode.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from typing import Any
 
 from vinekv.kvstore.codecs.base import KVCodec, zarr_chunk_codecs
 from vinekv.kvstore.codecs.int4 import Int4Codec
+from vinekv.kvstore.codecs.int4_hadamard import Int4HadamardCodec
 from vinekv.kvstore.codecs.int8 import Int8Codec
 from vinekv.kvstore.codecs.lossless import LosslessCodec
 
-CODECS: dict[str, type[KVCodec]] = {"lossless": LosslessCodec, "int8": Int8Codec, "int4": Int4Codec}
+CODECS: dict[str, type[KVCodec]] = {
+    "lossless": LosslessCodec,
+    "int8": Int8Codec,
+    "int4": Int4Codec,
+    "int4-hadamard": Int4HadamardCodec,
+}
 
 
 def get_codec(codec: str | dict[str, Any] | KVCodec) -> KVCodec:
-    """A codec from its name (``"int8"``, ``"int4"``, ``"lossless"``), its spec dict, or itself."""
+    """A codec from its name (``"int8"``, ``"int4"``, ``"int4-hadamard"``, ``"lossless"``), its spec dict, or itself."""
     if isinstance(codec, KVCodec):
         return codec
     spec = {"name": codec} if isinstance(codec, str) else dict(codec)
@@ -37,4 +45,13 @@ def get_codec(codec: str | dict[str, Any] | KVCodec) -> KVCodec:
     return CODECS[name].from_spec(spec)
 
 
-__all__ = ["CODECS", "Int4Codec", "Int8Codec", "KVCodec", "LosslessCodec", "get_codec", "zarr_chunk_codecs"]
+__all__ = [
+    "CODECS",
+    "Int4Codec",
+    "Int4HadamardCodec",
+    "Int8Codec",
+    "KVCodec",
+    "LosslessCodec",
+    "get_codec",
+    "zarr_chunk_codecs",
+]
