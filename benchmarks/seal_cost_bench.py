@@ -50,17 +50,17 @@ def states(count: int, length: int) -> list[CachedState]:
 @contextlib.contextmanager
 def unsealed():
     """Chunk hashes not computed (nodes record none, so reads check none) and no generation read."""
-    import vinekv.kvstore.store as store_module
-    from vinekv.kvstore.reads import ReadPart
+    import vinekv.kvstore.writes as writes_module
+    from vinekv.kvstore.reads import NodeReader, ReadPart
 
-    saved = store_module.chunk_hashes, store_module.SnapshotStore._forget_changed_runs, ReadPart._check_hashes
-    store_module.chunk_hashes = lambda codes, entries: []
-    store_module.SnapshotStore._forget_changed_runs = lambda self, runs: False
+    saved = writes_module.chunk_hashes, NodeReader.forget_changed_runs, ReadPart._check_hashes
+    writes_module.chunk_hashes = lambda codes, entries: []
+    NodeReader.forget_changed_runs = lambda self, runs: False
     ReadPart._check_hashes = lambda self, name, whole, what: None
     try:
         yield
     finally:
-        store_module.chunk_hashes, store_module.SnapshotStore._forget_changed_runs, ReadPart._check_hashes = saved
+        writes_module.chunk_hashes, NodeReader.forget_changed_runs, ReadPart._check_hashes = saved
 
 
 def one_round(folder: Path, codec: str, data: list[CachedState], sealed: bool) -> dict[str, float]:
