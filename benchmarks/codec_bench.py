@@ -162,24 +162,25 @@ def main() -> int:
         "codecs": {},
     }
     records: dict[str, dict[str, MCRecord]] = {}
+    signs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # store -> (step, whitened token) advantages
     exact: dict[str, np.ndarray] = {}  # position set -> exact log-probs
     with tempfile.TemporaryDirectory(prefix="vinekv-codecs-") as scratch:
-        for name, spec in [*CODECS.items(), (RESAMPLED, CODECS["lossless"])]:
-            f32 = SnapshotStore.open(Path(scratch) / f"{len(records)}-f32", codec=spec)
+        for index, (name, spec) in enumerate([*CODECS.items(), (RESAMPLED, CODECS["lossless"])]):
+            f32 = SnapshotStore.open(Path(scratch) / f"{index}-f32", codec=spec)
             for traj, state in zip(trajectories, states, strict=True):
                 f32.spill(RUN, traj.tid, state, len(traj.prompt), answer=traj.answer)
             f32.flush()
             settings = argparse.Namespace(**{**vars(args), "seed": args.seed + (name == RESAMPLED)})
             records[name] = replay(f32, model, tokenizer, reward, replay_config(settings, args.k))
-            step_adv, token_adv = advantages(records[name], rewards, lengths)
+            signs[name] = advantages(records[name], rewards, lengths)
             entry: dict[str, Any] = {}
             if name != RESAMPLED:
-                entry = size_entry(Path(scratch), spec, trajectories, states)
+                entry = size_entry(Path(scratch) / f"{index}-bf16", spec, trajectories, states)
                 entry["kl"] = kl_entry(model, f32, trajectories, states, records["lossless"], max_length, exact)
             if name != "lossless":
                 agreement = codec_agreement(records[name], records["lossless"], args.k)
                 entry["mc"] = {k: v for k, v in agreement.items() if k != "per_state"}
-                ref_steps, ref_tokens = advantages(records["lossless"], rewards, lengths)
+                (step_adv, token_adv), (ref_steps, ref_tokens) = signs[name], signs["lossless"]
                 entry["advantages"] = {
                     "steps": int(step_adv.size),
                     "tokens": int(token_adv.size),
@@ -197,9 +198,9 @@ def main() -> int:
     return 0
 
 
-def size_entry(scratch: Path, spec: dict[str, Any], trajectories: list, states: list[CachedState]) -> dict[str, Any]:
-    """Sizes of the bfloat16-cast KV spilled with ``spec``: raw bf16 over shard files and all files."""
-    path = scratch / f"size-{spec['name']}-{len(list(scratch.iterdir()))}"
+def size_entry(path: Path, spec: dict[str, Any], trajectories: list, states: list[CachedState]) -> dict[str, Any]:
+    """Sizes of the bfloat16-cast KV spilled with ``spec`` into a new store at ``path``: raw bf16
+    over shard files and all files."""
     with SnapshotStore.open(path, codec=spec) as bf16:
         for traj, state in zip(trajectories, states, strict=True):
             cast = dataclasses.replace(

@@ -9,6 +9,7 @@ import logging
 import ml_dtypes
 import numpy as np
 import pytest
+from codec_kit import bits
 from conftest import get_model
 
 from vinekv.kvstore import SnapshotStore, capture_sequences, get_codec
@@ -16,10 +17,6 @@ from vinekv.kvstore.capture import capture_encoded
 
 CODECS = ["int8", "lossless", {"name": "int4", "group_size": 16}, "int4-hadamard"]
 CODEC_IDS = ["int8", "lossless", "int4", "int4-hadamard"]
-
-
-def _bits(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x).view(np.uint8)
 
 
 def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +51,7 @@ def test_device_codec_is_bit_identical_to_host(codec, dtype):
     assert host.keys() == device.keys()
     for name in host:
         assert host[name].data.dtype == device[name].data.dtype and host[name].dims == device[name].dims
-        np.testing.assert_array_equal(_bits(host[name].data), _bits(device[name].data), err_msg=name)
+        np.testing.assert_array_equal(bits(host[name].data), bits(device[name].data), err_msg=name)
     codes = {name: a.data for name, a in host.items()}
     for out in (np.float32, ml_dtypes.bfloat16):
         on_host = codec.decode(codes, np.dtype(dtype).name, out)
@@ -62,11 +59,11 @@ def test_device_codec_is_bit_identical_to_host(codec, dtype):
             codec.device_decode({n: jnp.asarray(a) for n, a in codes.items()}, np.dtype(dtype).name, out)
         )
         assert on_host.dtype == on_device.dtype == np.dtype(out) and on_host.shape == (3, 2, length, 2, 32)
-        np.testing.assert_array_equal(_bits(on_host), _bits(on_device))
+        np.testing.assert_array_equal(bits(on_host), bits(on_device))
     if codec.name == "int8":  # and both equal the documented formula
         q, scale = _int8_reference(np.stack([keys[:, :length], values[:, :length]], axis=1))
         np.testing.assert_array_equal(codes["q"], q)
-        np.testing.assert_array_equal(_bits(codes["scale"]), _bits(scale))
+        np.testing.assert_array_equal(bits(codes["scale"]), bits(scale))
 
 
 @pytest.mark.parametrize(
@@ -86,7 +83,7 @@ def test_device_scales_match_host_on_a_million_vectors(codec):
     host = codec.encode(keys, values)
     device = codec.trim(jax.device_get(codec.device_encode(jnp.asarray(keys), jnp.asarray(values), 2**17)), 2**17)
     for name in host:
-        np.testing.assert_array_equal(_bits(host[name].data), _bits(device[name].data), err_msg=name)
+        np.testing.assert_array_equal(bits(host[name].data), bits(device[name].data), err_msg=name)
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=CODEC_IDS)
@@ -103,7 +100,7 @@ def test_capture_encoded_equals_host_encoding_of_the_captured_kv(codec, token_se
         for part, (lo, hi) in ((enc.prompt, (0, plen)), (enc.response, (plen, state.position))):
             want = codec.encode(state.keys[:, 0, lo:hi], state.values[:, 0, lo:hi])
             for name in want:
-                np.testing.assert_array_equal(_bits(part[name].data), _bits(want[name].data), err_msg=name)
+                np.testing.assert_array_equal(bits(part[name].data), bits(want[name].data), err_msg=name)
     # A store written from device codes reads back exactly what one written from host KV does.
     with (
         SnapshotStore.open(tmp_path / "dev", codec=codec) as dev,
@@ -117,11 +114,11 @@ def test_capture_encoded_equals_host_encoding_of_the_captured_kv(codec, token_se
         for i, n in enumerate(lengths):
             for t in sorted({1, prompt_lens[i], n}):
                 a, b = dev.read_prefix("r", f"t{i}", t), ref.read_prefix("r", f"t{i}", t)
-                np.testing.assert_array_equal(_bits(a.keys), _bits(b.keys))
-                np.testing.assert_array_equal(_bits(a.values), _bits(b.values))
+                np.testing.assert_array_equal(bits(a.keys), bits(b.keys))
+                np.testing.assert_array_equal(bits(a.values), bits(b.values))
                 c = dev.read_prefix("r", f"t{i}", t, on_device=True)  # decoded on the device
-                np.testing.assert_array_equal(_bits(np.asarray(c.keys)), _bits(a.keys))
-                np.testing.assert_array_equal(_bits(np.asarray(c.values)), _bits(a.values))
+                np.testing.assert_array_equal(bits(np.asarray(c.keys)), bits(a.keys))
+                np.testing.assert_array_equal(bits(np.asarray(c.values)), bits(a.values))
 
 
 def test_spilling_codes_of_another_codec_is_refused(tiny_model, token_seq, tmp_path):
@@ -176,7 +173,7 @@ def test_device_codec_matches_host_on_edge_values(codec):
     host = codec.encode(keys, values)
     device = codec.trim(jax.device_get(codec.device_encode(jnp.asarray(keys), jnp.asarray(values), 32)), 32)
     for name in host:
-        np.testing.assert_array_equal(_bits(host[name].data), _bits(device[name].data), err_msg=name)
+        np.testing.assert_array_equal(bits(host[name].data), bits(device[name].data), err_msg=name)
 
 
 @contextlib.contextmanager
@@ -233,7 +230,7 @@ def test_spilling_a_new_length_within_a_bucket_compiles_nothing(codec, tiny_mode
         store.flush()
         for n in (41, 57, 64):
             np.testing.assert_array_equal(
-                _bits(store.read_prefix("host", f"t{n}", n).keys), _bits(store.read_prefix("device", f"t{n}", n).keys)
+                bits(store.read_prefix("host", f"t{n}", n).keys), bits(store.read_prefix("device", f"t{n}", n).keys)
             )
     # the bucketed device slice cut on the host is the exact slice, bit for bit
     cache = tiny_model.init_cache(batch_size=1, max_length=2 * EXTRACT_BUCKET)
@@ -241,5 +238,5 @@ def test_spilling_a_new_length_within_a_bucket_compiles_nothing(codec, tiny_mode
     for n in (1, 41, 64, 65, 80):
         state = extract_state(tiny_model, cache, seq[None], n)
         for layer, view in enumerate(cache.views):
-            np.testing.assert_array_equal(_bits(state.keys[layer]), _bits(np.asarray(view.key)[:, :n]))
-            np.testing.assert_array_equal(_bits(state.values[layer]), _bits(np.asarray(view.value)[:, :n]))
+            np.testing.assert_array_equal(bits(state.keys[layer]), bits(np.asarray(view.key)[:, :n]))
+            np.testing.assert_array_equal(bits(state.values[layer]), bits(np.asarray(view.value)[:, :n]))
