@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def bits(a: np.ndarray) -> np.ndarray:
     """Bytes of an array, to compare bit for bit (-0.0 vs 0.0, NaN payloads, ...)."""
     a = np.ascontiguousarray(a)
-    return a.view(np.uint8).reshape(*a.shape, -1)
+    return a.view(np.uint8).reshape(*a.shape, a.dtype.itemsize)
 
 
 def plain(stored) -> dict[str, np.ndarray]:
